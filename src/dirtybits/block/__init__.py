@@ -1,0 +1,1 @@
+"""Block layer: image drivers (raw, qcow2) behind one interface."""

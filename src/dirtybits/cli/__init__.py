@@ -1,0 +1,1 @@
+"""Command line: qemu-img-like subcommands."""

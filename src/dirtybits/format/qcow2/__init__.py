@@ -1,0 +1,1 @@
+"""qcow2 on-disk structures (``docs/interop/qcow2.txt``)."""

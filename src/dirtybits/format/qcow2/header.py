@@ -1,0 +1,409 @@
+"""The qcow2 header (cluster 0): fixed fields, header extensions and the backing file name.
+
+Pure records: bytes in, validated frozen dataclasses out, and back. Field names follow
+``docs/interop/qcow2.txt``. Anything we do not understand (additional header fields, unknown
+extensions) is kept byte for byte so a rewrite never loses another writer's data.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field, replace
+
+from dirtybits.errors import FormatError
+
+QCOW_MAGIC = 0x514649FB
+V2_HEADER_LENGTH = 72
+V3_MIN_HEADER_LENGTH = 104
+V3_HEADER_LENGTH = 112  # QEMU >= 5.1 writes compression_type, padded to a multiple of 8
+
+MIN_CLUSTER_BITS = 9
+MAX_CLUSTER_BITS = 21
+MAX_REFCOUNT_ORDER = 6
+MAX_BACKING_FILE_NAME = 1023
+MAX_L1_BYTES = 32 * 1024 * 1024  # QCOW_MAX_L1_SIZE
+MAX_REFTABLE_BYTES = 8 * 1024 * 1024  # QCOW_MAX_REFTABLE_SIZE
+MAX_HOST_OFFSET = 1 << 56
+
+# incompatible_features
+INCOMPAT_DIRTY = 1 << 0
+INCOMPAT_CORRUPT = 1 << 1
+INCOMPAT_DATA_FILE = 1 << 2
+INCOMPAT_COMPRESSION = 1 << 3
+INCOMPAT_EXTL2 = 1 << 4
+INCOMPAT_KNOWN = (
+    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
+)
+# compatible_features
+COMPAT_LAZY_REFCOUNTS = 1 << 0
+# autoclear_features
+AUTOCLEAR_BITMAPS = 1 << 0
+AUTOCLEAR_DATA_FILE_RAW = 1 << 1
+AUTOCLEAR_KNOWN = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW
+
+CRYPT_NONE = 0
+COMPRESSION_ZLIB = 0
+COMPRESSION_ZSTD = 1
+
+# header extension types
+EXT_END = 0x00000000
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_FEATURE_TABLE = 0x6803F857
+EXT_CRYPTO_HEADER = 0x0537BE77
+EXT_BITMAPS = 0x23852875
+EXT_DATA_FILE = 0x44415441
+
+_V2_FIELDS = struct.Struct(">IIQIIQIIQQIIQ")  # 72 bytes
+_V3_FIELDS = struct.Struct(">QQQII")  # 32 bytes: offsets 72..104
+_EXT_HEADER = struct.Struct(">II")
+
+FEATURE_TYPE_INCOMPAT = 0
+FEATURE_TYPE_COMPAT = 1
+FEATURE_TYPE_AUTOCLEAR = 2
+
+
+@dataclass(frozen=True)
+class Qcow2Header:
+    """The fixed part of the qcow2 header (bytes 0 .. header_length)."""
+
+    version: int
+    backing_file_offset: int
+    backing_file_size: int
+    cluster_bits: int
+    size: int
+    crypt_method: int
+    l1_size: int
+    l1_table_offset: int
+    refcount_table_offset: int
+    refcount_table_clusters: int
+    nb_snapshots: int
+    snapshots_offset: int
+    incompatible_features: int = 0
+    compatible_features: int = 0
+    autoclear_features: int = 0
+    refcount_order: int = 4
+    header_length: int = V3_HEADER_LENGTH
+    compression_type: int = COMPRESSION_ZLIB
+    # Bytes 105 .. header_length: padding and any additional fields newer writers added.
+    unknown_fields: bytes = b"\0" * 7
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def refcount_bits(self) -> int:
+        return 1 << self.refcount_order
+
+    @classmethod
+    def unpack(cls, buf: bytes) -> Qcow2Header:
+        """Parse and validate; raise ``FormatError`` naming the bad field."""
+        if len(buf) < V2_HEADER_LENGTH:
+            raise FormatError("file too short for a qcow2 header", structure="qcow2 header", offset=0)
+        (magic, version, backing_file_offset, backing_file_size, cluster_bits, size, crypt_method,
+         l1_size, l1_table_offset, refcount_table_offset, refcount_table_clusters, nb_snapshots,
+         snapshots_offset) = _V2_FIELDS.unpack_from(buf, 0)
+        if magic != QCOW_MAGIC:
+            raise FormatError("not a qcow2 image (bad magic)", structure="qcow2 header", offset=0)
+        if version not in (2, 3):
+            raise FormatError(f"unsupported qcow2 version {version}", structure="qcow2 header")
+        incompat = compat = autoclear = 0
+        refcount_order = 4
+        header_length = V2_HEADER_LENGTH
+        compression_type = COMPRESSION_ZLIB
+        unknown = b""
+        if version == 3:
+            if len(buf) < V3_MIN_HEADER_LENGTH:
+                raise FormatError("file too short for a qcow2 v3 header", structure="qcow2 header")
+            incompat, compat, autoclear, refcount_order, header_length = _V3_FIELDS.unpack_from(
+                buf, 72
+            )
+            if header_length < V3_MIN_HEADER_LENGTH:
+                raise FormatError(
+                    f"header_length {header_length} is below {V3_MIN_HEADER_LENGTH}",
+                    structure="qcow2 header",
+                )
+            if header_length % 8:
+                raise FormatError(
+                    f"header_length {header_length} is not a multiple of 8", structure="qcow2 header"
+                )
+            if header_length > len(buf):
+                raise FormatError(
+                    f"header_length {header_length} runs past the header cluster",
+                    structure="qcow2 header",
+                )
+            if header_length > V3_MIN_HEADER_LENGTH:
+                compression_type = buf[104]
+                unknown = bytes(buf[105:header_length])
+        hdr = cls(
+            version=version,
+            backing_file_offset=backing_file_offset,
+            backing_file_size=backing_file_size,
+            cluster_bits=cluster_bits,
+            size=size,
+            crypt_method=crypt_method,
+            l1_size=l1_size,
+            l1_table_offset=l1_table_offset,
+            refcount_table_offset=refcount_table_offset,
+            refcount_table_clusters=refcount_table_clusters,
+            nb_snapshots=nb_snapshots,
+            snapshots_offset=snapshots_offset,
+            incompatible_features=incompat,
+            compatible_features=compat,
+            autoclear_features=autoclear,
+            refcount_order=refcount_order,
+            header_length=header_length,
+            compression_type=compression_type,
+            unknown_fields=unknown,
+        )
+        hdr.validate()
+        return hdr
+
+    def validate(self) -> None:
+        """The checks QEMU makes in qcow2_do_open, with its limits."""
+
+        def bad(msg: str) -> FormatError:
+            return FormatError(msg, structure="qcow2 header")
+
+        if not MIN_CLUSTER_BITS <= self.cluster_bits <= MAX_CLUSTER_BITS:
+            raise bad(f"unsupported cluster size 2^{self.cluster_bits}")
+        cs = self.cluster_size
+        if self.version == 2 and self.refcount_order != 4:
+            raise bad("v2 images must use 16-bit refcounts")
+        if self.refcount_order > MAX_REFCOUNT_ORDER:
+            raise bad(f"refcount_order {self.refcount_order} is above {MAX_REFCOUNT_ORDER}")
+        if self.header_length > cs:
+            raise bad("header_length exceeds the cluster size")
+        if self.size >= 1 << 63:
+            raise bad(f"virtual size {self.size} is too large")
+        if self.compression_type not in (COMPRESSION_ZLIB, COMPRESSION_ZSTD):
+            raise bad(f"unknown compression type {self.compression_type}")
+        if self.compression_type != COMPRESSION_ZLIB and not (
+            self.incompatible_features & INCOMPAT_COMPRESSION
+        ):
+            raise bad("compression type set without the compression-type incompatible bit")
+        if self.backing_file_offset:
+            if self.backing_file_size > MAX_BACKING_FILE_NAME:
+                raise bad("backing file name is too long")
+            if self.backing_file_offset + self.backing_file_size > cs:
+                raise bad("backing file name lies outside the header cluster")
+        for name, off in (
+            ("L1 table", self.l1_table_offset),
+            ("refcount table", self.refcount_table_offset),
+            ("snapshot table", self.snapshots_offset),
+        ):
+            if off % cs:
+                raise bad(f"{name} offset {off:#x} is not cluster aligned")
+            if off >= MAX_HOST_OFFSET:
+                raise bad(f"{name} offset {off:#x} is out of range")
+        if self.l1_size * 8 > MAX_L1_BYTES:
+            raise bad(f"active L1 table too large ({self.l1_size} entries)")
+        if self.l1_size < l1_entries_for(self.size, self.cluster_bits):
+            raise bad(f"L1 table is too small ({self.l1_size} entries for size {self.size})")
+        if self.l1_size and not self.l1_table_offset:
+            raise bad("L1 table offset is zero")
+        if self.refcount_table_clusters == 0 or not self.refcount_table_offset:
+            raise bad("image has no refcount table")
+        if self.refcount_table_clusters * cs > MAX_REFTABLE_BYTES:
+            raise bad(f"refcount table too large ({self.refcount_table_clusters} clusters)")
+        if self.nb_snapshots and not self.snapshots_offset:
+            raise bad("snapshot table offset is zero")
+
+    def pack(self) -> bytes:
+        out = bytearray(
+            _V2_FIELDS.pack(
+                QCOW_MAGIC, self.version, self.backing_file_offset, self.backing_file_size,
+                self.cluster_bits, self.size, self.crypt_method, self.l1_size,
+                self.l1_table_offset, self.refcount_table_offset, self.refcount_table_clusters,
+                self.nb_snapshots, self.snapshots_offset,
+            )
+        )
+        if self.version == 3:
+            out += _V3_FIELDS.pack(
+                self.incompatible_features, self.compatible_features, self.autoclear_features,
+                self.refcount_order, self.header_length,
+            )
+            if self.header_length > V3_MIN_HEADER_LENGTH:
+                out.append(self.compression_type)
+                tail = self.unknown_fields[: self.header_length - 105]
+                out += tail + b"\0" * (self.header_length - 105 - len(tail))
+        return bytes(out)
+
+    def replace(self, **changes: int) -> Qcow2Header:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def l1_entries_for(size: int, cluster_bits: int) -> int:
+    """How many L1 entries a disk of ``size`` bytes needs (QEMU's size_to_l1)."""
+    shift = cluster_bits + (cluster_bits - 3)
+    return (size + (1 << shift) - 1) >> shift
+
+
+@dataclass(frozen=True)
+class HeaderExtension:
+    """One ``{type, length, data}`` record after the fixed header; ``data`` excludes padding."""
+
+    type: int
+    data: bytes
+
+    def pack(self) -> bytes:
+        pad = (-len(self.data)) % 8
+        return _EXT_HEADER.pack(self.type, len(self.data)) + self.data + b"\0" * pad
+
+
+@dataclass(frozen=True)
+class FeatureNameEntry:
+    type: int
+    bit: int
+    name: str
+
+    SIZE = 48
+
+    def pack(self) -> bytes:
+        raw = self.name.encode()[:46]
+        return bytes([self.type, self.bit]) + raw + b"\0" * (46 - len(raw))
+
+    @classmethod
+    def unpack(cls, buf: bytes) -> FeatureNameEntry:
+        return cls(buf[0], buf[1], buf[2:48].rstrip(b"\0").decode(errors="replace"))
+
+
+QEMU_FEATURE_TABLE: tuple[FeatureNameEntry, ...] = (
+    FeatureNameEntry(FEATURE_TYPE_INCOMPAT, 0, "dirty bit"),
+    FeatureNameEntry(FEATURE_TYPE_INCOMPAT, 1, "corrupt bit"),
+    FeatureNameEntry(FEATURE_TYPE_INCOMPAT, 2, "external data file"),
+    FeatureNameEntry(FEATURE_TYPE_INCOMPAT, 3, "compression type"),
+    FeatureNameEntry(FEATURE_TYPE_INCOMPAT, 4, "extended L2 entries"),
+    FeatureNameEntry(FEATURE_TYPE_COMPAT, 0, "lazy refcounts"),
+    FeatureNameEntry(FEATURE_TYPE_AUTOCLEAR, 0, "bitmaps"),
+    FeatureNameEntry(FEATURE_TYPE_AUTOCLEAR, 1, "raw external data"),
+)
+
+
+def pack_feature_table(entries: tuple[FeatureNameEntry, ...] = QEMU_FEATURE_TABLE) -> bytes:
+    return b"".join(e.pack() for e in entries)
+
+
+def unpack_feature_table(data: bytes) -> list[FeatureNameEntry]:
+    if len(data) % FeatureNameEntry.SIZE:
+        raise FormatError("feature name table length is not a multiple of 48",
+                          structure="feature name table")
+    return [FeatureNameEntry.unpack(data[i:i + 48]) for i in range(0, len(data), 48)]
+
+
+@dataclass(frozen=True)
+class HeaderCluster:
+    """Everything qcow2 keeps in cluster 0: header, extensions in file order, backing name."""
+
+    header: Qcow2Header
+    extensions: tuple[HeaderExtension, ...] = field(default_factory=tuple)
+    backing_file: str | None = None
+
+    def extension(self, ext_type: int) -> HeaderExtension | None:
+        for ext in self.extensions:
+            if ext.type == ext_type:
+                return ext
+        return None
+
+    def extension_string(self, ext_type: int) -> str | None:
+        ext = self.extension(ext_type)
+        return None if ext is None else ext.data.decode("utf-8", errors="surrogateescape")
+
+    @property
+    def backing_format(self) -> str | None:
+        return self.extension_string(EXT_BACKING_FORMAT)
+
+    @property
+    def data_file(self) -> str | None:
+        return self.extension_string(EXT_DATA_FILE)
+
+    def with_extension(self, ext_type: int, data: bytes | None) -> HeaderCluster:
+        """Replace (or remove when ``data`` is None) one extension, keeping QEMU's order."""
+        kept = [e for e in self.extensions if e.type != ext_type]
+        if data is not None:
+            kept.append(HeaderExtension(ext_type, data))
+        order = {EXT_BACKING_FORMAT: 0, EXT_DATA_FILE: 1, EXT_CRYPTO_HEADER: 2,
+                 EXT_FEATURE_TABLE: 3, EXT_BITMAPS: 4}
+        kept.sort(key=lambda e: order.get(e.type, 5))  # stable: unknown ones keep their order
+        return replace(self, extensions=tuple(kept))
+
+    @classmethod
+    def unpack(cls, buf: bytes) -> HeaderCluster:
+        """Parse cluster 0 (``buf`` may be longer or shorter than a cluster)."""
+        header = Qcow2Header.unpack(buf)
+        cs = header.cluster_size
+        area = bytes(buf[:cs])
+        pos = header.header_length
+        exts: list[HeaderExtension] = []
+        seen: set[int] = set()
+        while True:
+            if pos + 8 > len(area):
+                if pos + 8 > cs:
+                    raise FormatError("header extensions run past the first cluster",
+                                      structure="header extension", offset=pos)
+                raise FormatError("file ends inside the header extensions",
+                                  structure="header extension", offset=pos)
+            ext_type, length = _EXT_HEADER.unpack_from(area, pos)
+            pos += 8
+            if ext_type == EXT_END:
+                break
+            if length > cs - pos:
+                raise FormatError("Header extension too large", structure="header extension",
+                                  offset=pos - 8)
+            if pos + length > len(area):
+                raise FormatError("file ends inside a header extension",
+                                  structure="header extension", offset=pos - 8)
+            if ext_type in seen:
+                raise FormatError(f"header extension {ext_type:#010x} appears twice",
+                                  structure="header extension", offset=pos - 8)
+            seen.add(ext_type)
+            data = area[pos:pos + length]
+            _validate_extension(ext_type, data, pos - 8)
+            exts.append(HeaderExtension(ext_type, data))
+            pos += (length + 7) & ~7
+        backing = None
+        if header.backing_file_offset:
+            start = header.backing_file_offset
+            end = start + header.backing_file_size
+            if end > len(area):
+                raise FormatError("backing file name runs past the end of the file",
+                                  structure="qcow2 header", offset=start)
+            if start < pos and header.backing_file_size:
+                raise FormatError("backing file name overlaps the header extensions",
+                                  structure="qcow2 header", offset=start)
+            backing = area[start:end].decode("utf-8", errors="surrogateescape")
+        return cls(header=header, extensions=tuple(exts), backing_file=backing)
+
+    def pack(self) -> bytes:
+        """Header, extensions, end marker, then the backing file name (QEMU's layout).
+
+        Returns the header with ``backing_file_offset/size`` and ``header_length`` made
+        consistent with the packed layout.
+        """
+        hdr = self.header
+        ext_bytes = b"".join(e.pack() for e in self.extensions) + _EXT_HEADER.pack(EXT_END, 0)
+        start = hdr.header_length
+        backing_raw = (self.backing_file or "").encode("utf-8", errors="surrogateescape")
+        backing_off = start + len(ext_bytes) if self.backing_file is not None else 0
+        hdr = replace(hdr, backing_file_offset=backing_off,
+                      backing_file_size=len(backing_raw) if self.backing_file is not None else 0)
+        out = hdr.pack() + ext_bytes + backing_raw
+        if len(out) > hdr.cluster_size:
+            raise FormatError("header, extensions and backing file name exceed one cluster",
+                              structure="qcow2 header")
+        return out
+
+
+def _validate_extension(ext_type: int, data: bytes, offset: int) -> None:
+    if ext_type == EXT_BACKING_FORMAT and len(data) > 16:
+        raise FormatError("ext_backing_format: Invalid backing format",
+                          structure="header extension", offset=offset)
+    if ext_type == EXT_FEATURE_TABLE and len(data) % FeatureNameEntry.SIZE:
+        raise FormatError("feature name table length is not a multiple of 48",
+                          structure="header extension", offset=offset)
+    if ext_type == EXT_CRYPTO_HEADER and len(data) != 16:
+        raise FormatError("crypto header extension has the wrong length",
+                          structure="header extension", offset=offset)
+    if ext_type == EXT_BITMAPS and len(data) != 24:
+        raise FormatError("bitmaps_ext: Invalid extension length",
+                          structure="header extension", offset=offset)

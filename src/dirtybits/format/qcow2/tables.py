@@ -1,0 +1,108 @@
+"""L1 and L2 table entries (big-endian u64) as ``docs/interop/qcow2.txt`` defines them.
+
+The engine's hot path works on raw integers with the masks below; ``L2Entry.decode`` gives a
+typed view for checking, mapping and tests.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+OFLAG_COPIED = 1 << 63
+OFLAG_COMPRESSED = 1 << 62
+OFLAG_ZERO = 1 << 0
+
+L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L1E_RESERVED_MASK = 0x7F000000000001FF
+L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L2E_STD_RESERVED_MASK = 0x3F000000000001FE
+REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+REFT_RESERVED_MASK = 0x1FF
+
+
+class ClusterType(enum.Enum):
+    UNALLOCATED = "unallocated"  # read from backing file, or zeros
+    ZERO_PLAIN = "zero-plain"  # reads as zeros, no host cluster
+    ZERO_ALLOC = "zero-alloc"  # reads as zeros, host cluster kept (preallocated)
+    NORMAL = "normal"
+    COMPRESSED = "compressed"
+
+
+def compressed_offset_bits(cluster_bits: int) -> int:
+    """Number of low bits holding the host offset in a compressed cluster descriptor."""
+    return 62 - (cluster_bits - 8)
+
+
+@dataclass(frozen=True)
+class L2Entry:
+    raw: int
+    type: ClusterType
+    host_offset: int  # 0 when none
+    copied: bool
+    compressed_sectors: int = 0  # for compressed: number of 512-byte sectors spanned
+    reserved_bits: int = 0
+
+    @classmethod
+    def decode(cls, raw: int, cluster_bits: int) -> L2Entry:
+        copied = bool(raw & OFLAG_COPIED)
+        if raw & OFLAG_COMPRESSED:
+            x = compressed_offset_bits(cluster_bits)
+            host = raw & ((1 << x) - 1)
+            sectors = ((raw >> x) & ((1 << (cluster_bits - 8)) - 1)) + 1
+            return cls(raw, ClusterType.COMPRESSED, host, copied, sectors)
+        host = raw & L2E_OFFSET_MASK
+        reserved = raw & L2E_STD_RESERVED_MASK
+        if raw & OFLAG_ZERO:
+            kind = ClusterType.ZERO_ALLOC if host else ClusterType.ZERO_PLAIN
+        elif host:
+            kind = ClusterType.NORMAL
+        else:
+            kind = ClusterType.UNALLOCATED
+        return cls(raw, kind, host, copied, 0, reserved)
+
+    def compressed_range(self) -> tuple[int, int]:
+        """(host start, byte length) of the compressed payload's sectors."""
+        start = self.host_offset
+        end = ((start & ~511) + self.compressed_sectors * 512)
+        return start, end - start
+
+
+def encode_compressed(host_offset: int, nb_sectors: int, cluster_bits: int) -> int:
+    x = compressed_offset_bits(cluster_bits)
+    return OFLAG_COMPRESSED | ((nb_sectors - 1) << x) | host_offset
+
+
+@dataclass(frozen=True)
+class SnapshotHeader:
+    """One internal snapshot table entry (only what checking and refusing need)."""
+
+    l1_table_offset: int
+    l1_size: int
+    id_str: str
+    name: str
+    vm_state_size: int
+    extra_data: bytes
+    size: int  # bytes this entry occupies in the table, padding included
+
+    @classmethod
+    def unpack(cls, buf: bytes, pos: int) -> SnapshotHeader:
+        import struct
+
+        from dirtybits.errors import FormatError
+
+        if pos + 40 > len(buf):
+            raise FormatError("snapshot table truncated", structure="snapshot table", offset=pos)
+        (l1_off, l1_size, id_size, name_size, _ds, _dn, _vm_clock, vm_state_size,
+         extra_size) = struct.unpack_from(">QIHHIIQII", buf, pos)
+        end = pos + 40 + extra_size + id_size + name_size
+        if end > len(buf):
+            raise FormatError("snapshot table truncated", structure="snapshot table", offset=pos)
+        p = pos + 40
+        extra = bytes(buf[p:p + extra_size])
+        p += extra_size
+        id_str = bytes(buf[p:p + id_size]).decode(errors="replace")
+        p += id_size
+        name = bytes(buf[p:p + name_size]).decode(errors="replace")
+        size = ((end - pos) + 7) & ~7
+        return cls(l1_off, l1_size, id_str, name, vm_state_size, extra, size)

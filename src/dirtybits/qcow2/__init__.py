@@ -1,0 +1,1 @@
+"""The qcow2 image engine: metadata caches, allocation, refcounts, backing chains, check."""

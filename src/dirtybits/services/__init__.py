@@ -1,0 +1,1 @@
+"""asyncio services: QMP, NBD, jobs."""
