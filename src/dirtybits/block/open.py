@@ -1,0 +1,37 @@
+"""Open an image by name, probing the format the way qemu-img does."""
+
+from __future__ import annotations
+
+import os
+
+from dirtybits.block.driver import ImageDriver
+from dirtybits.errors import ImageIOError, UsageError
+
+FORMATS = ("qcow2", "raw")
+
+
+def probe_format(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ImageIOError(f"Could not open '{path}': {exc.strerror}", errno=exc.errno) from exc
+    return "qcow2" if magic == b"QFI\xfb" else "raw"
+
+
+def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
+               open_backing: bool = True) -> ImageDriver:
+    """Open ``path`` as ``fmt`` (probed when None) and return its driver."""
+    if fmt is None:
+        fmt = probe_format(path)
+    if fmt == "qcow2":
+        from dirtybits.qcow2.image import Qcow2Image
+
+        return Qcow2Image.open(path, readonly=readonly, open_backing=open_backing)
+    if fmt == "raw":
+        from dirtybits.block.raw import RawImage
+
+        if not os.path.exists(path):
+            raise ImageIOError(f"Could not open '{path}': No such file or directory")
+        return RawImage(path, readonly=readonly)
+    raise UsageError(f"Unknown file format '{fmt}'")

@@ -1,0 +1,170 @@
+"""The raw driver: guest offset == file offset, holes are what the filesystem says."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from types import TracebackType
+
+from dirtybits.block.driver import Buffer
+from dirtybits.errors import ImageError, ImageIOError, ReadOnlyError
+from dirtybits.qcow2.extent import MapExtent
+
+SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+
+
+class RawImage:
+    format_name = "raw"
+
+    def __init__(self, path: str, *, readonly: bool = False):
+        self.path = path
+        self.readonly = readonly
+        flags = os.O_RDONLY if readonly else os.O_RDWR
+        try:
+            self._fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise ImageIOError(f"Could not open '{path}': {exc.strerror}", errno=exc.errno) from exc
+        self._size = os.fstat(self._fd).st_size
+        self._closed = False
+
+    @classmethod
+    def create(cls, path: str, size: int) -> None:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:
+            raise ImageIOError(f"Could not create '{path}': {exc.strerror}",
+                               errno=exc.errno) from exc
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise ImageError(
+                f"request [{offset}, {offset + length}) is outside the image (size {self._size})"
+            )
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise ReadOnlyError(f"{self.path}: image is opened read-only")
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length)
+        try:
+            data = os.pread(self._fd, length, offset)
+        except OSError as exc:
+            raise ImageIOError(f"read failed at {offset}: {exc.strerror}", errno=exc.errno) from exc
+        if len(data) < length:
+            data += b"\0" * (length - len(data))
+        return data
+
+    def write(self, offset: int, data: Buffer) -> None:
+        self._check_writable()
+        self._check_range(offset, len(data))
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self._fd, view, offset)
+                view = view[n:]
+                offset += n
+        except OSError as exc:
+            raise ImageIOError(f"write failed at {offset}: {exc.strerror}",
+                               errno=exc.errno) from exc
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        self._check_writable()
+        self._check_range(offset, length)
+        if unmap and _punch_hole(self._fd, offset, length):
+            return
+        chunk = 1 << 20
+        zero = bytes(min(chunk, length))
+        end = offset + length
+        while offset < end:
+            n = min(chunk, end - offset)
+            self.write(offset, zero[:n])
+            offset += n
+
+    def discard(self, offset: int, length: int) -> None:
+        self._check_writable()
+        self._check_range(offset, length)
+        _punch_hole(self._fd, offset, length)
+
+    def flush(self) -> None:
+        if self.readonly:
+            return
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise ImageIOError(f"flush failed: {exc.strerror}", errno=exc.errno) from exc
+
+    def resize(self, new_size: int) -> None:
+        self._check_writable()
+        if new_size < self._size:
+            raise ImageError("shrinking is not supported")
+        os.ftruncate(self._fd, new_size)
+        self._size = new_size
+
+    def block_status(self, offset: int, length: int) -> Iterator[MapExtent]:
+        end = min(offset + length, self._size)
+        pos = offset
+        while pos < end:
+            try:
+                data_start = os.lseek(self._fd, pos, SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    data_start = end
+                else:
+                    data_start = pos  # no SEEK_DATA support: report data
+            data_start = min(data_start, end)
+            if data_start > pos:
+                yield MapExtent(pos, data_start - pos, 0, True, True, False, pos, self.path)
+                pos = data_start
+                continue
+            try:
+                hole = os.lseek(self._fd, pos, SEEK_HOLE)
+            except OSError:
+                hole = end
+            hole = min(max(hole, pos + 1), end)
+            yield MapExtent(pos, hole - pos, 0, True, False, True, pos, self.path)
+            pos = hole
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+    def __enter__(self) -> RawImage:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate a range (reads as zeros afterwards); False where the OS can't."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        falloc_fl_keep_size, falloc_fl_punch_hole = 0x01, 0x02
+        rc = libc.fallocate(fd, falloc_fl_punch_hole | falloc_fl_keep_size,
+                            ctypes.c_long(offset), ctypes.c_long(length))
+        return bool(rc == 0)
+    except (OSError, AttributeError):
+        return False
