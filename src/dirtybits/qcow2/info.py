@@ -1,0 +1,259 @@
+"""What ``qemu-img info`` reports about an image, read straight from the metadata.
+
+Returns plain dicts keyed exactly like QEMU's ``ImageInfo`` (``qapi/block-core.json``), so the
+CLI can print them as qemu-img does and services can hand them out unchanged. Only the header
+cluster, the snapshot table and the bitmap directory are read: no image engine is involved,
+which keeps ``info`` usable on images the engine refuses to open.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any
+
+from dirtybits.errors import FormatError, ImageIOError, UnsupportedFeatureError, UsageError
+from dirtybits.format.qcow2.header import (
+    AUTOCLEAR_BITMAPS,
+    AUTOCLEAR_DATA_FILE_RAW,
+    COMPAT_LAZY_REFCOUNTS,
+    COMPRESSION_ZSTD,
+    EXT_BITMAPS,
+    EXT_FEATURE_TABLE,
+    FEATURE_TYPE_INCOMPAT,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DATA_FILE,
+    INCOMPAT_DIRTY,
+    INCOMPAT_EXTL2,
+    INCOMPAT_KNOWN,
+    MAX_CLUSTER_BITS,
+    QCOW_MAGIC,
+    HeaderCluster,
+    unpack_feature_table,
+)
+
+ImageInfo = dict[str, Any]
+
+BME_FLAG_IN_USE = 1 << 0
+BME_FLAG_AUTO = 1 << 1
+_BITMAPS_EXT = struct.Struct(">IIQQ")
+_BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")
+_SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")
+QCOW_MAX_SNAPSHOTS = 65536
+SECTOR = 512
+
+
+def probe_format(path: str) -> str:
+    """qemu-img's probe, restricted to the formats dirtybits reads."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise _open_error(path, exc) from exc
+    return "qcow2" if magic == struct.pack(">I", QCOW_MAGIC) else "raw"
+
+
+def _open_error(path: str, exc: OSError) -> ImageIOError:
+    return ImageIOError(f"Could not open '{path}': {exc.strerror}", errno=exc.errno)
+
+
+def read_header_cluster(path: str) -> HeaderCluster:
+    """Cluster 0 of a qcow2 file, parsed; QEMU's open-time refusals become errors."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << MAX_CLUSTER_BITS)
+    except OSError as exc:
+        raise _open_error(path, exc) from exc
+    if head[:4] != struct.pack(">I", QCOW_MAGIC):
+        raise FormatError("Image is not in qcow2 format")
+    hc = HeaderCluster.unpack(head)
+    unknown = hc.header.incompatible_features & ~INCOMPAT_KNOWN
+    if unknown:
+        raise UnsupportedFeatureError(
+            f"Unsupported qcow2 feature(s): {_feature_names(hc, unknown)}"
+        )
+    return hc
+
+
+def _feature_names(hc: HeaderCluster, bits: int) -> str:
+    """Names for unknown incompatible bits as QEMU prints them (feature table, else number)."""
+    table = hc.extension(EXT_FEATURE_TABLE)
+    named = {}
+    if table is not None:
+        for e in unpack_feature_table(table.data):
+            if e.type == FEATURE_TYPE_INCOMPAT:
+                named[e.bit] = e.name
+    out = []
+    for bit in range(64):
+        if bits & (1 << bit):
+            out.append(named.get(bit, f"Unknown incompatible feature: {bit:x}"))
+    return ", ".join(out)
+
+
+def full_backing_filename(image: str, backing: str) -> str:
+    """QEMU's path_combine: a relative backing name is relative to the image's directory."""
+    if backing.startswith("/") or ":" in backing.split("/", 1)[0]:
+        return backing
+    slash = image.rfind("/")
+    return image[: slash + 1] + backing
+
+
+def _actual_size(path: str) -> int:
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError as exc:
+        raise _open_error(path, exc) from exc
+
+
+def image_info(path: str, fmt: str | None = None) -> ImageInfo:
+    """``qemu-img info --output=json`` for one image (backing file not opened)."""
+    if fmt is None:
+        fmt = probe_format(path)
+    if fmt == "raw":
+        try:
+            length = os.stat(path).st_size
+        except OSError as exc:
+            raise _open_error(path, exc) from exc
+        return {
+            "virtual-size": -(-length // SECTOR) * SECTOR,
+            "filename": path,
+            "format": "raw",
+            "actual-size": _actual_size(path),
+            "dirty-flag": False,
+        }
+    if fmt != "qcow2":
+        raise UsageError(f"Unknown driver '{fmt}'")
+    hc = read_header_cluster(path)
+    hdr = hc.header
+    info: ImageInfo = {
+        "virtual-size": hdr.size // SECTOR * SECTOR,
+        "filename": path,
+        "cluster-size": hdr.cluster_size,
+        "format": "qcow2",
+        "actual-size": _actual_size(path),
+        "dirty-flag": hdr.version == 3 and bool(hdr.incompatible_features & INCOMPAT_DIRTY),
+    }
+    if hdr.crypt_method:
+        info["encrypted"] = True
+    if hc.backing_file:
+        info["backing-filename"] = hc.backing_file
+        info["full-backing-filename"] = full_backing_filename(path, hc.backing_file)
+        if hc.backing_format:
+            info["backing-filename-format"] = hc.backing_format
+    if hdr.nb_snapshots:
+        info["snapshots"] = read_snapshots(path, hdr.snapshots_offset, hdr.nb_snapshots)
+    info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(path, hc)}
+    return info
+
+
+def _qcow2_specific(path: str, hc: HeaderCluster) -> dict[str, Any]:
+    hdr = hc.header
+    compression = "zstd" if hdr.compression_type == COMPRESSION_ZSTD else "zlib"
+    if hdr.version == 2:
+        return {"compat": "0.10", "compression-type": compression,
+                "refcount-bits": hdr.refcount_bits}
+    data: dict[str, Any] = {
+        "compat": "1.1",
+        "compression-type": compression,
+        "lazy-refcounts": bool(hdr.compatible_features & COMPAT_LAZY_REFCOUNTS),
+        "refcount-bits": hdr.refcount_bits,
+        "corrupt": bool(hdr.incompatible_features & INCOMPAT_CORRUPT),
+        "extended-l2": bool(hdr.incompatible_features & INCOMPAT_EXTL2),
+    }
+    bitmaps = read_bitmap_list(path, hc)
+    if bitmaps:
+        data["bitmaps"] = bitmaps
+    if hc.data_file is not None:
+        data["data-file"] = hc.data_file
+    if hdr.incompatible_features & INCOMPAT_DATA_FILE:
+        data["data-file-raw"] = bool(hdr.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
+    return data
+
+
+def read_bitmap_list(path: str, hc: HeaderCluster) -> list[dict[str, Any]]:
+    """``format-specific.data.bitmaps``: directory order, flags ``in-use`` then ``auto``.
+
+    Only trusted when autoclear bit 0 is set, as QEMU does (otherwise a program without bitmap
+    support wrote the image and every bitmap is void).
+    """
+    ext = hc.extension(EXT_BITMAPS)
+    if ext is None or not hc.header.autoclear_features & AUTOCLEAR_BITMAPS:
+        return []
+    nb, _reserved, dir_size, dir_offset = _BITMAPS_EXT.unpack(ext.data)
+    if not nb:
+        return []
+    buf = _pread_file(path, dir_offset, dir_size)
+    out: list[dict[str, Any]] = []
+    pos = 0
+    while pos + _BITMAP_DIR_ENTRY.size <= len(buf) and len(out) < nb:
+        (_table_off, _table_size, flags, _type, gran_bits, name_size,
+         extra_size) = _BITMAP_DIR_ENTRY.unpack_from(buf, pos)
+        start = pos + _BITMAP_DIR_ENTRY.size + extra_size
+        name = buf[start:start + name_size].decode("utf-8", errors="replace")
+        names = [n for bit, n in ((BME_FLAG_IN_USE, "in-use"), (BME_FLAG_AUTO, "auto"))
+                 if flags & bit]
+        out.append({"name": name, "granularity": 1 << gran_bits, "flags": names})
+        pos += (_BITMAP_DIR_ENTRY.size + name_size + extra_size + 7) & ~7
+    if len(out) != nb or pos != dir_size:
+        raise FormatError("Broken bitmap directory", structure="bitmap directory",
+                          offset=dir_offset)
+    return out
+
+
+def read_snapshots(path: str, offset: int, count: int) -> list[dict[str, Any]]:
+    """SnapshotInfo records in table order (``icount`` only when the entry stores one)."""
+    if count > QCOW_MAX_SNAPSHOTS:
+        raise FormatError("Snapshot table too large", structure="snapshot table")
+    out: list[dict[str, Any]] = []
+    pos = offset
+    for _ in range(count):
+        head = _pread_file(path, pos, _SNAPSHOT_HEADER.size)
+        if len(head) < _SNAPSHOT_HEADER.size:
+            raise FormatError("snapshot table truncated", structure="snapshot table", offset=pos)
+        (_l1_off, _l1_size, id_size, name_size, date_sec, date_nsec, vm_clock_nsec,
+         vm_state_size, extra_size) = _SNAPSHOT_HEADER.unpack(head)
+        rest = _pread_file(path, pos + _SNAPSHOT_HEADER.size, extra_size + id_size + name_size)
+        extra = rest[:extra_size]
+        id_str = rest[extra_size:extra_size + id_size].decode("utf-8", errors="replace")
+        name = rest[extra_size + id_size:].decode("utf-8", errors="replace")
+        if len(extra) >= 8:
+            vm_state_size = struct.unpack_from(">Q", extra, 0)[0]
+        entry: dict[str, Any] = {
+            "id": id_str,
+            "name": name,
+            "vm-state-size": vm_state_size,
+            "date-sec": date_sec,
+            "date-nsec": date_nsec,
+            "vm-clock-sec": vm_clock_nsec // 1_000_000_000,
+            "vm-clock-nsec": vm_clock_nsec % 1_000_000_000,
+        }
+        if len(extra) >= 24:
+            entry["icount"] = struct.unpack_from(">Q", extra, 16)[0]
+        out.append(entry)
+        pos += (_SNAPSHOT_HEADER.size + extra_size + id_size + name_size + 7) & ~7
+    return out
+
+
+def _pread_file(path: str, offset: int, length: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return os.pread(f.fileno(), length, offset)
+    except OSError as exc:
+        raise _open_error(path, exc) from exc
+
+
+def backing_chain_info(path: str, fmt: str | None = None) -> list[ImageInfo]:
+    """``qemu-img info --backing-chain``: the image, then each backing file in turn."""
+    chain: list[ImageInfo] = []
+    seen: set[str] = set()
+    name: str | None = path
+    while name is not None:
+        key = os.path.realpath(name)
+        if key in seen:
+            raise UsageError(f"Backing file '{name}' creates an infinite loop.")
+        seen.add(key)
+        info = image_info(name, fmt)
+        chain.append(info)
+        name = info.get("full-backing-filename")
+        fmt = info.get("backing-filename-format")
+    return chain
