@@ -129,9 +129,8 @@ def argv_fits(argv: Sequence[str], margin: int = 256 * KiB) -> bool:
 
 
 def choose_feed(feed: str, argvs: Sequence[Sequence[str]]) -> Feed:
-    """``auto``: ``-c`` arguments when every command line fits ARG_MAX (qemu-io runs them in a
-    tight loop; its stdin mode goes through the main loop and prints a prompt per command, which
-    costs it ~25% on 4 KiB writes), else one command a line on standard input."""
+    """``args`` or ``stdin`` as asked; ``auto``: ``-c`` arguments when every command line fits
+    ARG_MAX, else one command a line on standard input."""
     if feed in ("args", "stdin"):
         return feed  # type: ignore[return-value]
     return "args" if all(argv_fits(a) for a in argvs) else "stdin"
