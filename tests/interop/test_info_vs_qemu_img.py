@@ -214,3 +214,18 @@ def test_not_qcow2_with_forced_format(workdir: Path, qemu_tools: dict[str, str],
     ours = dirtybits_cli("info", "-f", "qcow2", name)
     assert ours.returncode == theirs.returncode == 1
     assert "Image is not in qcow2 format" in ours.stderr
+
+
+def test_unknown_incompatible_features_are_refused_with_qemus_words(
+        workdir: Path, qemu_tools: dict[str, str], dirtybits_cli: Cli) -> None:
+    path = create(workdir, "future.qcow2")
+    with open(path, "r+b") as f:
+        f.seek(72)
+        f.write(struct.pack(">Q", (1 << 20) | (1 << 33)))
+    for command in ("info", "check"):
+        theirs = run("qemu-img", command, "future.qcow2", cwd=workdir)
+        ours = dirtybits_cli(command, "future.qcow2")
+        assert ours.returncode == theirs.returncode == 1
+        reason = theirs.stderr.strip().split("': ", 1)[1]
+        assert reason == "Unsupported qcow2 feature(s): Unknown incompatible feature: 200100000"
+        assert ours.stderr.strip().endswith(reason)

@@ -377,8 +377,9 @@ def test_unknown_incompatible_feature_is_refused(tmp_path: Path) -> None:
     img = simple(tmp_path)
     img.incompat = 1 << 20
     path = img.write()
-    with pytest.raises(UnsupportedFeatureError, match="Unsupported qcow2 feature"):
+    with pytest.raises(UnsupportedFeatureError) as info:
         check_image(str(path))
+    assert str(info.value) == "Unsupported qcow2 feature(s): Unknown incompatible feature: 100000"
 
 
 def test_repair_refuses_snapshots_and_encryption(tmp_path: Path) -> None:

@@ -56,6 +56,7 @@ from dirtybits.format.qcow2.tables import (
     REFT_RESERVED_MASK,
     SnapshotHeader,
 )
+from dirtybits.qcow2.info import unsupported_features
 
 if TYPE_CHECKING:
     import numpy as np
@@ -69,6 +70,8 @@ FIX_ERRORS = 2
 REPAIR_MODES: dict[str | None, int] = {None: 0, "leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}
 
 INT_MAX = (1 << 31) - 1
+QCOW_MAX_SNAPSHOTS = 65536
+QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
 L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
 L2_BITMAP_ALL_ZEROES = 0xFFFFFFFF << 32
 
@@ -302,9 +305,7 @@ class _Checker:
         hdr = self.hc.header
         unknown = hdr.incompatible_features & ~INCOMPAT_KNOWN
         if unknown:
-            raise UnsupportedFeatureError(
-                f"Unsupported qcow2 feature(s): unknown incompatible bits {unknown:#x}"
-            )
+            raise UnsupportedFeatureError(unsupported_features(self.hc, unknown))
         self.hdr = hdr
         self.cb = hdr.cluster_bits
         self.cs = hdr.cluster_size
@@ -344,12 +345,18 @@ class _Checker:
             raise ImageIOError(f"Could not open '{name}': No such file or directory")
 
     def _read_snapshots(self) -> list[SnapshotHeader]:
+        """The snapshot table, with the limits QEMU applies when it opens an image."""
         out: list[SnapshotHeader] = []
         pos = self.hdr.snapshots_offset
-        for _ in range(self.hdr.nb_snapshots):
+        if self.hdr.nb_snapshots > QCOW_MAX_SNAPSHOTS:
+            raise FormatError("Snapshot table too large", structure="snapshot table")
+        for i in range(self.hdr.nb_snapshots):
             head = self._pread(pos, 40)
             extra, id_size, name_size = (struct.unpack_from(">I", head, 36)[0],
                                          *struct.unpack_from(">HH", head, 12))
+            if extra > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
+                raise FormatError(f"Too much extra metadata in snapshot table entry {i}",
+                                  structure="snapshot table", offset=pos)
             sn = SnapshotHeader.unpack(self._pread(pos, 40 + extra + id_size + name_size), 0)
             out.append(sn)
             pos += sn.size
@@ -616,6 +623,8 @@ class _Checker:
             return
         for name, table_offset, table_size in bitmaps:
             self._inc(table_offset, table_size * 8)
+            if table_size * self.cs > BME_MAX_PHYS_SIZE:
+                continue  # already reported; QEMU never has tables this large to walk
             table = self._u64s(table_offset, table_size)
             for j, raw in enumerate(table.tolist()):
                 offset = raw & BME_TABLE_ENTRY_OFFSET_MASK

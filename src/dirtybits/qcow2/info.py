@@ -69,25 +69,22 @@ def read_header_cluster(path: str) -> HeaderCluster:
     hc = HeaderCluster.unpack(head)
     unknown = hc.header.incompatible_features & ~INCOMPAT_KNOWN
     if unknown:
-        raise UnsupportedFeatureError(
-            f"Unsupported qcow2 feature(s): {_feature_names(hc, unknown)}"
-        )
+        raise UnsupportedFeatureError(unsupported_features(hc, unknown))
     return hc
 
 
-def _feature_names(hc: HeaderCluster, bits: int) -> str:
-    """Names for unknown incompatible bits as QEMU prints them (feature table, else number)."""
+def unsupported_features(hc: HeaderCluster, bits: int) -> str:
+    """QEMU's report_unsupported_feature: names from the feature table, then the rest as a mask."""
+    names = []
     table = hc.extension(EXT_FEATURE_TABLE)
-    named = {}
     if table is not None:
         for e in unpack_feature_table(table.data):
-            if e.type == FEATURE_TYPE_INCOMPAT:
-                named[e.bit] = e.name
-    out = []
-    for bit in range(64):
-        if bits & (1 << bit):
-            out.append(named.get(bit, f"Unknown incompatible feature: {bit:x}"))
-    return ", ".join(out)
+            if e.type == FEATURE_TYPE_INCOMPAT and bits & (1 << e.bit):
+                names.append(e.name)
+                bits &= ~(1 << e.bit)
+    if bits:
+        names.append(f"Unknown incompatible feature: {bits:x}")
+    return "Unsupported qcow2 feature(s): " + ", ".join(names)
 
 
 def full_backing_filename(image: str, backing: str) -> str:
