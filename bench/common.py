@@ -50,6 +50,15 @@ def dirtybits_argv() -> list[str]:
     return [sys.executable, "-m", "dirtybits.cli.main"]
 
 
+def warm_bytecode(scratch: Path) -> None:
+    """Let the child Pythons use compiled bytecode, as an installed dirtybits does, even when
+    ``PYTHONDONTWRITEBYTECODE`` is set: compile the package into a cache under ``scratch``."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(scratch / "pycache")
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "src" / "dirtybits")],
+                   check=True)
+
+
 def dirtybits_has(subcommand: str) -> bool:
     """Whether ``dirtybits SUBCOMMAND`` exists yet (``--help`` exits 0)."""
     proc = subprocess.run([*dirtybits_argv(), subcommand, "--help"], capture_output=True)

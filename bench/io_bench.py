@@ -46,6 +46,7 @@ from common import (
     need,
     parse_size,
     run_commands,
+    warm_bytecode,
     write_json,
 )
 
@@ -222,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dir:
         args.dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="dirtybits-io-bench-", dir=args.dir or "/var/tmp"))
+    warm_bytecode(scratch)
     print(f"io_bench: {human_size(args.size)} sequential, {args.random_ops} random 4k writes, "
           f"{human_size(args.image_size)} qcow2 images, cluster {human_size(args.cluster_size)}, "
           f"median of {args.runs} run(s), scratch {scratch}")

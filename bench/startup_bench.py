@@ -27,6 +27,7 @@ from common import (
     need,
     parse_size,
     run_timed,
+    warm_bytecode,
     write_json,
 )
 
@@ -74,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dir:
         args.dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="dirtybits-startup-", dir=args.dir or "/var/tmp"))
+    warm_bytecode(scratch)
     img = scratch / "disk.qcow2"
     db = dirtybits_argv()
     cases = [
