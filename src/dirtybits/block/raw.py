@@ -121,10 +121,8 @@ class RawImage:
             try:
                 data_start = os.lseek(self._fd, pos, SEEK_DATA)
             except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    data_start = end
-                else:
-                    data_start = pos  # no SEEK_DATA support: report data
+                # ENXIO: no data after pos; anything else: no SEEK_DATA, report data
+                data_start = end if exc.errno == errno.ENXIO else pos
             data_start = min(data_start, end)
             if data_start > pos:
                 yield MapExtent(pos, data_start - pos, 0, True, True, False, pos, self.path)

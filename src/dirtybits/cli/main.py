@@ -30,7 +30,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="Persistent dirty bitmaps for virtual disk images (qemu-img compatible).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in SUBCOMMANDS.items():
+    for name, (module, _help) in SUBCOMMANDS.items():
         if only is not None and name != only:
             continue
         importlib.import_module(module).add_parser(sub)

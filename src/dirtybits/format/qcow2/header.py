@@ -99,7 +99,8 @@ class Qcow2Header:
     def unpack(cls, buf: bytes) -> Qcow2Header:
         """Parse and validate; raise ``FormatError`` naming the bad field."""
         if len(buf) < V2_HEADER_LENGTH:
-            raise FormatError("file too short for a qcow2 header", structure="qcow2 header", offset=0)
+            raise FormatError("file too short for a qcow2 header",
+                              structure="qcow2 header", offset=0)
         (magic, version, backing_file_offset, backing_file_size, cluster_bits, size, crypt_method,
          l1_size, l1_table_offset, refcount_table_offset, refcount_table_clusters, nb_snapshots,
          snapshots_offset) = _V2_FIELDS.unpack_from(buf, 0)
@@ -114,7 +115,8 @@ class Qcow2Header:
         unknown = b""
         if version == 3:
             if len(buf) < V3_MIN_HEADER_LENGTH:
-                raise FormatError("file too short for a qcow2 v3 header", structure="qcow2 header")
+                raise FormatError("file too short for a qcow2 v3 header",
+                                  structure="qcow2 header")
             incompat, compat, autoclear, refcount_order, header_length = _V3_FIELDS.unpack_from(
                 buf, 72
             )
@@ -125,7 +127,8 @@ class Qcow2Header:
                 )
             if header_length % 8:
                 raise FormatError(
-                    f"header_length {header_length} is not a multiple of 8", structure="qcow2 header"
+                    f"header_length {header_length} is not a multiple of 8",
+                    structure="qcow2 header",
                 )
             if header_length > len(buf):
                 raise FormatError(

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import struct
 
-_WIDE = {3: struct.Struct(">B"), 4: struct.Struct(">H"), 5: struct.Struct(">I"), 6: struct.Struct(">Q")}
+_WIDE = {
+    3: struct.Struct(">B"),
+    4: struct.Struct(">H"),
+    5: struct.Struct(">I"),
+    6: struct.Struct(">Q"),
+}
 
 
 def entries_per_block(cluster_bits: int, refcount_order: int) -> int:
