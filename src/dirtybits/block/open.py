@@ -20,14 +20,17 @@ def probe_format(path: str) -> str:
 
 
 def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
-               open_backing: bool = True) -> ImageDriver:
-    """Open ``path`` as ``fmt`` (probed when None) and return its driver."""
+               open_backing: bool = True, cache: str = "writeback") -> ImageDriver:
+    """Open ``path`` as ``fmt`` (probed when None) and return its driver.
+
+    ``cache`` takes qemu's cache modes; ``none``/``directsync`` use O_DIRECT for data.
+    """
     if fmt is None:
         fmt = probe_format(path)
     if fmt == "qcow2":
         from dirtybits.qcow2.image import Qcow2Image
 
-        return Qcow2Image.open(path, readonly=readonly, open_backing=open_backing)
+        return Qcow2Image.open(path, readonly=readonly, open_backing=open_backing, cache=cache)
     if fmt == "raw":
         from dirtybits.block.raw import RawImage
 

@@ -12,8 +12,8 @@ qemu-io 7.2 does, and this module copies:
   starting beyond the end.
 
 Differences, on purpose: with no ``-c``, commands come from stdin without the ``qemu-io>``
-prompt, and blank lines and ``#`` comments are skipped; ``-t`` is checked and recorded, not
-applied (the drivers have one cache mode); ``truncate -m`` modes are checked, not applied;
+prompt, and blank lines and ``#`` comments are skipped; ``-t none``/``directsync`` move aligned
+qcow2 data I/O to O_DIRECT as qemu does, other cache modes use the page cache; ``truncate -m`` modes are checked, not applied;
 ``help`` lists only the commands run here (qemu-io's aio, vectored, breakpoint and
 open/close commands are refused by name); ``info`` does not list qcow2 bitmaps.
 """
@@ -182,7 +182,8 @@ def run_options(opts: IoOptions) -> int:
     from dirtybits.block.open import open_image
 
     try:
-        driver = open_image(opts.filename, opts.fmt, readonly=opts.read_only)
+        driver = open_image(opts.filename, opts.fmt, readonly=opts.read_only,
+                            cache=opts.cache or "writeback")
     except DirtybitsError as exc:
         raise ImageError(f"can't open device {opts.filename}: {exc}") from exc
     executor = Executor(driver, sys.stdout, sys.stderr)
