@@ -163,7 +163,11 @@ class Qcow2Image:
                                errno=exc.errno) from exc
         try:
             st = os.fstat(fd)
-            raw = os.pread(fd, 1 << MAX_CLUSTER_BITS, 0)
+            raw = os.pread(fd, 4096, 0)
+            if len(raw) >= 24:
+                cluster_bits = struct.unpack_from(">I", raw, 20)[0]
+                if 12 < cluster_bits <= MAX_CLUSTER_BITS:
+                    raw = os.pread(fd, 1 << cluster_bits, 0)
             hc = HeaderCluster.unpack(raw)
             img = cls(path, fd, hc, readonly=readonly, l2_cache_bytes=l2_cache_bytes)
             img._file_end = st.st_size
