@@ -1299,11 +1299,13 @@ class Qcow2Image:
             tbl = self._l2_table(l1i, allocate=True)
             assert tbl is not None
             table_end = min(end, (l1i + 1) << (cb + self.l2_bits))
-            while goff < table_end:
-                idx = (goff >> cb) & l2mask
-                if not _unpack_q(tbl, idx * 8)[0]:
-                    _pack_q(tbl, idx * 8, goff | OFLAG_COPIED)
-                goff += 1 << cb
+            first = (goff >> cb) & l2mask
+            n = ((table_end - goff) + self.cluster_size - 1) >> cb
+            old = struct.unpack_from(f">{n}Q", tbl, first * 8)
+            step = 1 << cb
+            new = [e or (goff + i * step) | OFLAG_COPIED for i, e in enumerate(old)]
+            struct.pack_into(f">{n}Q", tbl, first * 8, *new)
+            goff += n << cb
             self._l2_dirty.add(self._l2_offset_of(l1i))
 
     # ------------------------------------------------------------------ block status
