@@ -147,7 +147,7 @@ class Qcow2Image:
     @classmethod
     def open(cls, path: str, *, readonly: bool = False, open_backing: bool = True,
              l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES, cache: str = "writeback",
-             _depth: int = 0) -> Qcow2Image:
+             keep_bitmaps: bool = False, _depth: int = 0) -> Qcow2Image:
         """Open an existing image; a failed or read-only open never writes to the file.
 
         ``cache="none"`` moves aligned data I/O to ``O_DIRECT`` descriptors (qemu's
@@ -180,7 +180,7 @@ class Qcow2Image:
             if cache in ("none", "directsync"):
                 img._enable_direct_io()
             if not readonly:
-                img._on_writable_open()
+                img._on_writable_open(keep_bitmaps)
             return img
         except FormatError as exc:
             os.close(fd)
@@ -312,10 +312,14 @@ class Qcow2Image:
         else:
             raise UnsupportedFeatureError(f"backing file format '{fmt}' is not supported")
 
-    def _on_writable_open(self) -> None:
-        """Clear autoclear bits we do not keep up to date, as the spec requires of writers."""
+    def _on_writable_open(self, keep_bitmaps: bool) -> None:
+        """Clear autoclear bits nobody keeps up to date, as the spec requires of writers.
+
+        The bitmaps bit stays only when the caller (the block layer's bitmap store) has taken
+        charge of the bitmaps; a bare engine writing guest data would make them stale.
+        """
         h = self.hc.header
-        keep = AUTOCLEAR_KNOWN & ~AUTOCLEAR_BITMAPS  # bitmaps are not tracked by this layer yet
+        keep = AUTOCLEAR_KNOWN if keep_bitmaps else AUTOCLEAR_KNOWN & ~AUTOCLEAR_BITMAPS
         if h.autoclear_features & ~keep:
             self._set_header(h.replace(autoclear_features=h.autoclear_features & keep))
 
@@ -338,6 +342,55 @@ class Qcow2Image:
 
     def fileno(self) -> int:
         return self._fd
+
+    # ------------------------------------------------------------------ metadata services
+    # For structures kept beside the guest data (the bitmap store): allocation with
+    # refcounts, overlap-checked writes, and atomic header switches.
+    def allocate_metadata(self, nbytes: int, role: str) -> int:
+        """Allocate contiguous clusters for ``role`` (refcount 1) and return the offset."""
+        self._check_writable()
+        n = max(1, (nbytes + self.cluster_size - 1) >> self.cluster_bits)
+        off = self._alloc_clusters(n)
+        for i in range(n):
+            self._meta[(off >> self.cluster_bits) + i] = role
+        return off
+
+    def register_metadata(self, offset: int, nbytes: int, role: str) -> None:
+        """Record clusters that hold metadata so guest writes can never land on them."""
+        first = offset >> self.cluster_bits
+        for i in range(max(1, (nbytes + self.cluster_size - 1) >> self.cluster_bits)):
+            self._meta.setdefault(first + i, role)
+
+    def free_metadata(self, offset: int, nbytes: int) -> None:
+        """Release clusters at the next flush (after whatever replaced them is durable)."""
+        self._check_writable()
+        first = offset >> self.cluster_bits
+        for i in range(max(1, (nbytes + self.cluster_size - 1) >> self.cluster_bits)):
+            self._queue_free(first + i)
+
+    def write_metadata(self, offset: int, data: Buffer, role: str) -> None:
+        self._check_writable()
+        self._pwrite_meta(offset, data, role)
+
+    def read_metadata(self, offset: int, length: int, what: str) -> bytes:
+        return self._read_exact(self._fd, offset, length, what)
+
+    def update_header(self, *, autoclear_set: int = 0, autoclear_clear: int = 0,
+                      extensions: dict[int, bytes | None] | None = None) -> None:
+        """Switch header fields and extensions in one synced write of cluster 0."""
+        self._check_writable()
+        hc = self.hc
+        for ext_type, data in (extensions or {}).items():
+            hc = hc.with_extension(ext_type, data)
+        h = hc.header
+        h = h.replace(autoclear_features=(h.autoclear_features | autoclear_set)
+                      & ~autoclear_clear)
+        self._set_header(h, hc)
+
+    def sync(self) -> None:
+        """fdatasync the image file (no metadata write-back)."""
+        if not self.readonly:
+            self._sync()
 
     # ------------------------------------------------------------------ create
     @classmethod
