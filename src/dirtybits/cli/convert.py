@@ -1,0 +1,252 @@
+"""``dirtybits convert``: copy an image's guest contents into a new qcow2 or raw image.
+
+The copy is sparse the way qemu-img's is: ranges the source (with its whole backing chain)
+reports as zero are not written, and inside data ranges every block that reads as zeros is
+skipped too (``-S``, 4 KiB by default; ``-S 0`` writes everything). A qcow2 target is checked a
+cluster at a time, so a cluster is allocated exactly when some of its bytes are non-zero, and
+is written whole, leaving no holes inside it. Backing chains are flattened: the target has no
+backing file. The result reads the same as the source (``qemu-img compare``) and is clean under
+``qemu-img check``.
+
+Options and messages are qemu-img's; compression (``-c``) is refused for qcow2 targets, and
+only one source image is taken (qemu-img concatenates several).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from dirtybits.cli.map import ChainStatus, merged, qemu_size, read_padded
+from dirtybits.cli.options import (
+    FORMATS,
+    SECTOR,
+    ArgParser,
+    Progress,
+    QemuError,
+    QemuOpts,
+    add_command,
+    check_option_list,
+    create_opts,
+    create_raw,
+    cvtnum,
+    has_help_option,
+    open_qemu,
+    option_help,
+    qcow2_create_args,
+    raw_preallocation,
+    report,
+)
+from dirtybits.errors import DirtybitsError
+
+if TYPE_CHECKING:
+    from dirtybits.block.driver import ImageDriver
+
+CHUNK = 2 << 20
+DEFAULT_SPARSE = 4096
+MAX_SPARSE = 16 << 20
+
+USAGE = ("dirtybits convert [-p] [-q] [-n] [-f FMT] [-O OUTPUT_FMT] [-o OPTIONS] [-S SIZE] "
+         "[-U] SRC DST")
+
+
+def add_parser(subparsers: Any) -> None:
+    add_command(subparsers, "convert", "copy an image to a new image of a given format")
+
+
+def _parser() -> ArgParser:
+    p = ArgParser(prog="dirtybits convert", usage=USAGE,
+                  description="Copy the guest contents of SRC into a new image DST "
+                              "(qemu-img convert).")
+    p.add_argument("-f", dest="fmt", help="source format (default: probed)")
+    p.add_argument("-O", dest="out_fmt", default="raw", help="target format: raw (default), qcow2")
+    p.add_argument("-o", dest="options", action="append", default=[],
+                   help="target creation options key=value,... ('-o help' lists them)")
+    p.add_argument("-c", dest="compress", action="store_true",
+                   help="compress the target (refused: not supported)")
+    p.add_argument("-n", dest="skip_create", action="store_true",
+                   help="write into an existing DST instead of creating it")
+    p.add_argument("-S", dest="sparse", default=str(DEFAULT_SPARSE),
+                   help="skip zero blocks of this size (default 4k, 0 = write everything)")
+    p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet (no progress bar)")
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="accepted for qemu-img compatibility (the source is opened read-only)")
+    p.add_argument("files", nargs="*", metavar="SRC DST")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(_parser().parse_intermixed_args(args.argv))
+    except QemuError as exc:
+        return report("convert", exc)
+
+
+def _run(a: argparse.Namespace) -> int:
+    for text in a.options:
+        check_option_list(text)
+    options = ",".join(a.options)
+    if options and has_help_option(options):
+        if a.out_fmt not in FORMATS:
+            raise QemuError(f"Unknown file format '{a.out_fmt}'")
+        sys.stdout.write(option_help(a.out_fmt, a.files[-1] if a.files else None))
+        return 0
+    sparse = cvtnum("buffer size for sparse output", a.sparse)
+    if sparse % SECTOR or sparse > MAX_SPARSE:
+        raise QemuError("Invalid buffer size for sparse output specified. Valid sizes are "
+                        f"multiples of 512 up to {MAX_SPARSE}. Select 0 to disable sparse "
+                        "detection (fully allocates output).")
+    if len(a.files) < 2:
+        raise QemuError("Must specify image file name")
+    if len(a.files) > 2:
+        raise QemuError("only one source image is supported (qemu-img would concatenate them)")
+    src_name, dst_name = a.files
+    if a.skip_create and options:
+        raise QemuError("-o has no effect when skipping image creation")
+    if a.out_fmt not in FORMATS:
+        raise QemuError(f"Unknown file format '{a.out_fmt}'")
+    if a.compress:
+        if a.out_fmt == "raw":
+            raise QemuError("Compression not supported for this file format")
+        raise QemuError("compressed output (-c) is not supported")
+    with open_qemu(src_name, a.fmt) as src:
+        size = qemu_size(src)
+        zero_init = True
+        if a.skip_create:
+            dst = open_qemu(dst_name, a.out_fmt, readonly=False)
+            zero_init = False
+            if qemu_size(dst) < size:
+                dst.close()
+                raise QemuError("output file is smaller than input file")
+        else:
+            zero_init = _create_target(dst_name, a.out_fmt, options, size)
+            dst = open_qemu(dst_name, a.out_fmt, readonly=False)
+        granularity = sparse
+        if sparse and a.out_fmt == "qcow2":
+            granularity = max(sparse, int(getattr(dst, "cluster_size", 0) or 0))
+        progress = Progress(size, a.progress and not a.quiet)
+        try:
+            with dst:
+                copy(src, dst, granularity, zero_init, progress)
+        except QemuError:
+            raise
+        except DirtybitsError as exc:
+            raise QemuError(f"error while converting {a.out_fmt}: {exc}") from None
+        finally:
+            progress.close()
+    return 0
+
+
+def _create_target(name: str, fmt: str, options: str, size: int) -> bool:
+    """Create the target as ``qemu-img convert`` does (no ``Formatting`` line); True when it
+    reads as zeros afterwards, so zero ranges need not be written."""
+    opts = QemuOpts(create_opts(fmt))
+    if options:
+        opts.parse(options)
+    opts.set_number("size", size)
+    backing = opts.get("backing_file") if fmt == "qcow2" else None
+    if backing is not None:
+        if opts.get("backing_fmt") is None:
+            raise QemuError("Use of backing file requires explicit backing format")
+        raise QemuError("backing_file is not supported: the target is a standalone copy")
+    try:
+        if fmt == "raw":
+            create_raw(name, size, raw_preallocation(opts))
+            return True
+        from dirtybits.qcow2.image import Qcow2Image
+
+        c = qcow2_create_args(opts)
+        zero_init = True
+        if c.data_file_raw and c.data_file is not None:
+            dpath = c.data_file if os.path.isabs(c.data_file) else os.path.join(
+                os.path.dirname(name), c.data_file)
+            zero_init = not os.path.exists(dpath) or os.path.getsize(dpath) == 0
+        Qcow2Image.create(name, c.size, cluster_size=c.cluster_size,
+                          refcount_bits=c.refcount_bits, compat=c.compat,
+                          data_file=c.data_file, data_file_raw=c.data_file_raw,
+                          lazy_refcounts=c.lazy_refcounts)
+        return zero_init
+    except QemuError as exc:
+        raise exc.prefixed(f"{name}: error while converting {fmt}: ") from None
+    except DirtybitsError as exc:
+        raise QemuError(f"{name}: error while converting {fmt}: {exc}") from None
+
+
+def data_ranges(src: ImageDriver, size: int, granularity: int) -> Iterator[tuple[int, int]]:
+    """[start, end) ranges holding source data, widened to ``granularity`` and joined; with
+    ``granularity`` 0 the whole disk is one range."""
+    if not granularity:
+        if size:
+            yield 0, size
+        return
+    with ChainStatus(src, recurse=False) as status:
+        runs = ((e.start, e.end) for e in merged(status.entries(0, size)) if not e.zero)
+        yield from _widen(runs, granularity, size)
+
+
+def _widen(runs: Iterable[tuple[int, int]], granularity: int, size: int
+           ) -> Iterator[tuple[int, int]]:
+    cur: tuple[int, int] | None = None
+    for start, end in runs:
+        start = start // granularity * granularity
+        end = min(size, -(-end // granularity) * granularity)
+        if cur is not None and start <= cur[1]:
+            cur = (cur[0], max(cur[1], end))
+            continue
+        if cur is not None:
+            yield cur
+        cur = (start, end)
+    if cur is not None:
+        yield cur
+
+
+def copy(src: ImageDriver, dst: ImageDriver, granularity: int, zero_init: bool,
+         progress: Progress) -> None:
+    """Write every non-zero ``granularity`` block of ``src`` into ``dst``; on a target that
+    does not read as zeros already, zero the rest."""
+    size = qemu_size(src)
+    pos = 0
+    for start, end in data_ranges(src, size, granularity):
+        if pos < start:
+            _zero(dst, pos, start, zero_init)
+            progress.update(start - pos)
+        for off in range(start, end, CHUNK):
+            n = min(CHUNK, end - off)
+            buf = read_padded(src, off, n)
+            _write_blocks(dst, off, buf, granularity if zero_init else 0)
+            progress.update(n)
+        pos = end
+    if pos < size:
+        _zero(dst, pos, size, zero_init)
+        progress.update(size - pos)
+    # No fdatasync of our own: qemu-img convert writes with cache=unsafe. Closing a qcow2
+    # target still writes its metadata in the engine's crash-safe order.
+
+
+def _zero(dst: ImageDriver, start: int, end: int, zero_init: bool) -> None:
+    if not zero_init:
+        dst.write_zeroes(start, end - start, unmap=True)
+
+
+def _write_blocks(dst: ImageDriver, offset: int, buf: bytes, granularity: int) -> None:
+    """Write ``buf`` at ``offset`` leaving out all-zero ``granularity`` blocks (0: write all)."""
+    if not granularity:
+        dst.write(offset, buf)
+        return
+    view = memoryview(buf)
+    zero = bytes(granularity)
+    run_start = -1
+    for i in range(0, len(buf), granularity):
+        block = buf[i:i + granularity]  # bytes == bytes is a memcmp; memoryview's is slow
+        is_zero = block == zero[:len(block)]
+        if not is_zero and run_start < 0:
+            run_start = i
+        elif is_zero and run_start >= 0:
+            dst.write(offset + run_start, view[run_start:i])
+            run_start = -1
+    if run_start >= 0:
+        dst.write(offset + run_start, view[run_start:])
