@@ -141,6 +141,8 @@ class Qcow2Image:
         self._decomp_buf = b""
         self._header_len_on_disk = len(hc.pack())
         self._corrupt_reason: str | None = None
+        # with an external data file, COPIED marks an allocated cluster even at host offset 0
+        self._dfa = OFLAG_COPIED if hc.data_file is not None else 0
         self._direct: dict[int, int] = {}  # buffered fd -> O_DIRECT fd of the same file
         self._abuf: mmap.mmap | None = None
 
@@ -450,7 +452,7 @@ class Qcow2Image:
             raise ImageIOError(f"Could not create '{path}': {exc.strerror}",
                                errno=exc.errno) from exc
         try:
-            os.pwrite(fd, head, 0)
+            os.pwrite(fd, head + bytes(cluster_size - len(head)), 0)  # whole cluster, as QEMU
             os.pwrite(fd, bytes(reftable), cluster_size)
             os.pwrite(fd, bytes(refblock), 2 * cluster_size)
             if data_file:
@@ -895,7 +897,7 @@ class Qcow2Image:
                     view[pos:pos + n] = bytes(n)
                     pos += n
                     continue
-                if not host:
+                if not host and not ent & self._dfa:
                     # coalesce unallocated clusters
                     while pos + n < stop:
                         nidx = ((offset + pos + n) >> cb) & l2mask
@@ -1017,7 +1019,7 @@ class Qcow2Image:
                 in_cluster = goff & cmask
                 host = ent & L2E_OFFSET_MASK
                 if (ent & (OFLAG_COPIED | OFLAG_COMPRESSED | OFLAG_ZERO)) == OFLAG_COPIED \
-                        and host:
+                        and (host or self._dfa):
                     n = min(cs - in_cluster, stop - pos)
                     # extend over following in-place clusters that are physically contiguous
                     nidx = idx + 1
@@ -1062,7 +1064,7 @@ class Qcow2Image:
         for i in range(first_idx, last_idx_excl):
             ent = _unpack_q(tbl, i * 8)[0]
             if (ent & (OFLAG_COPIED | OFLAG_COMPRESSED | OFLAG_ZERO)) == OFLAG_COPIED and \
-                    ent & L2E_OFFSET_MASK:
+                    (ent & L2E_OFFSET_MASK or self._dfa):
                 break
             olds.append(ent)
             count += 1
@@ -1110,7 +1112,7 @@ class Qcow2Image:
         if ent & OFLAG_ZERO:
             return None if fresh else bytes(length)
         host = ent & L2E_OFFSET_MASK
-        if host:
+        if host or ent & self._dfa:
             out = bytearray(length)
             self._pread_into(self._data_fd, host + in_cluster, memoryview(out))
             return out
@@ -1191,7 +1193,7 @@ class Qcow2Image:
                 return False
             if ent & OFLAG_ZERO:
                 continue
-            if ent & L2E_OFFSET_MASK:
+            if ent & (L2E_OFFSET_MASK | self._dfa):
                 return False
             if self.backing is not None and (c << cb) < self.backing.size:
                 return False
@@ -1219,7 +1221,7 @@ class Qcow2Image:
             tbl = self._l2_table(l1i, allocate=False)
             table_end = min(end, (l1i + 1) << (cb + l2b))
             if tbl is None:
-                if not has_backing:
+                if discard and not has_backing:
                     goff = table_end
                     continue
                 tbl = self._l2_table(l1i, allocate=True)
@@ -1238,10 +1240,9 @@ class Qcow2Image:
                         new = ent
                 elif compressed or (host and (unmap or not ent & OFLAG_COPIED)):
                     new, release = OFLAG_ZERO, ent
-                elif host:
-                    new = host | OFLAG_COPIED | OFLAG_ZERO
                 else:
-                    new = OFLAG_ZERO if has_backing else ent & OFLAG_ZERO
+                    # QEMU's zero_in_l2_slice: keep any allocation, add the zero flag
+                    new = ent | OFLAG_ZERO
                 if new != ent:
                     _pack_q(tbl, idx * 8, new)
                     changed = True
@@ -1326,12 +1327,14 @@ class Qcow2Image:
             self.flush()  # refcounts (incl. the new L1) and tables durable first
             for i in range(old_clusters):
                 self._meta.pop((old_off >> self.cluster_bits) + i, None)
-            self._set_header(h.replace(l1_table_offset=new_off, l1_size=need, size=new_size))
+            # allocation may have moved the refcount table: start from the current header
+            self._set_header(self.hc.header.replace(l1_table_offset=new_off, l1_size=need,
+                                                    size=new_size))
             for i in range(old_clusters if old_off else 0):
                 self._pending_frees.append((old_off >> self.cluster_bits) + i)
         else:
             self.flush()
-            self._set_header(h.replace(size=new_size))
+            self._set_header(self.hc.header.replace(size=new_size))
         if self.has_data_file:
             try:
                 if os.fstat(self._data_fd).st_size < new_size:
@@ -1393,7 +1396,7 @@ class Qcow2Image:
                 yield MapExtent(goff, n, 0, True, True, False,
                                 (host + (goff & (cs - 1))) if host else None,
                                 fname if host else None)
-            elif ent & L2E_OFFSET_MASK:
+            elif ent & (L2E_OFFSET_MASK | self._dfa):
                 host = (ent & L2E_OFFSET_MASK) + (goff & (cs - 1))
                 yield MapExtent(goff, n, 0, True, False, True, host, fname)
             elif self.backing is not None and goff < self.backing.size:
