@@ -9,6 +9,7 @@ from types import TracebackType
 
 from dirtybits.block.driver import Buffer
 from dirtybits.errors import ImageError, ImageIOError, ReadOnlyError
+from dirtybits.osfile import punch_hole as _punch_hole
 from dirtybits.qcow2.extent import MapExtent
 
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)
@@ -151,18 +152,3 @@ class RawImage:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> bool:
-    """Deallocate a range (reads as zeros afterwards); False where the OS can't."""
-    try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        falloc_fl_keep_size, falloc_fl_punch_hole = 0x01, 0x02
-        rc = libc.fallocate(fd, falloc_fl_punch_hole | falloc_fl_keep_size,
-                            ctypes.c_long(offset), ctypes.c_long(length))
-        return bool(rc == 0)
-    except (OSError, AttributeError):
-        return False

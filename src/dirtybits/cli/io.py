@@ -13,7 +13,8 @@ qemu-io 7.2 does, and this module copies:
 
 Differences, on purpose: with no ``-c``, commands come from stdin without the ``qemu-io>``
 prompt, and blank lines and ``#`` comments are skipped; ``-t none``/``directsync`` move aligned
-qcow2 data I/O to O_DIRECT as qemu does, other cache modes use the page cache; ``truncate -m`` modes are checked, not applied;
+qcow2 data I/O to O_DIRECT as qemu does, other cache modes use the page cache; ``truncate -m``
+modes are checked, not applied;
 ``help`` lists only the commands run here (qemu-io's aio, vectored, breakpoint and
 open/close commands are refused by name); ``info`` does not list qcow2 bitmaps.
 """

@@ -74,6 +74,7 @@ from dirtybits.format.qcow2.tables import (
     REFT_OFFSET_MASK,
     compressed_offset_bits,
 )
+from dirtybits.osfile import punch_hole
 from dirtybits.qcow2.extent import MapExtent
 
 _Q = struct.Struct(">Q")
@@ -1080,7 +1081,9 @@ class Qcow2Image:
         data_len = run_end - goff
         tail_end = cluster_start + (count << cb)
         tail = tail_end - run_end
-        if tail_end > self.hc.header.size:
+        if tail_end > self.hc.header.size and self.has_data_file:
+            # never grow the data file past the disk; in our own file the whole cluster is
+            # written so no stale bytes wait past the end for a later resize to expose
             tail = max(0, min(tail, self.hc.header.size - run_end))
         head_data = self._old_content(olds[0], cluster_start, head, fresh) if head else None
         tail_data = self._old_content(olds[-1], run_end, tail, fresh) if tail else None
@@ -1214,6 +1217,7 @@ class Qcow2Image:
         l2b = self.l2_bits
         l2mask = self.l2_entries - 1
         has_backing = self.backing is not None or bool(self.hc.backing_file)
+        v3 = self.hc.header.version >= 3
         goff = offset
         end = offset + length
         while goff < end:
@@ -1234,8 +1238,9 @@ class Qcow2Image:
                 host = 0 if compressed else ent & L2E_OFFSET_MASK
                 release = 0
                 if discard:
-                    if has_backing or compressed or host:
-                        new, release = OFLAG_ZERO, ent
+                    if has_backing or compressed or host or ent & self._dfa:
+                        # v2 has no zero flag; it only gets here without a backing file
+                        new, release = (OFLAG_ZERO if v3 else 0), ent
                     else:
                         new = ent
                 elif compressed or (host and (unmap or not ent & OFLAG_COPIED)):
@@ -1268,7 +1273,11 @@ class Qcow2Image:
         if start >= end:
             return
         if self.has_data_file and self.data_file_raw:
-            return  # the raw data file must keep reading as the guest disk
+            # keep the raw file reading as the guest disk: drop the data there too
+            data_end = min(end, self.hc.header.size)
+            if not punch_hole(self._data_fd, start, data_end - start):
+                self._write_zero_bytes(start, data_end - start)
+                return
         self._zero_clusters(start, end - start, unmap=True, discard=True)
 
     # ------------------------------------------------------------------ flush / resize
@@ -1343,6 +1352,14 @@ class Qcow2Image:
                 raise _io_error("resizing the data file", exc) from exc
             if self.data_file_raw:
                 self._preallocate_raw_mapping(h.size, new_size)
+        old = h.size
+        if self.backing is not None and self.backing.size > old:
+            # QEMU zero-fills the grown area so a longer backing file cannot show through
+            self.write_zeroes(old, min(new_size, self.backing.size) - old)
+        else:
+            tail_end = min(new_size, (old + self._cmask) & ~self._cmask)
+            if tail_end > old and not self._reads_as_zero(old, tail_end - old):
+                self.write(old, bytes(tail_end - old))
         self.flush()
 
     def _preallocate_raw_mapping(self, start: int, end: int) -> None:
