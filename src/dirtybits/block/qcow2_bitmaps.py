@@ -1,0 +1,338 @@
+"""Persistent bitmaps kept inside a qcow2 image (QEMU's bitmaps extension).
+
+Every change is copy-on-write, as QEMU does it: new data clusters, table and directory are
+written and made durable first, one synced header write switches to them, and only then are
+the old clusters released. A crash at any point leaves either the old or the new set of
+bitmaps, never a mix; at worst some clusters leak.
+
+Unlike QEMU, a damaged directory entry does not make the image unopenable: that bitmap is
+reported unusable (with the reasons) and may only be removed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
+from dirtybits.errors import DirtybitsError, FormatError
+from dirtybits.format.qcow2.bitmaps import (
+    BME_FLAG_AUTO,
+    BME_FLAG_IN_USE,
+    BitmapDirectory,
+    BitmapDirectoryEntry,
+    BitmapsExtension,
+    BitmapTableEntry,
+    TableEntryKind,
+    bitmap_table_size,
+    check_entry,
+    check_new_bitmap,
+    pack_table,
+    unpack_table,
+)
+from dirtybits.format.qcow2.header import AUTOCLEAR_BITMAPS, EXT_BITMAPS
+from dirtybits.qcow2.image import Qcow2Image
+
+
+class BitmapOperationError(DirtybitsError):
+    """A bitmap operation was refused (QEMU's wording where QEMU has one)."""
+
+
+@dataclass
+class StoredBitmap:
+    """One directory entry and what we know about it."""
+
+    entry: BitmapDirectoryEntry
+    problems: list[str] = field(default_factory=list)  # non-empty: unusable, remove only
+    table: list[int] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def in_use(self) -> bool:
+        return self.entry.in_use
+
+    @property
+    def usable(self) -> bool:
+        return not self.problems and not self.entry.in_use
+
+
+def default_granularity(cluster_size: int) -> int:
+    """QEMU's bdrv_get_default_bitmap_granularity: the cluster size within [4 KiB, 64 KiB]."""
+    return min(max(cluster_size, 4096), 65536)
+
+
+class Qcow2BitmapStore:
+    """The bitmaps of one open qcow2 image (opened with ``keep_bitmaps=True`` to write)."""
+
+    def __init__(self, img: Qcow2Image):
+        self.img = img
+        self.cluster_size = img.cluster_size
+        self.bitmaps: list[StoredBitmap] = []
+        self.directory_problem: str | None = None  # the whole directory is unreadable
+        self.stale = False  # extension present, autoclear bit clear: all bitmaps invalid
+        self._ext: BitmapsExtension | None = None
+        self._load_directory()
+
+    # ------------------------------------------------------------------ loading
+    @property
+    def disk_size(self) -> int:
+        return self.img.size
+
+    def _load_directory(self) -> None:
+        ext = self.img.hc.extension(EXT_BITMAPS)
+        if ext is None:
+            return
+        if not self.img.header.autoclear_features & AUTOCLEAR_BITMAPS:
+            self.stale = True
+            return
+        try:
+            bext = BitmapsExtension.unpack(ext.data)
+            bext.validate(self.cluster_size)
+            raw = self.img.read_metadata(bext.bitmap_directory_offset,
+                                         bext.bitmap_directory_size, "bitmap directory")
+            directory = BitmapDirectory.unpack(raw, bext.nb_bitmaps,
+                                               offset=bext.bitmap_directory_offset)
+        except FormatError as exc:
+            self.directory_problem = str(exc)
+            return
+        self._ext = bext
+        self.img.register_metadata(bext.bitmap_directory_offset, bext.bitmap_directory_size,
+                                   "bitmap directory")
+        seen: set[bytes] = set()
+        for entry in directory.entries:
+            problems = check_entry(entry, self.cluster_size, self.disk_size & ~511)
+            if entry.raw_name in seen:
+                problems.append("duplicate bitmap name")
+            seen.add(entry.raw_name)
+            sb = StoredBitmap(entry, problems)
+            if not problems:
+                self._load_table(sb)
+            self.bitmaps.append(sb)
+
+    def _load_table(self, sb: StoredBitmap) -> None:
+        e = sb.entry
+        try:
+            raw = self.img.read_metadata(e.bitmap_table_offset, e.bitmap_table_size * 8,
+                                         "bitmap table")
+            table = unpack_table(raw, e.bitmap_table_size, offset=e.bitmap_table_offset)
+            for raw_entry in table:
+                BitmapTableEntry.decode(raw_entry, self.cluster_size)
+        except FormatError as exc:
+            sb.problems.append(f"bitmap table: {exc.reason}")
+            return
+        except DirtybitsError as exc:
+            sb.problems.append(f"bitmap table: {exc}")
+            return
+        sb.table = table
+        self.img.register_metadata(e.bitmap_table_offset, e.bitmap_table_size * 8,
+                                   "bitmap table")
+        for raw_entry in table:
+            te = BitmapTableEntry.decode(raw_entry, self.cluster_size)
+            if te.kind is TableEntryKind.DATA:
+                self.img.register_metadata(te.offset, self.cluster_size, "bitmap data")
+
+    def find(self, name: str) -> StoredBitmap | None:
+        for sb in self.bitmaps:
+            if sb.name == name:
+                return sb
+        return None
+
+    def _get(self, name: str) -> StoredBitmap:
+        sb = self.find(name)
+        if sb is None:
+            raise BitmapOperationError(f"Dirty bitmap '{name}' not found")
+        return sb
+
+    def _require_usable(self, sb: StoredBitmap) -> None:
+        if sb.problems:
+            raise BitmapOperationError(
+                f"Bitmap '{sb.name}' is damaged and cannot be used ({'; '.join(sb.problems)}); "
+                "it can only be removed")
+        if sb.in_use:
+            raise BitmapOperationError(
+                f"Bitmap '{sb.name}' is inconsistent and cannot be used")
+
+    def load(self, name: str) -> DirtyBitmap:
+        """Read a bitmap's bits (only the data clusters it has)."""
+        sb = self._get(name)
+        self._require_usable(sb)
+        assert sb.table is not None
+        bm = DirtyBitmap(self.disk_size, sb.entry.granularity)
+        cs = self.cluster_size
+        for i, raw_entry in enumerate(sb.table):
+            te = BitmapTableEntry.decode(raw_entry, cs)
+            if te.kind is TableEntryKind.DATA:
+                bm.load_bytes(i * cs, self.img.read_metadata(te.offset, cs, "bitmap data"))
+            elif te.kind is TableEntryKind.ONES:
+                bm.load_bytes(i * cs, b"\xff" * cs)
+        return bm
+
+    # ------------------------------------------------------------------ writing
+    def _write_bitmap(self, bm: DirtyBitmap) -> tuple[int, int, list[int]]:
+        """Write data clusters and a table for ``bm``; (table offset, size, table)."""
+        cs = self.cluster_size
+        n = bitmap_table_size(self.disk_size, bm.granularity, cs)
+        table = [0] * n
+        for i in range(n):
+            if bm.is_zero_range(i * cs, cs):
+                continue
+            off = self.img.allocate_metadata(cs, "bitmap data")
+            self.img.write_metadata(off, bm.to_bytes(i * cs, cs), "bitmap data")
+            table[i] = off
+        table_off = self.img.allocate_metadata(n * 8, "bitmap table")
+        self.img.write_metadata(table_off, pack_table(table), "bitmap table")
+        return table_off, n, table
+
+    def _release(self, sb: StoredBitmap, *, data_only: bool = False) -> None:
+        """Queue a bitmap's clusters for freeing once the new directory is durable."""
+        if sb.table is None:
+            return  # unreadable table: leave its clusters (check -r leaks reclaims them)
+        for raw_entry in sb.table:
+            te = BitmapTableEntry.decode(raw_entry, self.cluster_size)
+            if te.kind is TableEntryKind.DATA:
+                self.img.free_metadata(te.offset, self.cluster_size)
+        if not data_only:
+            self.img.free_metadata(sb.entry.bitmap_table_offset, sb.entry.bitmap_table_size * 8)
+
+    def _commit(self, bitmaps: list[StoredBitmap], after: list[StoredBitmap]) -> None:
+        """Write a new directory for ``bitmaps``, switch the header, release ``after``."""
+        img = self.img
+        old_ext = self._ext
+        if bitmaps:
+            directory = BitmapDirectory(tuple(sb.entry for sb in bitmaps))
+            raw = directory.pack()
+            dir_off = img.allocate_metadata(len(raw), "bitmap directory")
+            img.write_metadata(dir_off, raw, "bitmap directory")
+            new_ext = directory.extension(dir_off)
+            img.flush()  # everything new is durable before the header names it
+            img.update_header(extensions={EXT_BITMAPS: new_ext.pack()},
+                              autoclear_set=AUTOCLEAR_BITMAPS)
+            self._ext = new_ext
+        else:
+            img.flush()
+            img.update_header(extensions={EXT_BITMAPS: None}, autoclear_clear=AUTOCLEAR_BITMAPS)
+            self._ext = None
+        if old_ext is not None:
+            img.free_metadata(old_ext.bitmap_directory_offset, old_ext.bitmap_directory_size)
+        for sb in after:
+            self._release(sb)
+        img.flush()
+        self.bitmaps = bitmaps
+        self.stale = False
+
+    def _replace(self, old: StoredBitmap, new: StoredBitmap, *, release_old: bool) -> None:
+        bitmaps = [new if sb is old else sb for sb in self.bitmaps]
+        self._commit(bitmaps, [old] if release_old else [])
+
+    # ------------------------------------------------------------------ operations
+    def add(self, name: str, granularity: int | None = None, *, disabled: bool = False) -> None:
+        if not name:
+            raise BitmapOperationError("Bitmap name cannot be empty")
+        if self.find(name) is not None:
+            raise BitmapOperationError(f"Bitmap already exists: {name}")
+        if self.img.header.version < 3:
+            raise BitmapOperationError("Cannot store dirty bitmaps in qcow2 v2 files")
+        gran = granularity or default_granularity(self.cluster_size)
+        dir_size = sum(sb.entry.entry_size for sb in self.bitmaps)
+        try:
+            check_new_bitmap(name, gran, self.disk_size, self.cluster_size,
+                             len(self.bitmaps), dir_size)
+        except FormatError as exc:
+            raise BitmapOperationError(exc.reason) from exc
+        bm = DirtyBitmap(self.disk_size, gran)
+        self._add_bitmap(name, bm, auto=not disabled)
+
+    def _add_bitmap(self, name: str, bm: DirtyBitmap, *, auto: bool) -> None:
+        table_off, n, table = self._write_bitmap(bm)
+        entry = BitmapDirectoryEntry.new(name, granularity=bm.granularity,
+                                         bitmap_table_offset=table_off, bitmap_table_size=n,
+                                         flags=BME_FLAG_AUTO if auto else 0)
+        self._commit([*self.bitmaps, StoredBitmap(entry, [], table)], [])
+
+    def remove(self, name: str) -> None:
+        sb = self._get(name)
+        self._commit([b for b in self.bitmaps if b is not sb], [sb])
+
+    def clear(self, name: str) -> None:
+        sb = self._get(name)
+        self._require_usable(sb)
+        self.store(name, DirtyBitmap(self.disk_size, sb.entry.granularity))
+
+    def store(self, name: str, bm: DirtyBitmap) -> None:
+        """Replace a bitmap's bits (copy-on-write)."""
+        sb = self._get(name)
+        self._require_usable(sb)
+        table_off, n, table = self._write_bitmap(bm)
+        entry = _with(sb.entry, bitmap_table_offset=table_off, bitmap_table_size=n)
+        self._replace(sb, StoredBitmap(entry, [], table), release_old=True)
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        sb = self._get(name)
+        self._require_usable(sb)
+        flags = (sb.entry.flags | BME_FLAG_AUTO) if enabled else (sb.entry.flags & ~BME_FLAG_AUTO)
+        if flags == sb.entry.flags:
+            return
+        self._replace(sb, StoredBitmap(_with(sb.entry, flags=flags), [], sb.table),
+                      release_old=False)
+
+    def merge(self, target: str, sources: list[DirtyBitmap]) -> None:
+        if not sources:
+            raise BitmapOperationError("At least one source bitmap is needed for a merge")
+        bm = self.load(target)
+        merged = bm.copy()
+        for src in sources:
+            try:
+                merged.merge_from(src)
+            except DirtybitsError as exc:
+                raise BitmapOperationError(str(exc)) from exc
+        if merged == bm:
+            return
+        self.store(target, merged)
+
+    def rename(self, name: str, new_name: str) -> None:
+        sb = self._get(name)
+        if not new_name:
+            raise BitmapOperationError("Bitmap name cannot be empty")
+        if self.find(new_name) is not None:
+            raise BitmapOperationError(f"Bitmap already exists: {new_name}")
+        if sb.in_use:
+            raise BitmapOperationError(f"Bitmap '{name}' is inconsistent and cannot be used")
+        raw = new_name.encode()
+        if len(raw) > 1023:
+            raise BitmapOperationError("Name length exceeds maximum (1023 characters)")
+        self._replace(sb, StoredBitmap(_with(sb.entry, raw_name=raw), sb.problems, sb.table),
+                      release_old=False)
+
+    def copy(self, name: str, new_name: str) -> None:
+        sb = self._get(name)
+        self._require_usable(sb)
+        if self.find(new_name) is not None:
+            raise BitmapOperationError(f"Bitmap already exists: {new_name}")
+        dir_size = sum(b.entry.entry_size for b in self.bitmaps)
+        try:
+            check_new_bitmap(new_name, sb.entry.granularity, self.disk_size, self.cluster_size,
+                             len(self.bitmaps), dir_size)
+        except FormatError as exc:
+            raise BitmapOperationError(exc.reason) from exc
+        self._add_bitmap(new_name, self.load(name), auto=sb.entry.auto)
+
+    def mark_in_use(self) -> None:
+        """Set in_use on every usable bitmap (the image is being written by us)."""
+        changed = False
+        bitmaps = []
+        for sb in self.bitmaps:
+            if sb.usable:
+                sb = StoredBitmap(_with(sb.entry, flags=sb.entry.flags | BME_FLAG_IN_USE),
+                                  [], sb.table)
+                changed = True
+            bitmaps.append(sb)
+        if changed:
+            self._commit(bitmaps, [])
+
+
+def _with(entry: BitmapDirectoryEntry, **changes: object) -> BitmapDirectoryEntry:
+    from dataclasses import replace
+
+    return replace(entry, **changes)  # type: ignore[arg-type]
