@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("dirtybits.cli.compare", "compare the guest-visible contents of two images"),
     "convert": ("dirtybits.cli.convert", "copy an image to a new image of a given format"),
     "io": ("dirtybits.cli.io", "run qemu-io style commands on an image"),
+    "bitmap": ("dirtybits.cli.bitmap", "add, remove, change, dump persistent dirty bitmaps"),
     "demo": ("dirtybits.cli.demo", "run the built-in demonstration"),
 }
 

@@ -1,0 +1,151 @@
+"""Bitmaps both ways between dirtybits and QEMU 7.2: what one writes, the other reads the same."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.interop
+Arg = str | os.PathLike[str]
+Done = subprocess.CompletedProcess[str]
+
+
+def sh(*cmd: Arg, ok: tuple[int, ...] = (0,)) -> Done:
+    proc = subprocess.run([os.fspath(c) for c in cmd], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode in ok, (cmd, proc.stdout, proc.stderr)
+    return proc
+
+
+def db(*args: Arg, ok: tuple[int, ...] = (0,)) -> Done:
+    return sh(sys.executable, "-m", "dirtybits.cli.main", *args, ok=ok)
+
+
+def nbd_map(path: Path, bitmap: str, *extra: str) -> str:
+    sock = path.parent / f"nbd-{os.getpid()}.sock"
+    proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-k", str(sock), "-f", "qcow2", "-B",
+                             bitmap, str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        out = sh("nbdinfo", f"--map=qemu:dirty-bitmap:{bitmap}", *extra,
+                 f"nbd+unix:///?socket={sock}")
+        return out.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+def qemu_bitmaps(path: Path) -> list[dict[str, object]]:
+    info = json.loads(sh("qemu-img", "info", "--output=json", path).stdout)
+    return list(info["format-specific"]["data"].get("bitmaps", []))
+
+
+@pytest.mark.parametrize("size,cluster,gran", [
+    ("1M", "64k", "64k"),
+    ("1000448", "512", "512"),  # size not a multiple of the granularity
+    ("64M", "2M", "2G"),
+    ("10M", "64k", "4k"),
+])
+def test_qemu_made_bitmap_dumps_like_qemu_nbd(tmp_path: Path, size: str, cluster: str,
+                                              gran: str) -> None:
+    img = tmp_path / "d.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", img, size)
+    sh("qemu-img", "bitmap", "--add", "-g", gran, img, "b0")
+    sh("qemu-io", "-c", "write 0 4k", "-c", "write 700k 70k", "-c", "write -z 900k 3k", img)
+    for extra in ((), ("--json",), ("--totals",)):
+        ours = db("bitmap", "--dump", *extra, img, "b0").stdout
+        assert ours == nbd_map(img, "b0", *extra)
+
+
+def test_dirtybits_bitmaps_read_by_qemu(tmp_path: Path) -> None:
+    img = tmp_path / "d.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", img, "1M")
+    db("bitmap", "--add", img, "b0")
+    db("bitmap", "--add", "-g", "4k", "--disable", img, "b1")
+    assert qemu_bitmaps(img) == [
+        {"flags": ["auto"], "name": "b0", "granularity": 65536},
+        {"flags": [], "name": "b1", "granularity": 4096},
+    ]
+    sh("qemu-io", "-c", "write 0 64k", "-c", "write 512k 4k", img)
+    # QEMU's own known hash for bits 0 and 8 (reference §6)
+    assert db("bitmap", "--sha256", img, "b0").stdout.strip() == \
+        "4adeb4453cb2e0d4f186667f3052bf6c34b102cf0fa25910f6964f4f8a55ab84"
+    db("bitmap", "--merge", "b0", "--copy", "b2", "--rename", "b3", img, "b1")
+    assert [b["name"] for b in qemu_bitmaps(img)] == ["b0", "b3", "b2"]
+    for name in ("b0", "b2", "b3"):
+        assert db("bitmap", "--dump", img, name).stdout == nbd_map(img, name)
+    check = sh("qemu-img", "check", "--output=json", img)
+    assert "leaks" not in json.loads(check.stdout) and "corruptions" not in check.stdout
+    db("bitmap", "--clear", "--remove", img, "b2")
+    db("bitmap", "--clear", img, "b0")
+    assert "1 dirty" not in nbd_map(img, "b0")
+    # QEMU can still operate on what we wrote
+    sh("qemu-img", "bitmap", "--remove", img, "b3")
+    sh("qemu-img", "bitmap", "--add", img, "q")
+    assert [b["name"] for b in qemu_bitmaps(img)] == ["b0", "q"]
+    sh("qemu-img", "check", img)
+
+
+def test_errors_match_qemu_img(tmp_path: Path) -> None:
+    img = tmp_path / "d.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", img, "1M")
+    db("bitmap", "--add", img, "a")
+    dup = db("bitmap", "--add", img, "a", ok=(1,))
+    assert "Operation add on bitmap a failed: Bitmap already exists: a" in dup.stderr
+    missing = db("bitmap", "--clear", img, "zz", ok=(1,))
+    assert "Dirty bitmap 'zz' not found" in missing.stderr
+    before = img.read_bytes()
+    bad = db("bitmap", "--add", "-g", "1000", img, "c", ok=(1,))
+    assert "Granularity must be power of 2 and at least 512" in bad.stderr
+    assert img.read_bytes() == before
+
+
+def test_in_use_bitmap_only_removable(tmp_path: Path) -> None:
+    img = tmp_path / "d.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", img, "1M")
+    sh("qemu-img", "bitmap", "--add", img, "b0")
+    # QEMU killed while it had the image open leaves the bitmap in use
+    sh("qemu-io", "-c", "write 0 4k", "-c", "sigraise 9", img, ok=(-9, 137))
+    assert qemu_bitmaps(img)[0]["flags"] == ["in-use", "auto"]
+    out = db("bitmap", "--clear", img, "b0", ok=(1,))
+    assert "inconsistent and cannot be used" in out.stderr
+    db("bitmap", "--remove", img, "b0")
+    assert qemu_bitmaps(img) == []
+    sh("qemu-img", "check", img)
+
+
+def test_damaged_entry_does_not_block_the_image(tmp_path: Path) -> None:
+    img = tmp_path / "d.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", img, "1M")
+    sh("qemu-img", "bitmap", "--add", img, "good")
+    sh("qemu-img", "bitmap", "--add", img, "bad")
+    sh("qemu-io", "-c", "write 0 4k", img)
+    from dirtybits.format.qcow2.bitmaps import BitmapsExtension
+    from dirtybits.format.qcow2.header import EXT_BITMAPS, HeaderCluster
+
+    raw = bytearray(img.read_bytes())
+    hc = HeaderCluster.unpack(bytes(raw[:65536]))
+    ext = hc.extension(EXT_BITMAPS)
+    assert ext is not None
+    bext = BitmapsExtension.unpack(ext.data)
+    d = bext.bitmap_directory_offset
+    second = d + 24 + 8  # the first entry ("good") is 32 bytes long
+    raw[second + 17] = 40  # granularity_bits out of QEMU's range
+    img.write_bytes(bytes(raw))
+    assert sh("qemu-img", "info", img, ok=(1,)).returncode == 1  # QEMU refuses the image
+    assert db("bitmap", "--dump", img, "good").stdout.startswith("         0")
+    broken = db("bitmap", "--dump", img, "bad", ok=(1,))
+    assert "damaged" in broken.stderr
+    db("bitmap", "--remove", img, "bad")
+    assert [b["name"] for b in qemu_bitmaps(img)] == ["good"]
