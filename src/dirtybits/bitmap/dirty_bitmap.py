@@ -54,6 +54,9 @@ _U63: Final = np.uint64(63)
 _SCAN_WORDS: Final = 1 << 16
 #: Ranges spanning at most this many words are set word by word with Python ints.
 _FEW_WORDS: Final = 16
+#: A merge across granularities goes run by run while the source has at most this many run
+#: boundaries per word, else it resamples every word.
+_RUN_MERGE_MAX: Final = 1.0
 
 if hasattr(np, "bitwise_count"):
 
@@ -288,7 +291,7 @@ class DirtyBitmap:
     def _find(self, b: int, bend: int, dirty: bool) -> int | None:
         """First bit index in ``[b, bend)`` whose value is ``dirty``, or None.
 
-        Looks at the first word directly, then scans in vectorised blocks that grow 4x each
+        Looks at the first word directly, then scans in vectorised blocks that grow 8x each
         step, so a hit nearby is cheap and a far one costs O(distance / 64).
         """
         mv = self._mv
@@ -296,7 +299,7 @@ class DirtyBitmap:
         x = mv[wi] if dirty else mv[wi] ^ _ONES
         x &= _ONES ^ ((1 << (b & 63)) - 1)
         wend = ((bend - 1) >> 6) + 1
-        i, step = wi + 1, 64
+        i, step = wi + 1, 512
         while not x:
             if i >= wend:
                 return None
@@ -306,7 +309,7 @@ class DirtyBitmap:
             if hit.size:
                 wi = i + int(hit[0])
                 x = mv[wi] if dirty else mv[wi] ^ _ONES
-            i, step = j, min(step * 4, _SCAN_WORDS)
+            i, step = j, min(step * 8, _SCAN_WORDS)
         k = (wi << 6) + _ctz(x)
         return k if k < bend else None
 
@@ -467,6 +470,8 @@ class DirtyBitmap:
             blocks: Iterator[tuple[int, Words]] = (
                 (i, other._w[i : i + _SCAN_WORDS]) for i in range(0, self._w.size, _SCAN_WORDS)
             )
+        elif self._merge_runs(other):
+            return
         elif other._gbits < self._gbits:
             blocks = self._from_finer(other)
         else:
@@ -475,14 +480,33 @@ class DirtyBitmap:
             if not add.any():
                 continue
             cur = self._w[i : i + add.size]
-            new = cur | add
-            changed: Bools = new != cur
-            if not changed.any():
-                continue
-            self._nset += _popcount(new) - _popcount(cur)
+            before = _popcount(cur)
             if self._tracker is not None:
-                self._tracker.mark_words(i, changed)
-            cur[...] = new
+                self._tracker.mark_words(i, (cur | add) != cur)
+            np.bitwise_or(cur, add, out=cur)
+            self._nset += _popcount(cur) - before
+
+    def _merge_runs(self, other: DirtyBitmap) -> bool:
+        """QEMU's sparse merge, one ``_set_bits`` per dirty run of ``other``, when ``other``
+        has few runs (at most ``_RUN_MERGE_MAX`` boundaries per word); False, having changed
+        nothing, when it has more and resampling whole words is cheaper."""
+        limit = int(other._w.size * _RUN_MERGE_MAX)
+        found: list[npt.NDArray[np.int64]] = []
+        total = 0
+        for pos in other._boundaries(0, other._bits):
+            total += pos.size
+            if total > limit:
+                return False
+            found.append(pos)
+        edges = [0, *np.concatenate(found).tolist(), other._bits] if found else [0, other._bits]
+        first = 0 if other._mv[0] & 1 else 1  # index of the first dirty run
+        gs, gt = other._gbits, self._gbits
+        for a, b in zip(edges[first::2], edges[first + 1 :: 2], strict=False):
+            if gs > gt:  # a coarser source granule covers 2^k target granules
+                self._set_bits(a << (gs - gt), min(b << (gs - gt), self._bits))
+            else:
+                self._set_bits(a >> (gt - gs), ((b - 1) >> (gt - gs)) + 1)
+        return True
 
     def _from_finer(self, other: DirtyBitmap) -> Iterator[tuple[int, Words]]:
         """Target words OR-ed from a source with 2^k source bits per target bit."""
