@@ -124,6 +124,7 @@ class Qcow2Image:
         self._data_fd = fd
         self._data_file_path: str | None = None
         self._file_end = os.fstat(fd).st_size
+        self._file_end_at_open = self._file_end
         # metadata state
         self._l1: list[int] = []
         self._l1_dirty = False
@@ -173,7 +174,7 @@ class Qcow2Image:
                     raw = os.pread(fd, 1 << cluster_bits, 0)
             hc = HeaderCluster.unpack(raw)
             img = cls(path, fd, hc, readonly=readonly, l2_cache_bytes=l2_cache_bytes)
-            img._file_end = st.st_size
+            img._file_end = img._file_end_at_open = st.st_size
             img._validate_features()
             img._load_tables()
             if hc.data_file is not None:
@@ -661,8 +662,21 @@ class Qcow2Image:
                 self._free_hint = end
             return start << self.cluster_bits
 
+    def _alloc_limit(self) -> int:
+        """Host cluster index no allocation of a sane image can reach.
+
+        Everything the disk can ever need (every data cluster, its L2 and refcount
+        metadata, twice over for copy-on-write structures) past what the file already holds.
+        A scan beyond it means damaged refcounts; refusing beats filling the filesystem.
+        """
+        data = (self.hc.header.size + self._cmask) >> self.cluster_bits
+        meta = data // max(1, min(self.l2_entries, self._rb_entries)) + 1
+        start = (self._file_end_at_open + self._cmask) >> self.cluster_bits
+        return start + 2 * (data + meta) + len(self._meta) + 4096
+
     def _find_free_run(self, n: int, hint: int) -> int:
         idx = hint
+        limit = self._alloc_limit()
         run_start = idx
         run = 0
         rb_bits = self._rb_entries_bits
@@ -670,6 +684,9 @@ class Qcow2Image:
         order = self._rc_order
         meta = self._meta
         while run < n:
+            if idx > limit:
+                self._signal_or_raise(
+                    "no free cluster within the image's bounds (refcounts look damaged)")
             g = idx >> rb_bits
             blk = self._refblock(g, create=False) if g < len(self._reftable) else None
             if blk is None:
