@@ -272,7 +272,7 @@ def test_reset_keeps_partly_covered_granules_and_clears_the_partial_last_one() -
 # ---------------------------------------------------------------------------- properties
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_operations_match_the_model(data: st.DataObject) -> None:
     size, gran = data.draw(geometry())
@@ -285,7 +285,7 @@ def test_operations_match_the_model(data: st.DataObject) -> None:
             assert bm.get(off) == model.get(off)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.data(), st.sampled_from([1, 2, 4]))
 def test_operations_match_the_model_across_block_boundaries(
     data: st.DataObject, block_words: int
@@ -294,7 +294,7 @@ def test_operations_match_the_model_across_block_boundaries(
         test_operations_match_the_model.hypothesis.inner_test(data)  # type: ignore[attr-defined]
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.data(), st.sampled_from([1, 3, 1 << 16]))
 def test_extents_are_clipped_maximal_runs(data: st.DataObject, block_words: int) -> None:
     size, gran = data.draw(geometry())
@@ -312,7 +312,7 @@ def test_extents_are_clipped_maximal_runs(data: st.DataObject, block_words: int)
     assert sum(ln for _, ln, _ in runs) == n
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_searches_match_the_model(data: st.DataObject) -> None:
     size, gran = data.draw(geometry())
@@ -360,7 +360,7 @@ def test_merge_across_granularities_matches_sparse_merge(
     assert_matches(src, src_model)  # the source is untouched
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_serialization_round_trips_cluster_by_cluster(data: st.DataObject) -> None:
     size, gran = data.draw(geometry())
@@ -385,6 +385,7 @@ def test_serialization_round_trips_cluster_by_cluster(data: st.DataObject) -> No
     assert loaded.sha256() == bm.sha256()
 
 
+@settings(deadline=None)
 @given(st.data())
 def test_load_ignores_bits_past_the_end(data: st.DataObject) -> None:
     size, gran = data.draw(geometry())
@@ -395,7 +396,7 @@ def test_load_ignores_bits_past_the_end(data: st.DataObject) -> None:
     assert_matches(bm, model)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_change_tracker_reports_exactly_the_changed_chunks(data: st.DataObject) -> None:
     size, gran = data.draw(geometry())
@@ -478,6 +479,7 @@ def test_copy_is_independent_and_equal() -> None:
     assert bm != DirtyBitmap(10 * MiB, 8 * KiB)
 
 
+@settings(deadline=None)
 @given(st.data())
 def test_truncate_drops_bits_past_the_new_end_and_keeps_the_rest(data: st.DataObject) -> None:
     size, gran = data.draw(geometry([512, 64 * KiB]))

@@ -7,13 +7,18 @@ the serialized form (qcow2 bitmap data, §2.5) is the array's bytes and the
 zero. A ``memoryview`` cast to ``Q`` over the same memory gives the write path plain Python
 ints for one-word updates, which is ~2x faster than numpy scalar indexing.
 
-Why numpy and not bitarray (bench/bitmap_bench.py, 16 TiB disk at 64 KiB granularity =
-2^28 bits = 32 MiB, 2-core machine): both are C underneath for bulk work, and bitarray is
-faster for a few whole-array primitives (count, OR) but numpy is as fast or faster where it
-matters, and keeps every bulk step vectorised: run boundaries come from one XOR/shift pass
-plus ``unpackbits`` of only the words that hold a boundary, where bitarray needs a Python call
-per run; popcount, compare and reduce per chunk serve the change tracker; numpy is already a
-dependency. The measured numbers are in the module's commit note and printed by the bench.
+Why numpy and not bitarray. Measured with bench/bitmap_bench.py (16 TiB disk at 64 KiB =
+2^28 bits = 32 MiB, 10,000 written ranges, 2-core machine shared with other jobs, so +-50%;
+numpy | bitarray): one 4 KiB set on a dirty area 1.1 | 0.85 µs, on a clean area 1.2-1.7 |
+1.5 µs; iterate the ~10,000 dirty runs 33-40 | 32-53 ms; set the whole disk 9-17 | 19-22
+ms; OR merge 26-33 | 6-9 ms; serialize 41-65 | 43-73 ms; sha256 23-38 | 62-123 ms; count
+0.13 µs (kept up to date) | 21-29 ms (``count()`` is a full pass). Neither wins everywhere;
+numpy stays because (1) it is already a dependency, (2) everything beyond the primitives stays
+vectorised: the change tracker's per-chunk reductions, the cross-granularity resampling, the
+run scan (one XOR/shift pass, then only the words holding a boundary are unpacked) and
+popcounts per block, where bitarray would need a Python step per run or a copy into numpy,
+and (3) its merge lead is the bare OR: keeping ``count`` exact costs it a full ``count()``
+pass too, which brings it to numpy's two-popcount merge.
 
 Work scales with 64-bit words (numpy, chunked so temporaries stay small) or with runs of equal
 bits (Python per run), never with single bits in a Python loop.
@@ -61,7 +66,7 @@ _RUN_MERGE_MAX: Final = 1.0
 if hasattr(np, "bitwise_count"):
 
     def _popcount(words: Words) -> int:
-        return int(np.bitwise_count(words).sum(dtype=np.uint64))
+        return int(np.bitwise_count(words).sum())
 
 else:  # pragma: no cover - numpy < 2.0
     _POP8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
@@ -291,24 +296,29 @@ class DirtyBitmap:
     def _find(self, b: int, bend: int, dirty: bool) -> int | None:
         """First bit index in ``[b, bend)`` whose value is ``dirty``, or None.
 
-        Looks at the first word directly, then scans in vectorised blocks that grow 8x each
-        step, so a hit nearby is cheap and a far one costs O(distance / 64).
+        Looks at the next few words as Python ints (a run's end is usually near), then scans
+        in vectorised blocks that grow 8x each step, so a hit nearby is cheap and a far one
+        costs O(distance / 64).
         """
         mv = self._mv
+        flip = 0 if dirty else _ONES
         wi = b >> 6
-        x = mv[wi] if dirty else mv[wi] ^ _ONES
-        x &= _ONES ^ ((1 << (b & 63)) - 1)
+        x = (mv[wi] ^ flip) & (_ONES ^ ((1 << (b & 63)) - 1))
         wend = ((bend - 1) >> 6) + 1
-        i, step = wi + 1, 512
+        near = min(wend, wi + 1 + _FEW_WORDS)
+        while not x and wi + 1 < near:
+            wi += 1
+            x = mv[wi] ^ flip
+        i, step = near, 512
         while not x:
             if i >= wend:
                 return None
             j = min(wend, i + step)
             seg = self._w[i:j]
-            hit = np.flatnonzero(seg if dirty else ~seg)
+            hit = (seg if dirty else ~seg).nonzero()[0]
             if hit.size:
                 wi = i + int(hit[0])
-                x = mv[wi] if dirty else mv[wi] ^ _ONES
+                x = mv[wi] ^ flip
             i, step = j, min(step * 8, _SCAN_WORDS)
         k = (wi << 6) + _ctz(x)
         return k if k < bend else None
@@ -346,6 +356,8 @@ class DirtyBitmap:
             return None
         stop = min(end, self._size)
         if max_length is not None:
+            if max_length <= 0:
+                raise BitmapError(f"max_length must be positive (got {max_length})")
             stop = min(stop, start + max_length)
         clean = self.next_clean(start, stop)
         return start, (stop if clean is None else clean) - start
@@ -369,16 +381,16 @@ class DirtyBitmap:
             wb = min(wlast + 1, wa + _SCAN_WORDS)
             seg = w[wa:wb]
             n = seg.size
-            cand = np.flatnonzero(seg)
+            cand = seg.nonzero()[0]
             if cand.size * 4 > n:
-                ones = np.flatnonzero(~seg)
+                ones = (~seg).nonzero()[0]
                 cand = ones if ones.size < cand.size else cand
             if cand.size * 4 > n:  # dense: compute t for every word
                 t = seg << _U1
                 t[0] |= carry
                 t[1:] |= seg[:-1] >> _U63
                 t ^= seg
-                nz = np.flatnonzero(t)
+                nz = t.nonzero()[0]
                 tw = t[nz]
             else:  # sparse: only the candidates, their successors and the first word
                 idx = np.unique(np.concatenate(([0], cand, cand + 1)))
@@ -641,8 +653,9 @@ class DirtyBitmap:
     ) -> None:
         """Overwrite the serialized bitmap at byte ``start`` with ``data`` (one data cluster
         as read from disk). Bytes past ``serialized_size`` and bits past ``bits`` are ignored
-        (cluster padding; QEMU requires them zero). Loading is not a change unless ``mark``:
-        the bits now match what is on disk."""
+        (cluster padding; QEMU requires them zero; for an all-ones table entry QEMU's
+        ``deserialize_ones`` would leave the tail bits set, and they would enter its sha256).
+        Loading is not a change unless ``mark``: the bits now match what is on disk."""
         if start < 0:
             raise BitmapError(f"bad serialized offset {start}")
         stop = min(start + len(data), self.serialized_size)
