@@ -149,3 +149,43 @@ def test_damaged_entry_does_not_block_the_image(tmp_path: Path) -> None:
     assert "damaged" in broken.stderr
     db("bitmap", "--remove", img, "bad")
     assert [b["name"] for b in qemu_bitmaps(img)] == ["good"]
+
+
+WORKLOAD = ("write 0 64k", "write 512k 4k", "write -z 768k 64k", "discard 128k 64k")
+
+
+def test_dirtybits_io_records_writes_like_qemu_io(tmp_path: Path) -> None:
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    for img in (ours, theirs):
+        sh("qemu-img", "create", "-q", "-f", "qcow2", img, "1M")
+        sh("qemu-img", "bitmap", "--add", img, "b0")
+        sh("qemu-img", "bitmap", "--add", "--disable", img, "off")
+    sh("qemu-io", *[a for c in WORKLOAD for a in ("-c", c)], theirs)
+    db("io", *[a for c in WORKLOAD for a in ("-c", c)], ours)
+    assert qemu_bitmaps(ours) == qemu_bitmaps(theirs)  # flags cleared, same order
+    for name in ("b0", "off"):
+        assert db("bitmap", "--sha256", ours, name).stdout == \
+            db("bitmap", "--sha256", theirs, name).stdout
+        assert nbd_map(ours, name) == nbd_map(theirs, name)
+    assert "1 dirty" not in nbd_map(ours, "off")
+    sh("qemu-img", "check", ours)
+    # and QEMU continues a bitmap we stored
+    sh("qemu-io", "-c", "write 960k 4k", ours)
+    assert "    983040       65536    1  dirty" in db("bitmap", "--dump", ours, "b0").stdout
+
+
+def test_killed_writer_leaves_bitmaps_in_use(tmp_path: Path) -> None:
+    img = tmp_path / "d.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", img, "1M")
+    sh("qemu-img", "bitmap", "--add", img, "b0")
+    proc = subprocess.Popen([sys.executable, "-m", "dirtybits.cli.main", "io", str(img)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write("write 0 4k\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().startswith("wrote 4096/4096")
+    proc.kill()
+    proc.wait()
+    # never silently stale: the bitmap says it may have missed writes
+    assert qemu_bitmaps(img)[0]["flags"] == ["in-use", "auto"]
+    sh("qemu-img", "check", img)

@@ -20,17 +20,35 @@ def probe_format(path: str) -> str:
 
 
 def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
-               open_backing: bool = True, cache: str = "writeback") -> ImageDriver:
+               open_backing: bool = True, cache: str = "writeback",
+               track_bitmaps: bool = True) -> ImageDriver:
     """Open ``path`` as ``fmt`` (probed when None) and return its driver.
 
-    ``cache`` takes qemu's cache modes; ``none``/``directsync`` use O_DIRECT for data.
+    ``cache`` takes qemu's cache modes; ``none``/``directsync`` use O_DIRECT for data. A
+    writable qcow2 with persistent bitmaps comes back as a ``BlockNode`` whose enabled bitmaps
+    record every write, as with qemu-io; ``track_bitmaps=False`` leaves them alone (they are
+    then invalidated by the first write, as the qcow2 spec demands of unaware writers).
     """
     if fmt is None:
         fmt = probe_format(path)
     if fmt == "qcow2":
         from dirtybits.qcow2.image import Qcow2Image
 
-        return Qcow2Image.open(path, readonly=readonly, open_backing=open_backing, cache=cache)
+        img = Qcow2Image.open(path, readonly=readonly, open_backing=open_backing, cache=cache,
+                              keep_bitmaps=track_bitmaps and not readonly)
+        if not track_bitmaps or readonly:
+            return img
+        from dirtybits.block.node import BlockNode
+        from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
+
+        try:
+            store = Qcow2BitmapStore(img)
+            if not store.bitmaps:
+                return img
+            return BlockNode(img, store)
+        except BaseException:
+            img.close()
+            raise
     if fmt == "raw":
         from dirtybits.block.raw import RawImage
 

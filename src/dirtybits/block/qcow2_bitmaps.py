@@ -332,6 +332,26 @@ class Qcow2BitmapStore:
             self._commit(bitmaps, [])
 
 
+    def finish_tracking(self, recorded: dict[str, DirtyBitmap], marked: set[str]) -> None:
+        """Store what was recorded and clear ``in_use`` on the bitmaps we marked, in one
+        directory switch (bitmaps whose bits did not change keep their clusters)."""
+        bitmaps: list[StoredBitmap] = []
+        released: list[StoredBitmap] = []
+        for sb in self.bitmaps:
+            if sb.name not in marked or sb.problems:
+                bitmaps.append(sb)
+                continue
+            entry = _with(sb.entry, flags=sb.entry.flags & ~BME_FLAG_IN_USE)
+            table = sb.table
+            bm = recorded.get(sb.name)
+            if bm is not None and (bm.chunk_bytes is None or bm.changed_chunk_count()):
+                table_off, n, table = self._write_bitmap(bm)
+                entry = _with(entry, bitmap_table_offset=table_off, bitmap_table_size=n)
+                released.append(sb)
+            bitmaps.append(StoredBitmap(entry, [], table))
+        self._commit(bitmaps, released)
+
+
 def _with(entry: BitmapDirectoryEntry, **changes: object) -> BitmapDirectoryEntry:
     from dataclasses import replace
 
