@@ -3,7 +3,7 @@
 The tour is a list of steps (``STEPS``); each prints a header, the equivalent command line, and
 what the command printed. Subcommands run in-process through their modules, exactly as
 ``dirtybits SUBCOMMAND ...`` would run them. When qemu-img is installed, it checks the image we
-wrote, so the tour shows QEMU's own verdict. Later features (bitmaps, backups) add steps.
+wrote, so the tour shows QEMU's own verdict. Later features (backups) add steps.
 """
 
 from __future__ import annotations
@@ -96,6 +96,10 @@ def step_create(demo: Demo) -> int:
     return dirtybits("create", "-f", "qcow2", str(demo.disk), DISK_SIZE)
 
 
+def step_add_bitmap(demo: Demo) -> int:
+    return dirtybits("bitmap", "--add", str(demo.disk), "since-full")
+
+
 def step_write(demo: Demo) -> int:
     for _, what in PATTERNS:
         _say(f"# {what}")
@@ -106,6 +110,11 @@ def step_write(demo: Demo) -> int:
 def step_verify(demo: Demo) -> int:
     cmds = [arg for command in VERIFY for arg in ("-c", command)]
     return dirtybits("io", "-f", "qcow2", *cmds, str(demo.disk))
+
+
+def step_dump_bitmap(demo: Demo) -> int:
+    _say("# the bitmap now lists exactly the 64 KiB granules the writes touched")
+    return dirtybits("bitmap", "--dump", str(demo.disk), "since-full")
 
 
 def step_info(demo: Demo) -> int:
@@ -136,8 +145,10 @@ def step_qemu_img_check(demo: Demo) -> int:
 
 STEPS: list[Step] = [
     Step("Create a sample 1 GiB qcow2 disk", step_create),
-    Step("Write a few patterns (qemu-io syntax)", step_write),
+    Step("Add a persistent dirty bitmap (stored in the image, QEMU's format)", step_add_bitmap),
+    Step("Write a few patterns (qemu-io syntax); the bitmap records them", step_write),
     Step("Read them back and verify", step_verify),
+    Step("Show what the bitmap recorded (as nbdinfo --map would)", step_dump_bitmap),
     Step("Show the image", step_info),
     Step("Check the image with dirtybits", step_check),
     Step("Check the image with QEMU's own qemu-img", step_qemu_img_check),
