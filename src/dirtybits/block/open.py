@@ -36,8 +36,10 @@ def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
 
         img = Qcow2Image.open(path, readonly=readonly, open_backing=open_backing, cache=cache,
                               keep_bitmaps=track_bitmaps and not readonly)
-        if not track_bitmaps or readonly:
-            return img
+        from dirtybits.format.qcow2.header import EXT_BITMAPS
+
+        if not track_bitmaps or readonly or img.hc.extension(EXT_BITMAPS) is None:
+            return img  # no bitmaps: no need to load the bitmap engine (numpy)
         from dirtybits.block.node import BlockNode
         from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
 
