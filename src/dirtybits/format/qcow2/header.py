@@ -24,6 +24,10 @@ MAX_BACKING_FILE_NAME = 1023
 MAX_L1_BYTES = 32 * 1024 * 1024  # QCOW_MAX_L1_SIZE
 MAX_REFTABLE_BYTES = 8 * 1024 * 1024  # QCOW_MAX_REFTABLE_SIZE
 MAX_HOST_OFFSET = 1 << 56
+MAX_SNAPSHOTS = 65536  # QCOW_MAX_SNAPSHOTS
+MAX_BITMAPS = 65535  # QCOW2_MAX_BITMAPS
+MAX_BITMAP_DIRECTORY_SIZE = 1024 * MAX_BITMAPS  # QCOW2_MAX_BITMAP_DIRECTORY_SIZE
+MAX_BACKING_FORMAT = 15  # QEMU keeps the name in char[16], NUL included
 
 # incompatible_features
 INCOMPAT_DIRTY = 1 << 0
@@ -42,6 +46,8 @@ AUTOCLEAR_DATA_FILE_RAW = 1 << 1
 AUTOCLEAR_KNOWN = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW
 
 CRYPT_NONE = 0
+CRYPT_AES = 1
+CRYPT_LUKS = 2
 COMPRESSION_ZLIB = 0
 COMPRESSION_ZSTD = 1
 
@@ -56,6 +62,17 @@ EXT_DATA_FILE = 0x44415441
 _V2_FIELDS = struct.Struct(">IIQIIQIIQQIIQ")  # 72 bytes
 _V3_FIELDS = struct.Struct(">QQQII")  # 32 bytes: offsets 72..104
 _EXT_HEADER = struct.Struct(">II")
+_BITMAPS_EXT = struct.Struct(">IIQQ")  # nb_bitmaps, reserved32, directory size, offset
+
+# (field, on-disk width in bytes) of every fixed header field, for range checks
+_FIELD_WIDTHS = (
+    ("version", 4), ("backing_file_offset", 8), ("backing_file_size", 4), ("cluster_bits", 4),
+    ("size", 8), ("crypt_method", 4), ("l1_size", 4), ("l1_table_offset", 8),
+    ("refcount_table_offset", 8), ("refcount_table_clusters", 4), ("nb_snapshots", 4),
+    ("snapshots_offset", 8), ("incompatible_features", 8), ("compatible_features", 8),
+    ("autoclear_features", 8), ("refcount_order", 4), ("header_length", 4),
+    ("compression_type", 1),
+)
 
 FEATURE_TYPE_INCOMPAT = 0
 FEATURE_TYPE_COMPAT = 1
@@ -168,6 +185,12 @@ class Qcow2Header:
         def bad(msg: str) -> FormatError:
             return FormatError(msg, structure="qcow2 header")
 
+        for name, width in _FIELD_WIDTHS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < 1 << (8 * width):
+                raise bad(f"{name} {value!r} does not fit its {width}-byte field")
+        if self.version not in (2, 3):
+            raise bad(f"unsupported qcow2 version {self.version}")
         if not MIN_CLUSTER_BITS <= self.cluster_bits <= MAX_CLUSTER_BITS:
             raise bad(f"unsupported cluster size 2^{self.cluster_bits}")
         cs = self.cluster_size
@@ -175,10 +198,15 @@ class Qcow2Header:
             raise bad("v2 images must use 16-bit refcounts")
         if self.refcount_order > MAX_REFCOUNT_ORDER:
             raise bad(f"refcount_order {self.refcount_order} is above {MAX_REFCOUNT_ORDER}")
+        if self.version == 3 and (self.header_length < V3_MIN_HEADER_LENGTH
+                                  or self.header_length % 8):
+            raise bad(f"header_length {self.header_length} is invalid")
         if self.header_length > cs:
             raise bad("header_length exceeds the cluster size")
         if self.size >= 1 << 63:
             raise bad(f"virtual size {self.size} is too large")
+        if self.crypt_method > CRYPT_LUKS:
+            raise bad(f"Unsupported encryption method: {self.crypt_method}")
         if self.compression_type not in (COMPRESSION_ZLIB, COMPRESSION_ZSTD):
             raise bad(f"unknown compression type {self.compression_type}")
         if self.compression_type != COMPRESSION_ZLIB and not (
@@ -209,10 +237,19 @@ class Qcow2Header:
             raise bad("image has no refcount table")
         if self.refcount_table_clusters * cs > MAX_REFTABLE_BYTES:
             raise bad(f"refcount table too large ({self.refcount_table_clusters} clusters)")
+        if self.nb_snapshots > MAX_SNAPSHOTS:
+            raise bad("Snapshot table too large")
         if self.nb_snapshots and not self.snapshots_offset:
             raise bad("snapshot table offset is zero")
 
     def pack(self) -> bytes:
+        try:
+            return self._pack()
+        except (struct.error, ValueError, TypeError) as exc:
+            raise FormatError(f"a field does not fit its on-disk width ({exc})",
+                              structure="qcow2 header") from None
+
+    def _pack(self) -> bytes:
         out = bytearray(
             _V2_FIELDS.pack(
                 QCOW_MAGIC, self.version, self.backing_file_offset, self.backing_file_size,
@@ -263,12 +300,24 @@ class FeatureNameEntry:
     SIZE = 48
 
     def pack(self) -> bytes:
-        raw = self.name.encode()[:46]
+        """48 bytes; a name QEMU could not read back the same (too long, NUL) is refused."""
+        raw = self.name.encode("utf-8", errors="surrogateescape")
+        if not (0 <= self.type <= 255 and 0 <= self.bit <= 255):
+            raise FormatError(f"feature type {self.type} / bit {self.bit} out of range",
+                              structure="feature name table")
+        if len(raw) > 46 or b"\0" in raw:
+            raise FormatError(f"feature name {self.name!r} does not fit in 46 bytes",
+                              structure="feature name table")
         return bytes([self.type, self.bit]) + raw + b"\0" * (46 - len(raw))
 
     @classmethod
     def unpack(cls, buf: bytes) -> FeatureNameEntry:
-        return cls(buf[0], buf[1], buf[2:48].rstrip(b"\0").decode(errors="replace"))
+        """The first 48 bytes of ``buf``; the name ends at its first NUL, as QEMU reads it."""
+        if len(buf) < cls.SIZE:
+            raise FormatError(f"feature name entry is {len(buf)} bytes, not 48",
+                              structure="feature name table")
+        name = bytes(buf[2:48]).split(b"\0", 1)[0]
+        return cls(buf[0], buf[1], name.decode(errors="replace"))
 
 
 QEMU_FEATURE_TABLE: tuple[FeatureNameEntry, ...] = (
@@ -348,11 +397,11 @@ class HeaderCluster:
                                   structure="header extension", offset=pos)
             ext_type, length = _EXT_HEADER.unpack_from(area, pos)
             pos += 8
-            if ext_type == EXT_END:
-                break
-            if length > cs - pos:
+            if length > cs - pos:  # QEMU checks this before the type, end marker included
                 raise FormatError("Header extension too large", structure="header extension",
                                   offset=pos - 8)
+            if ext_type == EXT_END:
+                break
             if pos + length > len(area):
                 raise FormatError("file ends inside a header extension",
                                   structure="header extension", offset=pos - 8)
@@ -361,7 +410,7 @@ class HeaderCluster:
                                   structure="header extension", offset=pos - 8)
             seen.add(ext_type)
             data = area[pos:pos + length]
-            _validate_extension(ext_type, data, pos - 8)
+            _validate_extension(header, ext_type, data, pos - 8)
             exts.append(HeaderExtension(ext_type, data))
             pos += (length + 7) & ~7
         backing = None
@@ -397,16 +446,36 @@ class HeaderCluster:
         return out
 
 
-def _validate_extension(ext_type: int, data: bytes, offset: int) -> None:
-    if ext_type == EXT_BACKING_FORMAT and len(data) > 16:
-        raise FormatError("ext_backing_format: Invalid backing format",
-                          structure="header extension", offset=offset)
+def _validate_extension(header: Qcow2Header, ext_type: int, data: bytes, offset: int) -> None:
+    """The checks qcow2_read_extensions makes, with QEMU's messages."""
+
+    def bad(msg: str) -> FormatError:
+        return FormatError(msg, structure="header extension", offset=offset)
+
+    if ext_type == EXT_BACKING_FORMAT and len(data) > MAX_BACKING_FORMAT:
+        raise bad(f"ERROR: ext_backing_format: len={len(data)} too large (>=16)")
     if ext_type == EXT_FEATURE_TABLE and len(data) % FeatureNameEntry.SIZE:
-        raise FormatError("feature name table length is not a multiple of 48",
-                          structure="header extension", offset=offset)
-    if ext_type == EXT_CRYPTO_HEADER and len(data) != 16:
-        raise FormatError("crypto header extension has the wrong length",
-                          structure="header extension", offset=offset)
-    if ext_type == EXT_BITMAPS and len(data) != 24:
-        raise FormatError("bitmaps_ext: Invalid extension length",
-                          structure="header extension", offset=offset)
+        raise bad("feature name table length is not a multiple of 48")
+    if ext_type == EXT_CRYPTO_HEADER:
+        if header.crypt_method != CRYPT_LUKS:
+            raise bad("CRYPTO header extension only expected with LUKS encryption method")
+        if len(data) != 16:
+            raise bad("crypto header extension has the wrong length")
+    if ext_type == EXT_BITMAPS:
+        if len(data) != _BITMAPS_EXT.size:
+            raise bad("bitmaps_ext: Invalid extension length")
+        if header.version < 3 or not header.autoclear_features & AUTOCLEAR_BITMAPS:
+            return  # QEMU ignores (and a writer drops) bitmaps it cannot trust
+        nb_bitmaps, reserved, dir_size, dir_offset = _BITMAPS_EXT.unpack(data)
+        if reserved:
+            raise bad("bitmaps_ext: Reserved field is not zero")
+        if nb_bitmaps > MAX_BITMAPS:
+            raise bad(f"bitmaps_ext: Image has {nb_bitmaps} bitmaps, exceeding the QEMU "
+                      f"supported maximum of {MAX_BITMAPS}")
+        if nb_bitmaps == 0:
+            raise bad("found bitmaps extension with zero bitmaps")
+        if dir_offset % header.cluster_size or dir_offset >= MAX_HOST_OFFSET:
+            raise bad("bitmaps_ext: invalid bitmap directory offset")
+        if dir_size > MAX_BITMAP_DIRECTORY_SIZE:
+            raise bad(f"bitmaps_ext: bitmap directory size ({dir_size}) exceeds the maximum "
+                      f"supported size ({MAX_BITMAP_DIRECTORY_SIZE})")

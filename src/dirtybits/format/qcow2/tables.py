@@ -7,7 +7,10 @@ typed view for checking, mapping and tests.
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass
+
+from dirtybits.errors import FormatError
 
 OFLAG_COPIED = 1 << 63
 OFLAG_COMPRESSED = 1 << 62
@@ -20,6 +23,11 @@ L2E_STD_RESERVED_MASK = 0x3F000000000001FE
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 REFT_RESERVED_MASK = 0x1FF
 
+MIN_CLUSTER_BITS = 9
+MAX_CLUSTER_BITS = 21
+MAX_SNAPSHOT_EXTRA_DATA = 1024  # QCOW_MAX_SNAPSHOT_EXTRA_DATA
+_SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")  # 40 bytes
+
 
 class ClusterType(enum.Enum):
     UNALLOCATED = "unallocated"  # read from backing file, or zeros
@@ -29,8 +37,14 @@ class ClusterType(enum.Enum):
     COMPRESSED = "compressed"
 
 
+def _check_cluster_bits(cluster_bits: int, structure: str) -> None:
+    if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
+        raise FormatError(f"unsupported cluster size 2^{cluster_bits}", structure=structure)
+
+
 def compressed_offset_bits(cluster_bits: int) -> int:
     """Number of low bits holding the host offset in a compressed cluster descriptor."""
+    _check_cluster_bits(cluster_bits, "compressed cluster descriptor")
     return 62 - (cluster_bits - 8)
 
 
@@ -45,6 +59,9 @@ class L2Entry:
 
     @classmethod
     def decode(cls, raw: int, cluster_bits: int) -> L2Entry:
+        if not 0 <= raw < 1 << 64:
+            raise FormatError(f"L2 entry {raw:#x} is not a 64-bit value", structure="L2 table")
+        _check_cluster_bits(cluster_bits, "L2 table")
         copied = bool(raw & OFLAG_COPIED)
         if raw & OFLAG_COMPRESSED:
             x = compressed_offset_bits(cluster_bits)
@@ -69,7 +86,14 @@ class L2Entry:
 
 
 def encode_compressed(host_offset: int, nb_sectors: int, cluster_bits: int) -> int:
+    """The L2 entry of a compressed cluster (COPIED clear, as it must be)."""
     x = compressed_offset_bits(cluster_bits)
+    if not 0 <= host_offset < 1 << x:
+        raise FormatError(f"compressed cluster offset {host_offset:#x} does not fit in {x} bits",
+                          structure="compressed cluster descriptor")
+    if not 1 <= nb_sectors <= 1 << (cluster_bits - 8):
+        raise FormatError(f"compressed cluster spans {nb_sectors} sectors, not 1.."
+                          f"{1 << (cluster_bits - 8)}", structure="compressed cluster descriptor")
     return OFLAG_COMPRESSED | ((nb_sectors - 1) << x) | host_offset
 
 
@@ -87,18 +111,18 @@ class SnapshotHeader:
 
     @classmethod
     def unpack(cls, buf: bytes, pos: int) -> SnapshotHeader:
-        import struct
-
-        from dirtybits.errors import FormatError
-
-        if pos + 40 > len(buf):
+        """The entry at ``buf[pos:]``, with QEMU's limit on extra data."""
+        if pos < 0 or pos + _SNAPSHOT_HEADER.size > len(buf):
             raise FormatError("snapshot table truncated", structure="snapshot table", offset=pos)
         (l1_off, l1_size, id_size, name_size, _ds, _dn, _vm_clock, vm_state_size,
-         extra_size) = struct.unpack_from(">QIHHIIQII", buf, pos)
-        end = pos + 40 + extra_size + id_size + name_size
+         extra_size) = _SNAPSHOT_HEADER.unpack_from(buf, pos)
+        if extra_size > MAX_SNAPSHOT_EXTRA_DATA:
+            raise FormatError("Too much extra metadata in snapshot table entry",
+                              structure="snapshot table", offset=pos)
+        end = pos + _SNAPSHOT_HEADER.size + extra_size + id_size + name_size
         if end > len(buf):
             raise FormatError("snapshot table truncated", structure="snapshot table", offset=pos)
-        p = pos + 40
+        p = pos + _SNAPSHOT_HEADER.size
         extra = bytes(buf[p:p + extra_size])
         p += extra_size
         id_str = bytes(buf[p:p + id_size]).decode(errors="replace")
