@@ -21,6 +21,17 @@ from hypothesis import strategies as st
 
 from dirtybits.errors import FormatError
 from dirtybits.format.qcow2 import refcount as rc
+from dirtybits.format.qcow2.bitmaps import (
+    BitmapDirectory,
+    BitmapsExtension,
+    BitmapTableEntry,
+    TableEntryKind,
+    encode_name,
+    pack_table,
+    qemu_entry_error,
+    table_entry_error,
+    unpack_table,
+)
 from dirtybits.format.qcow2.header import (
     AUTOCLEAR_BITMAPS,
     COMPRESSION_ZSTD,
@@ -679,3 +690,111 @@ def test_refcount_geometry(cluster_bits: int, order: int) -> None:
         return
     assert n == (1 << (cluster_bits + 3)) >> order
     assert top == (1 << (1 << order)) - 1
+
+
+# ---------------------------------------------------------------------------- bitmaps
+CLUSTER_SIZES = st.sampled_from([512, 4096, 65536, 1 << 21])
+
+
+@st.composite
+def bitmaps_extensions(draw: st.DrawFn) -> bytes:
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=30))
+    return struct.pack(">IIQQ", draw(interesting(4, 1)), draw(st.sampled_from([0, 0, 1]) |
+                                                           interesting(4)),
+                       draw(interesting(8, 64)), draw(interesting(8, 1 << 16, 65536)))
+
+
+@fuzz_settings(500)
+@given(bitmaps_extensions(), CLUSTER_SIZES)
+def test_bitmaps_extension(data: bytes, cs: int) -> None:
+    try:
+        ext = BitmapsExtension.unpack(data)
+    except FormatError:
+        assert len(data) != 24
+        return
+    assert ext.pack() == data
+    try:
+        ext.validate(cs)
+    except FormatError:
+        return
+    assert ext.reserved == 0 and 0 < ext.nb_bitmaps <= MAX_BITMAPS
+    assert ext.bitmap_directory_offset % cs == 0
+    assert 0 < ext.bitmap_directory_size <= MAX_BITMAP_DIRECTORY_SIZE
+
+
+@st.composite
+def directory_entries(draw: st.DrawFn) -> bytes:
+    name = draw(st.binary(max_size=12))
+    extra = draw(st.binary(max_size=12))
+    raw = struct.pack(">QIIBBHI", draw(interesting(8, 1 << 16, 65536)), draw(interesting(4, 1)),
+                      draw(st.sampled_from([0, 1, 2, 3, 4]) | interesting(4)),
+                      draw(st.sampled_from([1, 0, 2, 255])), draw(st.integers(0, 255)),
+                      len(name), len(extra)) + extra + name
+    return raw + bytes((-len(raw)) % 8)
+
+
+@st.composite
+def directories(draw: st.DrawFn) -> tuple[bytes, int]:
+    entries = draw(st.lists(directory_entries(), max_size=4))
+    buf = bytearray(b"".join(entries))
+    nb = len(entries)
+    for _ in range(draw(st.integers(0, 2))):
+        op = draw(st.sampled_from(["flip", "truncate", "nb", "append"]))
+        if op == "flip" and buf:
+            buf[draw(st.integers(0, len(buf) - 1))] ^= draw(st.integers(1, 255))
+        elif op == "truncate":
+            del buf[draw(st.integers(0, len(buf))):]
+        elif op == "nb":
+            nb = draw(interesting(4, nb))
+        else:
+            buf += draw(st.binary(max_size=40))
+    return bytes(buf), nb
+
+
+@fuzz_settings(600)
+@given(directories(), CLUSTER_SIZES, st.integers(0, (1 << 63) - 1) | st.sampled_from(
+    [0, 512, 1 << 20, 1 << 30]))
+def test_bitmap_directory(case: tuple[bytes, int], cs: int, disk: int) -> None:
+    buf, nb = case
+    try:
+        d = BitmapDirectory.unpack(buf, nb)
+    except FormatError:
+        return
+    assert d.nb_bitmaps == nb and d.size == len(buf)
+    packed = d.pack()
+    assert len(packed) == len(buf)
+    assert BitmapDirectory.unpack(packed, nb) == d
+    for e, reasons in zip(d.entries, d.check_entries(cs, disk), strict=True):
+        assert isinstance(reasons, list)
+        err = qemu_entry_error(e, cs, disk)
+        assert err is None or isinstance(err, str)
+        if not reasons:  # usable for us: QEMU would load it too
+            assert err is None, err
+        assert isinstance(e.name, str) and encode_name(e.name) == e.raw_name
+
+
+@fuzz_settings(600)
+@given(interesting(8, 1 << 16, 65536), CLUSTER_SIZES)
+def test_bitmap_table_entry(raw: int, cs: int) -> None:
+    err = table_entry_error(raw, cs)
+    try:
+        te = BitmapTableEntry.decode(raw, cs)
+    except FormatError:
+        assert err is not None
+        return
+    assert err is None
+    assert te.encode() == raw
+    if te.kind is TableEntryKind.DATA:
+        assert te.offset % cs == 0
+
+
+@fuzz_settings(300)
+@given(st.binary(max_size=80), st.integers(0, 12))
+def test_bitmap_table(buf: bytes, n: int) -> None:
+    try:
+        table = unpack_table(buf, n)
+    except FormatError:
+        assert len(buf) < 8 * n
+        return
+    assert len(table) == n and pack_table(table) == buf[:8 * n]
