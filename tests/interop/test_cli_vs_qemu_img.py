@@ -328,7 +328,7 @@ MAP_IMAGES: dict[str, Callable[[Path], str]] = {
 }
 # Guest cluster 0 of an external data file maps to host offset 0; its L2 entry is 0|COPIED,
 # which the engine reads as unallocated (QEMU: allocated, see qcow2_get_cluster_type).
-MAP_XFAIL = {"data-file-raw": "engine: L2 entry 0|COPIED in a data-file image is unallocated"}
+MAP_XFAIL: dict[str, str] = {}  # engine bugs pinned here once fixed are removed
 
 
 @pytest.mark.parametrize("kind", list(MAP_IMAGES))
