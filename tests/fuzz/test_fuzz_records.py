@@ -705,7 +705,7 @@ def bitmaps_extensions(draw: st.DrawFn) -> bytes:
                        draw(interesting(8, 64)), draw(interesting(8, 1 << 16, 65536)))
 
 
-@fuzz_settings(500)
+@fuzz_settings(300)
 @given(bitmaps_extensions(), CLUSTER_SIZES)
 def test_bitmaps_extension(data: bytes, cs: int) -> None:
     try:
@@ -752,7 +752,7 @@ def directories(draw: st.DrawFn) -> tuple[bytes, int]:
     return bytes(buf), nb
 
 
-@fuzz_settings(600)
+@fuzz_settings(400)
 @given(directories(), CLUSTER_SIZES, st.integers(0, (1 << 63) - 1) | st.sampled_from(
     [0, 512, 1 << 20, 1 << 30]))
 def test_bitmap_directory(case: tuple[bytes, int], cs: int, disk: int) -> None:
@@ -774,7 +774,7 @@ def test_bitmap_directory(case: tuple[bytes, int], cs: int, disk: int) -> None:
         assert isinstance(e.name, str) and encode_name(e.name) == e.raw_name
 
 
-@fuzz_settings(600)
+@fuzz_settings(400)
 @given(interesting(8, 1 << 16, 65536), CLUSTER_SIZES)
 def test_bitmap_table_entry(raw: int, cs: int) -> None:
     err = table_entry_error(raw, cs)
@@ -789,7 +789,7 @@ def test_bitmap_table_entry(raw: int, cs: int) -> None:
         assert te.offset % cs == 0
 
 
-@fuzz_settings(300)
+@fuzz_settings(200)
 @given(st.binary(max_size=80), st.integers(0, 12))
 def test_bitmap_table(buf: bytes, n: int) -> None:
     try:
