@@ -1,18 +1,27 @@
 """A block node: an image driver plus the persistent bitmaps that record its writes.
 
-This is QEMU's protocol, kept deliberately simple for now: at a writable open every usable
-bitmap is marked ``in_use`` on disk (so a crash leaves them visibly inconsistent, never
-silently stale), enabled (``auto``) bitmaps record every write, write-zeroes and discard
-before the request reaches the image, and a clean close stores the bits and clears
-``in_use``. Shorter in-use windows (checkpoints) come with the tracking work.
+The persistence protocol (DESIGN.md): every write, write-zeroes and discard marks the enabled
+bitmaps in memory before it reaches the driver. Before the first such request after a
+checkpoint, the enabled bitmaps get ``in_use`` set on disk and synced, so a crash from then on
+finds them inconsistent, never silently stale. A checkpoint writes only the bitmap clusters
+whose bits changed, syncs, and clears ``in_use``; it runs on close, on flush, and per the
+``CheckpointPolicy`` (timer, idle, threshold). Bitmap data is not read at open: the node records
+the writes since open and merges them into the stored clusters at each checkpoint.
+
+Bitmaps with the same granularity share one in-memory record of the writes, so a write costs
+one bitmap update however many bitmaps it dirties.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from dirtybits.block.checkpoint import CheckpointPolicy, CheckpointTimer
 from dirtybits.block.driver import Buffer, ImageDriver
 from dirtybits.qcow2.extent import MapExtent
 
@@ -21,80 +30,240 @@ if TYPE_CHECKING:
     from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
 
 
-class BlockNode:
-    """Delegates I/O to ``driver``; marks the enabled bitmaps first."""
+@dataclass
+class NodeStats:
+    """What the persistence protocol did (for tests, benchmarks and ``info``)."""
 
-    def __init__(self, driver: ImageDriver, store: Qcow2BitmapStore | None = None):
+    in_use_marks: int = 0  # times in_use was set and synced before a write
+    checkpoints: int = 0  # checkpoints that cleared in_use
+    bitmap_bytes_written: int = 0  # bitmap data and table bytes written by checkpoints
+
+
+class _Recorder:
+    """The writes since open, for the tracked bitmaps of one granularity."""
+
+    __slots__ = ("bits", "names")
+
+    def __init__(self, bits: DirtyBitmap, chunk_bytes: int) -> None:
+        bits.track_changes(chunk_bytes)
+        self.bits = bits
+        self.names: list[str] = []
+
+
+class BlockNode:
+    """Delegates I/O to ``driver``; records writes in the enabled bitmaps first.
+
+    Thread-safe: requests and background checkpoints are serialized by one lock.
+    ``track=False`` (``--bitmaps=no``) records nothing; the enabled bitmaps are then marked
+    in_use before the first write and left so: they would miss writes, so they say so.
+    """
+
+    def __init__(self, driver: ImageDriver, store: Qcow2BitmapStore | None = None, *,
+                 policy: CheckpointPolicy | None = None, track: bool = True):
         self.driver = driver
         self.store = store
         self.format_name = driver.format_name
         self.path = driver.path
         self.readonly = driver.readonly
-        self.recording: dict[str, DirtyBitmap] = {}
-        self._marked: list[str] = []
+        self.policy = policy if policy is not None else CheckpointPolicy()
+        self.stats = NodeStats()
+        self._lock = threading.RLock()
+        self._recorders: list[_Recorder] = []
+        self._tracked: list[str] = []  # in_use while the node is "open" between checkpoints
+        self._untracked: list[str] = []  # bitmaps=no: marked in_use once, never cleared
+        self._clean = True  # no tracked bitmap is in_use on disk
+        self._last_write = self._in_use_since = time.monotonic()
+        self._bits_at_checkpoint = 0
+        self._timer: CheckpointTimer | None = None
+        self._closed = False
         if store is not None and not driver.readonly:
-            self._start_tracking(store)
+            self._setup(store, track)
 
-    def _start_tracking(self, store: Qcow2BitmapStore) -> None:
-        usable = [sb for sb in store.bitmaps if sb.usable]
-        if not usable:
+    def _setup(self, store: Qcow2BitmapStore, track: bool) -> None:
+        from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
+
+        enabled = [sb for sb in store.bitmaps if store.is_usable(sb) and sb.entry.auto]
+        if not track:
+            self._untracked = [sb.name for sb in enabled]
             return
-        for sb in usable:
-            if sb.entry.auto:
-                bm = store.load(sb.name)
-                bm.track_changes(store.cluster_size)
-                self.recording[sb.name] = bm
-        store.mark_in_use()
-        self._marked = [sb.name for sb in usable]
+        by_gran: dict[int, _Recorder] = {}
+        for sb in enabled:
+            gran = sb.entry.granularity
+            rec = by_gran.get(gran)
+            if rec is None:
+                rec = by_gran[gran] = _Recorder(DirtyBitmap(store.disk_size, gran),
+                                                store.cluster_size)
+                self._recorders.append(rec)
+            rec.names.append(sb.name)
+        self._tracked = [sb.name for sb in enabled]
+        if self._tracked and self.policy.timed:
+            self._timer = CheckpointTimer(self.policy, self._due, self._timed_checkpoint)
 
+    # ------------------------------------------------------------------ I/O
     @property
     def size(self) -> int:
         return self.driver.size
 
-    def read(self, offset: int, length: int) -> bytes:
-        return self.driver.read(offset, length)
+    @property
+    def tracked_bitmaps(self) -> list[str]:
+        return list(self._tracked)
 
-    def _mark(self, offset: int, length: int) -> None:
-        for bm in self.recording.values():
-            bm.set(offset, length)
+    def read(self, offset: int, length: int) -> bytes:
+        with self._lock:
+            return self.driver.read(offset, length)
+
+    def _before_write(self, offset: int, length: int) -> None:
+        """Mark the bitmaps, then make sure they are in_use on disk: before the driver runs."""
+        self._check_background_error()
+        for rec in self._recorders:
+            rec.bits.set(offset, length)
+        if self._clean and self._tracked:
+            self.store.set_in_use(self._tracked, True)  # type: ignore[union-attr]
+            self._clean = False
+            self._in_use_since = time.monotonic()
+            self.stats.in_use_marks += 1
+        if self._untracked:
+            self.store.set_in_use(self._untracked, True)  # type: ignore[union-attr]
+            self._untracked = []
+        self._last_write = time.monotonic()
+
+    def _after_write(self) -> None:
+        limit = self.policy.threshold_bits
+        if (limit is not None and self._recorders and not self._clean
+                and self._dirty_bits() - self._bits_at_checkpoint >= limit):
+            self._checkpoint()
+
+    def _dirty_bits(self) -> int:
+        return sum(rec.bits.count_bits() for rec in self._recorders)
 
     def write(self, offset: int, data: Buffer) -> None:
-        if self.recording and len(data):
-            self._mark(offset, len(data))
-        self.driver.write(offset, data)
+        with self._lock:
+            if (self._tracked or self._untracked) and len(data):
+                self._before_write(offset, len(data))
+                self.driver.write(offset, data)
+                self._after_write()
+            else:
+                self.driver.write(offset, data)
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
-        if self.recording and length:
-            self._mark(offset, length)
-        self.driver.write_zeroes(offset, length, unmap=unmap)
+        with self._lock:
+            if (self._tracked or self._untracked) and length:
+                self._before_write(offset, length)
+                self.driver.write_zeroes(offset, length, unmap=unmap)
+                self._after_write()
+            else:
+                self.driver.write_zeroes(offset, length, unmap=unmap)
 
     def discard(self, offset: int, length: int) -> None:
-        if self.recording and length:
-            self._mark(offset, length)
-        self.driver.discard(offset, length)
+        with self._lock:
+            if (self._tracked or self._untracked) and length:
+                self._before_write(offset, length)
+                self.driver.discard(offset, length)
+                self._after_write()
+            else:
+                self.driver.discard(offset, length)
 
     def flush(self) -> None:
-        self.driver.flush()
+        """Data and metadata durable, then a bitmap checkpoint."""
+        with self._lock:
+            self._check_background_error()
+            self.driver.flush()
+            self._checkpoint()
+
+    def checkpoint(self) -> None:
+        """Store the changed bitmap clusters and clear ``in_use`` (no data flush needed: the
+        bits already cover every write issued so far, durable or not)."""
+        with self._lock:
+            self._check_background_error()
+            self._checkpoint()
 
     def resize(self, new_size: int) -> None:
-        if self._marked:
+        if self.store is not None and self.store.bitmaps:
             from dirtybits.errors import UnsupportedFeatureError
 
             raise UnsupportedFeatureError(
                 "Cannot resize an image with persistent bitmaps (not supported yet)")
-        self.driver.resize(new_size)
+        with self._lock:
+            self.driver.resize(new_size)
 
     def block_status(self, offset: int, length: int) -> Iterator[MapExtent]:
-        return self.driver.block_status(offset, length)
+        with self._lock:
+            return iter(list(self.driver.block_status(offset, length)))
 
-    def close(self) -> None:
+    # ------------------------------------------------------------------ bitmaps
+    def load_bitmap(self, name: str) -> DirtyBitmap:
+        """A bitmap's current bits: what is stored plus what was recorded since."""
+        if self.store is None:
+            from dirtybits.block.qcow2_bitmaps import BitmapOperationError
+
+            raise BitmapOperationError(f"Dirty bitmap '{name}' not found")
+        with self._lock:
+            bm = self.store.load(name)
+            for rec in self._recorders:
+                if name in rec.names:
+                    bm.merge_from(rec.bits)
+            return bm
+
+    def _checkpoint(self) -> None:
+        if self._clean or self.store is None:
+            return
+        store = self.store
+        taken: list[tuple[_Recorder, list[int]]] = []
         try:
-            if self.store is not None and self._marked:
-                self.driver.flush()  # data and metadata durable before bitmaps claim them
-                self.store.finish_tracking(self.recording, set(self._marked))
-                self._marked = []
-        finally:
-            self.driver.close()
+            for rec in self._recorders:
+                chunks = rec.bits.take_changed_chunks()
+                taken.append((rec, chunks))
+                if chunks:
+                    for name in rec.names:
+                        self.stats.bitmap_bytes_written += store.write_changes(
+                            name, rec.bits, chunks)
+            store.img.sync()  # the bits are durable before in_use says they are complete
+            store.set_in_use(self._tracked, False)
+        except BaseException:
+            for rec, chunks in taken:
+                if chunks:
+                    rec.bits.mark_chunks_changed(chunks)
+            raise
+        self._clean = True
+        self._bits_at_checkpoint = self._dirty_bits()
+        self.stats.checkpoints += 1
+
+    # ------------------------------------------------------------------ timer
+    def _due(self, now: float) -> float | None:
+        """Seconds until the next timed checkpoint (<= 0: now), None when nothing is open."""
+        if self._clean or self._closed:
+            return None
+        waits = []
+        if self.policy.idle is not None:
+            waits.append(self._last_write + self.policy.idle - now)
+        if self.policy.interval is not None:
+            waits.append(self._in_use_since + self.policy.interval - now)
+        return min(waits) if waits else None
+
+    def _timed_checkpoint(self) -> None:
+        with self._lock:
+            left = self._due(time.monotonic())
+            if left is not None and left <= 0:
+                self._checkpoint()
+
+    def _check_background_error(self) -> None:
+        timer = self._timer
+        if timer is not None and timer.error is not None:
+            exc, timer.error = timer.error, None
+            raise exc
+
+    # ------------------------------------------------------------------ close
+    def close(self) -> None:
+        if self._closed:
+            return
+        if self._timer is not None:
+            self._timer.stop()  # outside the lock: its checkpoint may be waiting for it
+        with self._lock:
+            self._closed = True
+            try:
+                self._checkpoint()
+            finally:
+                self.driver.close()
 
     def __enter__(self) -> BlockNode:
         return self

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from dirtybits.block.driver import ImageDriver
 from dirtybits.errors import ImageIOError, UsageError
+
+if TYPE_CHECKING:
+    from dirtybits.block.checkpoint import CheckpointPolicy
+    from dirtybits.block.node import BlockNode
+    from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
 
 FORMATS = ("qcow2", "raw")
 
@@ -21,33 +27,38 @@ def probe_format(path: str) -> str:
 
 def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
                open_backing: bool = True, cache: str = "writeback",
-               track_bitmaps: bool = True) -> ImageDriver:
+               bitmaps: str = "auto", checkpoint: CheckpointPolicy | None = None,
+               always_node: bool = False) -> ImageDriver:
     """Open ``path`` as ``fmt`` (probed when None) and return its driver.
 
     ``cache`` takes qemu's cache modes; ``none``/``directsync`` use O_DIRECT for data. A
     writable qcow2 with persistent bitmaps comes back as a ``BlockNode`` whose enabled bitmaps
-    record every write, as with qemu-io; ``track_bitmaps=False`` leaves them alone (they are
-    then invalidated by the first write, as the qcow2 spec demands of unaware writers).
+    record every write, as with qemu-io, checkpointed per ``checkpoint``. ``bitmaps="no"``
+    loads none: the enabled ones are then marked in_use (inconsistent) before the first write,
+    since they would miss it. ``always_node`` wraps every image in a ``BlockNode`` (the
+    Python API's uniform interface); otherwise a plain driver comes back when there is nothing
+    to track, without loading the bitmap engine (numpy).
     """
+    if bitmaps not in ("auto", "no"):
+        raise UsageError(f"bitmaps must be 'auto' or 'no', not '{bitmaps}'")
     if fmt is None:
         fmt = probe_format(path)
     if fmt == "qcow2":
         from dirtybits.qcow2.image import Qcow2Image
 
         img = Qcow2Image.open(path, readonly=readonly, open_backing=open_backing, cache=cache,
-                              keep_bitmaps=track_bitmaps and not readonly)
+                              keep_bitmaps=not readonly)
         from dirtybits.format.qcow2.header import EXT_BITMAPS
 
-        if not track_bitmaps or readonly or img.hc.extension(EXT_BITMAPS) is None:
-            return img  # no bitmaps: no need to load the bitmap engine (numpy)
-        from dirtybits.block.node import BlockNode
+        if readonly or img.hc.extension(EXT_BITMAPS) is None:
+            return _node(img, None, checkpoint, True) if always_node else img
         from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
 
         try:
             store = Qcow2BitmapStore(img)
-            if not store.bitmaps:
+            if not store.bitmaps and not always_node:
                 return img
-            return BlockNode(img, store)
+            return _node(img, store, checkpoint, bitmaps == "auto")
         except BaseException:
             img.close()
             raise
@@ -56,5 +67,13 @@ def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
 
         if not os.path.exists(path):
             raise ImageIOError(f"Could not open '{path}': No such file or directory")
-        return RawImage(path, readonly=readonly)
+        raw = RawImage(path, readonly=readonly)
+        return _node(raw, None, checkpoint, True) if always_node else raw
     raise UsageError(f"Unknown file format '{fmt}'")
+
+
+def _node(driver: ImageDriver, store: Qcow2BitmapStore | None,
+          policy: CheckpointPolicy | None, track: bool) -> BlockNode:
+    from dirtybits.block.node import BlockNode
+
+    return BlockNode(driver, store, policy=policy, track=track)

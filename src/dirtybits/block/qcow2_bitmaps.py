@@ -11,7 +11,10 @@ reported unusable (with the reasons) and may only be removed.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
 from dirtybits.errors import DirtybitsError, FormatError
@@ -31,6 +34,8 @@ from dirtybits.format.qcow2.bitmaps import (
 )
 from dirtybits.format.qcow2.header import AUTOCLEAR_BITMAPS, EXT_BITMAPS
 from dirtybits.qcow2.image import Qcow2Image
+
+FLAGS_FIELD_OFFSET = 12  # in a directory entry: table offset u64, table size u32, then flags u32
 
 
 class BitmapOperationError(DirtybitsError):
@@ -73,6 +78,7 @@ class Qcow2BitmapStore:
         self.directory_problem: str | None = None  # the whole directory is unreadable
         self.stale = False  # extension present, autoclear bit clear: all bitmaps invalid
         self._ext: BitmapsExtension | None = None
+        self.ours: set[str] = set()  # bitmaps this store set in_use (live tracking)
         self._load_directory()
 
     # ------------------------------------------------------------------ loading
@@ -150,7 +156,7 @@ class Qcow2BitmapStore:
             raise BitmapOperationError(
                 f"Bitmap '{sb.name}' is damaged and cannot be used ({'; '.join(sb.problems)}); "
                 "it can only be removed")
-        if sb.in_use:
+        if sb.in_use and sb.name not in self.ours:
             raise BitmapOperationError(
                 f"Bitmap '{sb.name}' is inconsistent and cannot be used")
 
@@ -318,38 +324,91 @@ class Qcow2BitmapStore:
             raise BitmapOperationError(exc.reason) from exc
         self._add_bitmap(new_name, self.load(name), auto=sb.entry.auto)
 
-    def mark_in_use(self) -> None:
-        """Set in_use on every usable bitmap (the image is being written by us)."""
+    # ------------------------------------------------------------------ live tracking
+    # While a BlockNode records writes, the bitmaps it tracks are ``in_use`` on disk: their
+    # on-disk bits are "possibly stale", so they may be updated in place (no copy-on-write),
+    # and only the clusters that changed are written (DESIGN.md, persistence protocol).
+
+    def is_usable(self, sb: StoredBitmap) -> bool:
+        """Consistent, or in_use only because this store set it (its bits are ours)."""
+        return not sb.problems and (not sb.in_use or sb.name in self.ours)
+
+    def set_in_use(self, names: list[str], in_use: bool) -> None:
+        """Set or clear ``in_use`` on these bitmaps in place, then sync.
+
+        Only the 4-byte flags field of each entry is written: an aligned 4-byte field never
+        straddles a sector, so a crash leaves each entry wholly old or wholly new, and every
+        other byte of the directory is untouched. (QEMU rewrites the whole directory in place
+        behind a cleared autoclear bit; with nothing but flags changing that dance is not
+        needed.) Setting is only allowed on consistent bitmaps; clearing only on ours.
+        """
+        if self._ext is None:
+            return
+        base = self._ext.bitmap_directory_offset
+        pos = 0
         changed = False
-        bitmaps = []
+        new_list: list[StoredBitmap] = []
         for sb in self.bitmaps:
-            if sb.usable:
-                sb = StoredBitmap(_with(sb.entry, flags=sb.entry.flags | BME_FLAG_IN_USE),
-                                  [], sb.table)
-                changed = True
-            bitmaps.append(sb)
+            entry = sb.entry
+            if sb.name in names and not sb.problems:
+                if in_use and not entry.in_use:
+                    entry = _with(entry, flags=entry.flags | BME_FLAG_IN_USE)
+                    self.ours.add(sb.name)
+                elif not in_use and entry.in_use and sb.name in self.ours:
+                    entry = _with(entry, flags=entry.flags & ~BME_FLAG_IN_USE)
+                if entry is not sb.entry:
+                    self.img.write_metadata(base + pos + FLAGS_FIELD_OFFSET,
+                                            struct.pack(">I", entry.flags), "bitmap directory")
+                    sb = StoredBitmap(entry, sb.problems, sb.table)
+                    changed = True
+            new_list.append(sb)
+            pos += sb.entry.entry_size
         if changed:
-            self._commit(bitmaps, [])
+            self.img.sync()
+            self.bitmaps = new_list
+            if not in_use:
+                self.ours.difference_update(names)
 
+    def write_changes(self, name: str, bits: DirtyBitmap, chunks: list[int]) -> int:
+        """OR the serialized chunks ``chunks`` of ``bits`` into the stored bitmap, in place.
 
-    def finish_tracking(self, recorded: dict[str, DirtyBitmap], marked: set[str]) -> None:
-        """Store what was recorded and clear ``in_use`` on the bitmaps we marked, in one
-        directory switch (bitmaps whose bits did not change keep their clusters)."""
-        bitmaps: list[StoredBitmap] = []
-        released: list[StoredBitmap] = []
-        for sb in self.bitmaps:
-            if sb.name not in marked or sb.problems:
-                bitmaps.append(sb)
+        The bitmap must be in_use by us (its on-disk bits are not trusted while this runs).
+        A chunk is one data cluster: an existing data cluster is read, merged and rewritten
+        only if it changed; an all-zeros entry gets a new cluster, and the table is rewritten
+        after the new clusters' refcounts are durable; an all-ones entry needs nothing.
+        Returns the bytes written (data clusters and table).
+        """
+        sb = self._get(name)
+        if sb.name not in self.ours or sb.table is None:
+            raise BitmapOperationError(f"Bitmap '{name}' is not being tracked")
+        img, cs = self.img, self.cluster_size
+        table = list(sb.table)
+        written = 0
+        for c in chunks:
+            if c >= len(table):
                 continue
-            entry = _with(sb.entry, flags=sb.entry.flags & ~BME_FLAG_IN_USE)
-            table = sb.table
-            bm = recorded.get(sb.name)
-            if bm is not None and (bm.chunk_bytes is None or bm.changed_chunk_count()):
-                table_off, n, table = self._write_bitmap(bm)
-                entry = _with(entry, bitmap_table_offset=table_off, bitmap_table_size=n)
-                released.append(sb)
-            bitmaps.append(StoredBitmap(entry, [], table))
-        self._commit(bitmaps, released)
+            te = BitmapTableEntry.decode(table[c], cs)
+            if te.kind is TableEntryKind.ONES:
+                continue
+            new = bits.to_bytes(c * cs, cs)
+            if te.kind is TableEntryKind.DATA:
+                old = img.read_metadata(te.offset, cs, "bitmap data")
+                merged = (np.frombuffer(old, np.uint8) | np.frombuffer(new, np.uint8)).tobytes()
+                if merged != old:
+                    img.write_metadata(te.offset, merged, "bitmap data")
+                    written += cs
+            elif any(new):
+                off = img.allocate_metadata(cs, "bitmap data")
+                img.write_metadata(off, new, "bitmap data")
+                table[c] = off
+                written += cs
+        if table != sb.table:
+            img.flush()  # the new clusters' refcounts are durable before the table names them
+            raw = pack_table(table)
+            img.write_metadata(sb.entry.bitmap_table_offset, raw, "bitmap table")
+            written += len(raw)
+            sb.table = table
+        return written
 
 
 def _with(entry: BitmapDirectoryEntry, **changes: object) -> BitmapDirectoryEntry:

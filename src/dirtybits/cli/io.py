@@ -59,13 +59,20 @@ options:
                        checked, not applied
   -n, --nocache        short for -t none
   -U, --force-share    force shared permissions (needs -r, as in qemu-io)
+  --bitmaps=auto|no    auto (default): enabled persistent bitmaps record every write;
+                       no: load none (enabled ones are marked inconsistent before a write)
+  --checkpoint=SPEC    when bitmaps are made consistent on disk besides close and flush:
+                       interval=S,idle=S,threshold=BITS (each may be 'off'; 'none' = all off;
+                       defaults interval=5,idle=0.5,threshold=524288)
   -h, --help           show this help and exit
 """
 
 # Option letters (value taken?) and long names, as qemu-io's getopt_long spells them.
-_SHORT = {"c": True, "f": True, "r": False, "t": True, "n": False, "U": False, "h": False}
+# Long-only options (ours) use their long name as the key: no single letter reaches them.
+_SHORT = {"c": True, "f": True, "r": False, "t": True, "n": False, "U": False, "h": False,
+          "bitmaps": True, "checkpoint": True}
 _LONG = {"cmd": "c", "format": "f", "read-only": "r", "cache": "t", "nocache": "n",
-         "force-share": "U", "help": "h"}
+         "force-share": "U", "help": "h", "bitmaps": "bitmaps", "checkpoint": "checkpoint"}
 
 
 class IoOptions:
@@ -77,6 +84,8 @@ class IoOptions:
         self.read_only = False
         self.cache: str | None = None
         self.force_share = False
+        self.bitmaps = "auto"
+        self.checkpoint: str | None = None
         self.help = False
         self.filename: str | None = None
 
@@ -160,6 +169,12 @@ def _apply_io_option(opts: IoOptions, flag: str, value: str) -> None:
         opts.cache = "none"
     elif flag == "U":
         opts.force_share = True
+    elif flag == "bitmaps":
+        if value not in ("auto", "no"):
+            raise UsageError(f"--bitmaps takes 'auto' or 'no', not '{value}'")
+        opts.bitmaps = value
+    elif flag == "checkpoint":
+        opts.checkpoint = value
     else:
         opts.help = True
 
@@ -180,11 +195,17 @@ def run_options(opts: IoOptions) -> int:
     if opts.force_share and not opts.read_only:
         raise UsageError(f"can't open device {opts.filename}: "
                          "force-share=on can only be used with read-only images")
+    from dirtybits.block.checkpoint import CheckpointPolicy
     from dirtybits.block.open import open_image
 
     try:
+        policy = CheckpointPolicy.parse(opts.checkpoint) if opts.checkpoint else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
         driver = open_image(opts.filename, opts.fmt, readonly=opts.read_only,
-                            cache=opts.cache or "writeback")
+                            cache=opts.cache or "writeback", bitmaps=opts.bitmaps,
+                            checkpoint=policy)
     except DirtybitsError as exc:
         raise ImageError(f"can't open device {opts.filename}: {exc}") from exc
     executor = Executor(driver, sys.stdout, sys.stderr)

@@ -1,0 +1,32 @@
+"""The Python API a backup tool can use directly.
+
+    import dirtybits
+    with dirtybits.open("disk.qcow2") as disk:
+        disk.write(0, b"x" * 4096)        # recorded in every enabled bitmap before it lands
+        disk.flush()                     # data durable, bitmaps checkpointed (consistent)
+"""
+
+from __future__ import annotations
+
+from dirtybits.block.checkpoint import CheckpointPolicy
+from dirtybits.block.node import BlockNode
+from dirtybits.block.open import open_image
+
+
+def open(path: str, fmt: str | None = None, *, readonly: bool = False,
+         bitmaps: str = "auto", checkpoint: CheckpointPolicy | None = None,
+         cache: str = "writeback", open_backing: bool = True) -> BlockNode:
+    """Open a disk image (format probed when ``fmt`` is None) as a ``BlockNode``.
+
+    ``bitmaps="auto"`` loads the image's persistent bitmaps and records writes in the enabled
+    ones; ``"no"`` loads none (the enabled ones are then marked inconsistent before the first
+    write). ``checkpoint`` sets when bitmaps are made consistent on disk besides close and
+    flush (default ``CheckpointPolicy()``).
+    """
+    node = open_image(path, fmt, readonly=readonly, open_backing=open_backing, cache=cache,
+                      bitmaps=bitmaps, checkpoint=checkpoint, always_node=True)
+    assert isinstance(node, BlockNode)
+    return node
+
+
+__all__ = ["BlockNode", "CheckpointPolicy", "open"]
