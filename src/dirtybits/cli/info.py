@@ -3,6 +3,13 @@
 QEMU prints JSON through a QDict, whose iteration order is its hash-bucket order, and its human
 form walks the same QDict. ``qemu_json`` and ``dump_human`` reproduce both, so scripts that parse
 or diff qemu-img's text keep working when pointed at dirtybits.
+
+Beyond qemu-img, and only where qemu-img has nothing to show: ``--dirty`` adds each bitmap's
+``dirty-bytes`` and ``dirty-percent`` (a fixed-point number with two decimals: QEMU's printer
+would print a double as ``%.17g``, 12.339999999999999), an in-use bitmap gets
+``"inconsistent": true`` instead; a damaged bitmap, which makes QEMU refuse the whole image,
+is listed with ``"unusable": REASONS`` (``bitmaps-unusable`` when the directory itself is
+unreadable). The human form prints these after QEMU's lines of the same block.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import argparse
 import math
 import sys
 import time
+from decimal import Decimal
 from typing import Any
 
 from dirtybits.qcow2.info import ImageInfo, backing_chain_info, image_info
@@ -72,6 +80,10 @@ def qemu_json(obj: Any, level: int = 0) -> str:
         return "true" if obj else "false"
     if isinstance(obj, int):
         return str(obj)
+    if isinstance(obj, float):
+        return f"{obj:.17g}"  # qnum_to_string of QEMU >= 6.0 (shortest exact form it knows)
+    if isinstance(obj, Decimal):
+        return format(obj, "f")  # fixed point: printed exactly as rounded (see dirty_percent)
     if isinstance(obj, str):
         return _json_string(obj)
     raise TypeError(f"cannot print {type(obj).__name__} as QEMU JSON")
@@ -85,11 +97,26 @@ def size_to_str(val: int) -> str:
     return f"{val / (1 << (i * 10)):0.3g} {suffixes[i]}B"
 
 
+# Keys dirtybits adds to qemu-img's ImageInfo (never present in what qemu-img can show): the
+# human form prints them after QEMU's keys, dirty-bytes and dirty-percent as one line.
+_OUR_KEYS = ("dirty-bytes", "dirty-percent", "inconsistent", "unusable", "bitmaps-unusable")
+
+
 def _dump_obj(obj: Any, indent: int, out: list[str]) -> None:
     """block/qapi.c dump_qobject: dicts and lists one item a line, dashes in keys as spaces."""
     if isinstance(obj, dict):
-        for key in qdict_order(list(obj)):
-            _dump_item(" " * (4 * indent) + key.replace("-", " ") + ":", obj[key], indent, out)
+        pad = " " * (4 * indent)
+        for key in qdict_order([k for k in obj if k not in _OUR_KEYS]):
+            _dump_item(pad + key.replace("-", " ") + ":", obj[key], indent, out)
+        if "dirty-bytes" in obj:
+            n = obj["dirty-bytes"]
+            out.append(f"{pad}dirty: {size_to_str(n)} ({n} bytes, {obj['dirty-percent']}%)\n")
+        if obj.get("inconsistent"):
+            out.append(f"{pad}dirty: unknown (inconsistent: in use, or not stored after a "
+                       "crash)\n")
+        for key in ("unusable", "bitmaps-unusable"):
+            if key in obj:
+                out.append(f"{pad}{key.replace('-', ' ')}: {obj[key]}\n")
     elif isinstance(obj, list):
         for i, value in enumerate(obj):
             _dump_item(" " * (4 * indent) + f"[{i}]:", value, indent, out)
@@ -100,7 +127,8 @@ def _dump_item(prefix: str, value: Any, indent: int, out: list[str]) -> None:
         out.append(prefix + "\n")
         _dump_obj(value, indent + 1, out)
     else:
-        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        text = ("true" if value else "false") if isinstance(value, bool) else (
+            qemu_json(value) if isinstance(value, float) else str(value))
         out.append(f"{prefix} {text}\n")
 
 
@@ -161,17 +189,19 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                    help="also show every image of the backing chain")
     p.add_argument("-U", "--force-share", action="store_true",
                    help="accepted for qemu-img compatibility (info never writes or locks)")
+    p.add_argument("--dirty", action="store_true",
+                   help="also show each bitmap's dirty bytes and percentage (reads its data)")
     p.add_argument("filename", metavar="FILE")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.backing_chain:
-        chain = backing_chain_info(args.filename, args.fmt)
+        chain = backing_chain_info(args.filename, args.fmt, dirty=args.dirty)
         if args.output == "json":
             sys.stdout.write(qemu_json(chain) + "\n")
         else:
             sys.stdout.write("\n".join(dump_human(i) for i in chain))
         return 0
-    info = image_info(args.filename, args.fmt)
+    info = image_info(args.filename, args.fmt, dirty=args.dirty)
     sys.stdout.write(qemu_json(info) + "\n" if args.output == "json" else dump_human(info))
     return 0

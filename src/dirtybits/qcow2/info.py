@@ -2,23 +2,25 @@
 
 Returns plain dicts keyed exactly like QEMU's ``ImageInfo`` (``qapi/block-core.json``), so the
 CLI can print them as qemu-img does and services can hand them out unchanged. Only the header
-cluster, the snapshot table and the bitmap directory are read: no image engine is involved,
-which keeps ``info`` usable on images the engine refuses to open.
+cluster, the snapshot table, the bitmap directory and the bitmap tables are read (bitmap data
+only when dirty counts are asked for): no image engine is involved, which keeps ``info`` usable
+on images the engine refuses to open, and a damaged bitmap is listed as unusable instead of
+making the image unreadable.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from dirtybits.errors import FormatError, ImageIOError, UnsupportedFeatureError, UsageError
+from dirtybits.format.qcow2.bitmaps import BME_FLAG_AUTO, BME_FLAG_IN_USE
 from dirtybits.format.qcow2.header import (
-    AUTOCLEAR_BITMAPS,
     AUTOCLEAR_DATA_FILE_RAW,
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_ZSTD,
-    EXT_BITMAPS,
     EXT_FEATURE_TABLE,
     FEATURE_TYPE_INCOMPAT,
     INCOMPAT_CORRUPT,
@@ -31,13 +33,10 @@ from dirtybits.format.qcow2.header import (
     HeaderCluster,
     unpack_feature_table,
 )
+from dirtybits.qcow2.bitmap_scan import Pread, count_dirty, disk_length, scan_bitmaps
 
 ImageInfo = dict[str, Any]
 
-BME_FLAG_IN_USE = 1 << 0
-BME_FLAG_AUTO = 1 << 1
-_BITMAPS_EXT = struct.Struct(">IIQQ")
-_BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")
 _SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")
 QCOW_MAX_SNAPSHOTS = 65536
 SECTOR = 512
@@ -102,8 +101,11 @@ def _actual_size(path: str) -> int:
         raise _open_error(path, exc) from exc
 
 
-def image_info(path: str, fmt: str | None = None) -> ImageInfo:
-    """``qemu-img info --output=json`` for one image (backing file not opened)."""
+def image_info(path: str, fmt: str | None = None, *, dirty: bool = False) -> ImageInfo:
+    """``qemu-img info --output=json`` for one image (backing file not opened).
+
+    ``dirty``: also count each bitmap's dirty bytes (reads the bitmaps' data clusters).
+    """
     if fmt is None:
         fmt = probe_format(path)
     if fmt == "raw":
@@ -139,11 +141,11 @@ def image_info(path: str, fmt: str | None = None) -> ImageInfo:
             info["backing-filename-format"] = hc.backing_format
     if hdr.nb_snapshots:
         info["snapshots"] = read_snapshots(path, hdr.snapshots_offset, hdr.nb_snapshots)
-    info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(path, hc)}
+    info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(path, hc, dirty)}
     return info
 
 
-def _qcow2_specific(path: str, hc: HeaderCluster) -> dict[str, Any]:
+def _qcow2_specific(path: str, hc: HeaderCluster, dirty: bool) -> dict[str, Any]:
     hdr = hc.header
     compression = "zstd" if hdr.compression_type == COMPRESSION_ZSTD else "zlib"
     if hdr.version == 2:
@@ -157,9 +159,11 @@ def _qcow2_specific(path: str, hc: HeaderCluster) -> dict[str, Any]:
         "corrupt": bool(hdr.incompatible_features & INCOMPAT_CORRUPT),
         "extended-l2": bool(hdr.incompatible_features & INCOMPAT_EXTL2),
     }
-    bitmaps = read_bitmap_list(path, hc)
+    bitmaps, directory_problem = read_bitmap_list(path, hc, dirty=dirty)
     if bitmaps:
         data["bitmaps"] = bitmaps
+    if directory_problem is not None:
+        data["bitmaps-unusable"] = directory_problem
     if hc.data_file is not None:
         data["data-file"] = hc.data_file
     if hdr.incompatible_features & INCOMPAT_DATA_FILE:
@@ -167,34 +171,74 @@ def _qcow2_specific(path: str, hc: HeaderCluster) -> dict[str, Any]:
     return data
 
 
-def read_bitmap_list(path: str, hc: HeaderCluster) -> list[dict[str, Any]]:
-    """``format-specific.data.bitmaps``: directory order, flags ``in-use`` then ``auto``.
+def read_bitmap_list(path: str, hc: HeaderCluster, *,
+                     dirty: bool = False) -> tuple[list[dict[str, Any]], str | None]:
+    """``format-specific.data.bitmaps`` and why the whole directory is unreadable, if it is.
 
-    Only trusted when autoclear bit 0 is set, as QEMU does (otherwise a program without bitmap
-    support wrote the image and every bitmap is void).
+    Directory order, flags ``in-use`` then ``auto``, as qemu-img. Only trusted when autoclear
+    bit 0 is set, as QEMU does (otherwise a program without bitmap support wrote the image and
+    every bitmap is void). Beyond qemu-img: a damaged bitmap (which makes QEMU refuse the whole
+    image) is listed with ``"unusable": REASONS``; with ``dirty`` every usable bitmap gets
+    ``dirty-bytes`` and ``dirty-percent`` (its data clusters are read only then), an in-use one
+    ``"inconsistent": true`` instead.
     """
-    ext = hc.extension(EXT_BITMAPS)
-    if ext is None or not hc.header.autoclear_features & AUTOCLEAR_BITMAPS:
-        return []
-    nb, _reserved, dir_size, dir_offset = _BITMAPS_EXT.unpack(ext.data)
-    if not nb:
-        return []
-    buf = _pread_file(path, dir_offset, dir_size)
+    try:
+        with open(path, "rb") as f:
+            fd = f.fileno()
+
+            def pread(offset: int, length: int) -> bytes:
+                try:
+                    data = os.pread(fd, length, offset)
+                except OSError as exc:
+                    raise ImageIOError(f"Could not read '{path}' at {offset:#x}: "
+                                       f"{exc.strerror}", errno=exc.errno) from exc
+                return data + bytes(length - len(data)) if len(data) < length else data
+
+            return _bitmap_list(hc, pread, dirty)
+    except OSError as exc:
+        raise _open_error(path, exc) from exc
+
+
+def _bitmap_list(hc: HeaderCluster, pread: Pread,
+                 dirty: bool) -> tuple[list[dict[str, Any]], str | None]:
+    scan = scan_bitmaps(hc, pread)
+    if scan is None:
+        return [], None
+    size = disk_length(hc)
     out: list[dict[str, Any]] = []
-    pos = 0
-    while pos + _BITMAP_DIR_ENTRY.size <= len(buf) and len(out) < nb:
-        (_table_off, _table_size, flags, _type, gran_bits, name_size,
-         extra_size) = _BITMAP_DIR_ENTRY.unpack_from(buf, pos)
-        start = pos + _BITMAP_DIR_ENTRY.size + extra_size
-        name = buf[start:start + name_size].decode("utf-8", errors="replace")
-        names = [n for bit, n in ((BME_FLAG_IN_USE, "in-use"), (BME_FLAG_AUTO, "auto"))
-                 if flags & bit]
-        out.append({"name": name, "granularity": 1 << gran_bits, "flags": names})
-        pos += (_BITMAP_DIR_ENTRY.size + name_size + extra_size + 7) & ~7
-    if len(out) != nb or pos != dir_size:
-        raise FormatError("Broken bitmap directory", structure="bitmap directory",
-                          offset=dir_offset)
-    return out
+    for sb in scan.bitmaps:
+        e = sb.entry
+        flags = [n for bit, n in ((BME_FLAG_IN_USE, "in-use"), (BME_FLAG_AUTO, "auto"))
+                 if e.flags & bit]
+        item: dict[str, Any] = {"name": e.raw_name.decode("utf-8", errors="replace"),
+                                "granularity": e.granularity, "flags": flags}
+        if sb.problems:
+            item["unusable"] = "; ".join(sb.problems)
+        elif dirty and e.in_use:
+            item["inconsistent"] = True
+        elif dirty and sb.table is not None:
+            count = count_dirty(sb.table, e.granularity, size, hc.header.cluster_size, pread)
+            item["dirty-bytes"] = count
+            item["dirty-percent"] = dirty_percent(count, size)
+        out.append(item)
+    return out, scan.directory_problem
+
+
+def dirty_percent(dirty: int, size: int) -> Decimal:
+    """``dirty`` as a percentage of ``size``, two decimals (a fixed-point ``Decimal``).
+
+    Rounded half up, except that a non-zero count never shows as 0.00 and a partial one never
+    as 100.00: a bitmap that will copy something must not look clean, nor the reverse.
+    QEMU's JSON printer would print a double as ``%.17g`` (12.339999999999999), so the
+    percentage is a fixed-point number that prints as written.
+    """
+    if size <= 0 or dirty <= 0:
+        return Decimal("0.00")
+    if dirty >= size:
+        return Decimal("100.00")
+    pct = (Decimal(dirty) * 100 / Decimal(size)).quantize(Decimal("0.01"),
+                                                          rounding=ROUND_HALF_UP)
+    return min(max(pct, Decimal("0.01")), Decimal("99.99"))
 
 
 def read_snapshots(path: str, offset: int, count: int) -> list[dict[str, Any]]:
@@ -239,7 +283,8 @@ def _pread_file(path: str, offset: int, length: int) -> bytes:
         raise _open_error(path, exc) from exc
 
 
-def backing_chain_info(path: str, fmt: str | None = None) -> list[ImageInfo]:
+def backing_chain_info(path: str, fmt: str | None = None, *,
+                       dirty: bool = False) -> list[ImageInfo]:
     """``qemu-img info --backing-chain``: the image, then each backing file in turn."""
     chain: list[ImageInfo] = []
     seen: set[str] = set()
@@ -249,7 +294,7 @@ def backing_chain_info(path: str, fmt: str | None = None) -> list[ImageInfo]:
         if key in seen:
             raise UsageError(f"Backing file '{name}' creates an infinite loop.")
         seen.add(key)
-        info = image_info(name, fmt)
+        info = image_info(name, fmt, dirty=dirty)
         chain.append(info)
         name = info.get("full-backing-filename")
         fmt = info.get("backing-filename-format")
