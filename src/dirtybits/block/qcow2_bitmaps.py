@@ -35,6 +35,9 @@ from dirtybits.format.qcow2.bitmaps import (
 from dirtybits.format.qcow2.header import AUTOCLEAR_BITMAPS, EXT_BITMAPS
 from dirtybits.qcow2.image import Qcow2Image
 
+# In-place updates of a data cluster write the changed span rounded out to this: the page
+# cache's unit, so no read-modify-write below it, and small next to a 64 KiB cluster.
+WRITE_PAGE = 4096
 FLAGS_FIELD_OFFSET = 12  # in a directory entry: table offset u64, table size u32, then flags u32
 
 
@@ -374,7 +377,7 @@ class Qcow2BitmapStore:
 
         The bitmap must be in_use by us (its on-disk bits are not trusted while this runs).
         A chunk is one data cluster: an existing data cluster is read, merged and rewritten
-        only if it changed; an all-zeros entry gets a new cluster, and the table is rewritten
+        only where it changed (whole pages); an all-zeros entry gets a new cluster, and the table is rewritten
         after the new clusters' refcounts are durable; an all-ones entry needs nothing.
         Returns the bytes written (data clusters and table).
         """
@@ -392,11 +395,14 @@ class Qcow2BitmapStore:
                 continue
             new = bits.to_bytes(c * cs, cs)
             if te.kind is TableEntryKind.DATA:
-                old = img.read_metadata(te.offset, cs, "bitmap data")
-                merged = (np.frombuffer(old, np.uint8) | np.frombuffer(new, np.uint8)).tobytes()
-                if merged != old:
-                    img.write_metadata(te.offset, merged, "bitmap data")
-                    written += cs
+                old = np.frombuffer(img.read_metadata(te.offset, cs, "bitmap data"), np.uint8)
+                merged = old | np.frombuffer(new, np.uint8)
+                diff = np.flatnonzero(merged != old)
+                if diff.size:  # write only the pages that changed
+                    lo = int(diff[0]) & ~(WRITE_PAGE - 1)
+                    hi = min(cs, (int(diff[-1]) | (WRITE_PAGE - 1)) + 1)
+                    img.write_metadata(te.offset + lo, merged[lo:hi].tobytes(), "bitmap data")
+                    written += hi - lo
             elif any(new):
                 off = img.allocate_metadata(cs, "bitmap data")
                 img.write_metadata(off, new, "bitmap data")
