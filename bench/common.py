@@ -206,3 +206,187 @@ def write_json(path: Path | None, data: dict[str, Any]) -> None:
 
 def fail(message: str) -> None:
     print(f"\n*** FAIL: {message}\n", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- bytes written by a process
+@dataclass
+class Measured(Run):
+    """A run plus the child's I/O counters from ``/proc/PID/io``, read after it exited and
+    before it was reaped: ``wchar`` counts every byte the process handed to write(2)/pwrite(2)
+    (image, pipes, everything, cached or not); ``write_bytes`` what it sent towards the block
+    layer (page-cache pages it dirtied, O_DIRECT writes)."""
+
+    wchar: int = 0
+    write_bytes: int = 0
+    rchar: int = 0
+    read_bytes: int = 0
+
+
+def proc_io(pid: int) -> dict[str, int]:
+    """``/proc/PID/io`` as a dict (all threads of the process, dead ones included)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = int(value)
+    return fields
+
+
+def run_measured(argv: Sequence[str], stdin: bytes | None = None,
+                 timeout: float = 3600) -> Measured:
+    """Run one process like :func:`run_timed` and also count what it read and wrote.
+
+    ``os.waitid(WEXITED | WNOWAIT)`` returns when the child has exited but leaves it a zombie,
+    whose ``/proc/PID/io`` still holds the totals of all its threads; then it is reaped. Output
+    goes to a pipe drained by a thread, so it is not counted as disk writes (it is in ``wchar``:
+    keep it in mind for commands that print a lot)."""
+    import tempfile
+    import threading
+
+    with tempfile.TemporaryFile() as feed:
+        if stdin is not None:
+            feed.write(stdin)
+            feed.seek(0)
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            list(argv), stdin=feed if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        chunks: list[bytes] = []
+        assert proc.stdout is not None
+        out = proc.stdout
+        reader = threading.Thread(target=lambda: chunks.append(out.read()), daemon=True)
+        reader.start()
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+            seconds = time.perf_counter() - start
+            io = proc_io(proc.pid)
+        finally:
+            timer.cancel()
+            proc.wait()
+            reader.join()
+            out.close()
+    return Measured(seconds, proc.returncode, b"".join(chunks).decode(errors="replace"),
+                    wchar=io.get("wchar", 0), write_bytes=io.get("write_bytes", 0),
+                    rchar=io.get("rchar", 0), read_bytes=io.get("read_bytes", 0))
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def copy_sparse(src: Path, dst: Path) -> None:
+    """A fresh copy of a template image for a run that changes it (holes stay holes)."""
+    dst.unlink(missing_ok=True)
+    subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
+
+
+# ---------------------------------------------------------------- images with bitmaps
+def import_dirtybits() -> None:
+    """Make ``import dirtybits`` work in the bench process (the checkout's ``src`` if the
+    package is not installed)."""
+    try:
+        import dirtybits  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, str(ROOT / "src"))
+
+
+def populated_bitmap(size: int, granularity: int, cluster_size: int, seed: int,
+                     extra_runs: int = 64) -> Any:
+    """A ``DirtyBitmap`` whose every on-disk data cluster has dirty bits (so QEMU and we must
+    store every cluster): one granule at a seeded place in each cluster's span of the disk,
+    plus ``extra_runs`` seeded runs of 1-16 granules, so bitmaps of different seeds differ."""
+    import random
+
+    import_dirtybits()
+    from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
+
+    rnd = random.Random(seed)
+    bm = DirtyBitmap(size, granularity)
+    span = cluster_size * 8 * granularity  # disk bytes one bitmap data cluster covers
+    granules = -(-size // granularity)
+    for start in range(0, size, span):
+        g = start // granularity + rnd.randrange(min(span, size - start) // granularity or 1)
+        bm.set(g * granularity, granularity)
+    for _ in range(extra_runs):
+        g = rnd.randrange(granules)
+        bm.set(g * granularity, rnd.randint(1, 16) * granularity)
+    return bm
+
+
+def scattered_bitmap(size: int, granularity: int, runs: int, seed: int) -> Any:
+    """A ``DirtyBitmap`` with exactly ``runs`` separate dirty runs of 1-16 granules at seeded
+    places (never touching: each starts on its own 32-granule slot)."""
+    import random
+
+    import_dirtybits()
+    from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
+
+    rnd = random.Random(seed)
+    bm = DirtyBitmap(size, granularity)
+    slots = (size // granularity) // 32
+    if runs > slots:
+        raise ValueError(f"{runs} runs do not fit a {size}-byte disk at {granularity}")
+    for slot in sorted(rnd.sample(range(slots), runs)):
+        bm.set(slot * 32 * granularity, rnd.randint(1, 16) * granularity)
+    return bm
+
+
+def make_bitmap_image(path: Path, size: int, bitmaps: Sequence[tuple[str, Any]],
+                      cluster_size: int = 64 * KiB) -> None:
+    """A qemu-img-created qcow2 with the given ``(name, DirtyBitmap)`` stored as persistent
+    enabled bitmaps, written in-process through dirtybits' bitmap store (seconds for 256 MiB
+    of bitmap data, where QEMU would need a write per dirty run). Callers check the result
+    with ``qemu-img check`` / ``qemu-img info``."""
+    import_dirtybits()
+    from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
+    from dirtybits.qcow2.image import Qcow2Image
+
+    create_image(path, size, cluster_size)
+    with Qcow2Image.open(str(path), keep_bitmaps=True) as img:
+        store = Qcow2BitmapStore(img)
+        for name, bm in bitmaps:
+            store.add(name, bm.granularity)
+            if bm.count_bits():
+                store.store(name, bm)
+
+
+def qemu_img_check(path: Path) -> str | None:
+    """None when ``qemu-img check`` is clean, else what it said."""
+    proc = subprocess.run(["qemu-img", "check", "-f", "qcow2", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode == 0:
+        return None
+    return f"qemu-img check {path.name}: exit {proc.returncode}: " \
+           f"{(proc.stdout + proc.stderr).strip()[-500:]}"
+
+
+def qemu_bitmap_list(path: Path) -> list[dict[str, Any]]:
+    """The bitmaps ``qemu-img info --output=json`` lists (name, granularity, flags)."""
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return list(json.loads(out)["format-specific"]["data"].get("bitmaps", []))
+
+
+def bitmap_digests(path: Path) -> dict[str, str]:
+    """name -> QEMU's sha256 of each bitmap, read through dirtybits (``"in-use"`` or the error
+    for a bitmap that cannot be read)."""
+    import_dirtybits()
+    from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
+    from dirtybits.errors import DirtybitsError
+    from dirtybits.qcow2.image import Qcow2Image
+
+    digests: dict[str, str] = {}
+    with Qcow2Image.open(str(path), readonly=True, open_backing=False) as img:
+        store = Qcow2BitmapStore(img)
+        for sb in store.bitmaps:
+            try:
+                digests[sb.name] = store.load(sb.name).sha256()
+            except DirtybitsError as exc:
+                digests[sb.name] = f"unreadable: {exc}"
+    return digests
