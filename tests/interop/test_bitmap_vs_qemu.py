@@ -178,7 +178,8 @@ def test_killed_writer_leaves_bitmaps_in_use(tmp_path: Path) -> None:
     img = tmp_path / "d.qcow2"
     sh("qemu-img", "create", "-q", "-f", "qcow2", img, "1M")
     sh("qemu-img", "bitmap", "--add", img, "b0")
-    proc = subprocess.Popen([sys.executable, "-m", "dirtybits.cli.main", "io", str(img)],
+    proc = subprocess.Popen([sys.executable, "-m", "dirtybits.cli.main", "io",
+                             "--checkpoint=none", str(img)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write("write 0 4k\n")
@@ -188,4 +189,64 @@ def test_killed_writer_leaves_bitmaps_in_use(tmp_path: Path) -> None:
     proc.wait()
     # never silently stale: the bitmap says it may have missed writes
     assert qemu_bitmaps(img)[0]["flags"] == ["in-use", "auto"]
+    sh("qemu-img", "check", img)
+
+
+def _io_session(img: Path, *opts: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "dirtybits.cli.main", "io", *opts, str(img)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def _say(proc: subprocess.Popen[str], line: str, expect: str) -> None:
+    """Run one command and wait until it is done: ``length`` after it is the fence."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(line + "\nlength\n")
+    proc.stdin.flush()
+    out = []
+    while not (got := proc.stdout.readline()).endswith(" MiB\n"):
+        assert got, (line, out)
+        out.append(got)
+    assert "".join(out).startswith(expect), (line, out)
+
+
+def test_flush_checkpoints_so_a_kill_leaves_bitmaps_consistent(tmp_path: Path) -> None:
+    """QEMU keeps in_use from open to close; we clear it at each checkpoint. A kill after a
+    flush leaves the bitmap consistent for QEMU too, with every write; a write after the
+    flush sets in_use again before it lands."""
+    img = tmp_path / "d.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", img, "4M")
+    sh("qemu-img", "bitmap", "--add", img, "b0")
+    sh("qemu-img", "bitmap", "--add", "-g", "512", img, "fine")
+    sh("qemu-io", "-c", "write 3M 4k", img)  # QEMU's own bits, which we must continue
+    proc = _io_session(img, "--checkpoint=none")
+    try:
+        _say(proc, "write 0 4k", "wrote 4096/4096")
+        flags = [b["flags"] for b in json.loads(sh("qemu-img", "info", "-U", "--output=json",
+                                                   img).stdout)["format-specific"]["data"]
+                 ["bitmaps"]]
+        assert flags == [["in-use", "auto"]] * 2
+        _say(proc, "write 1M 512", "wrote 512/512")
+        _say(proc, "flush", "")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert [b["flags"] for b in qemu_bitmaps(img)] == [["auto"], ["auto"]]
+    sh("qemu-img", "check", img)
+    assert nbd_map(img, "b0") == (
+        "         0       65536    1  dirty\n"
+        "     65536      983040    0  clean\n"
+        "   1048576       65536    1  dirty\n"
+        "   1114112     2031616    0  clean\n"
+        "   3145728       65536    1  dirty\n"
+        "   3211264      983040    0  clean\n")
+    assert nbd_map(img, "fine") == db("bitmap", "--dump", img, "fine").stdout
+    assert "   1048576         512    1  dirty" in nbd_map(img, "fine")
+    # and after one more write the kill finds the bitmaps in use again
+    proc = _io_session(img, "--checkpoint=none")
+    try:
+        _say(proc, "write 2M 4k", "wrote 4096/4096")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert [b["flags"] for b in qemu_bitmaps(img)] == [["in-use", "auto"]] * 2
     sh("qemu-img", "check", img)
