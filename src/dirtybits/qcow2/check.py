@@ -27,6 +27,18 @@ from dirtybits.errors import (
     ImageIOError,
     UnsupportedFeatureError,
 )
+from dirtybits.format.qcow2.bitmaps import (
+    BME_MAX_PHYS_SIZE,
+    BME_MAX_TABLE_SIZE,
+    BME_TABLE_ENTRY_FLAG_ALL_ONES,
+    BME_TABLE_ENTRY_OFFSET_MASK,
+    BME_TABLE_ENTRY_RESERVED_MASK,
+    BitmapDirectory,
+    BitmapDirectoryEntry,
+    BitmapsExtension,
+    qemu_entry_error,
+    table_entry_error,
+)
 from dirtybits.format.qcow2.header import (
     AUTOCLEAR_BITMAPS,
     AUTOCLEAR_KNOWN,
@@ -56,6 +68,7 @@ from dirtybits.format.qcow2.tables import (
     REFT_RESERVED_MASK,
     SnapshotHeader,
 )
+from dirtybits.qcow2.bitmap_scan import read_directory
 from dirtybits.qcow2.info import unsupported_features
 
 if TYPE_CHECKING:
@@ -74,22 +87,6 @@ QCOW_MAX_SNAPSHOTS = 65536
 QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
 L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
 L2_BITMAP_ALL_ZEROES = 0xFFFFFFFF << 32
-
-# Bitmaps (qcow2-bitmap.c)
-BME_FLAG_IN_USE = 1 << 0
-BME_RESERVED_FLAGS = 0xFFFFFFFC
-BME_MAX_TABLE_SIZE = 0x8000000
-BME_MAX_PHYS_SIZE = 0x20000000
-BME_MAX_GRANULARITY_BITS = 31
-BME_MIN_GRANULARITY_BITS = 9
-BME_MAX_NAME_SIZE = 1023
-BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
-BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
-BT_DIRTY_TRACKING_BITMAP = 1
-QCOW2_MAX_BITMAP_DIRECTORY_SIZE = 1024 * 65535
-_BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")
-_BITMAPS_EXT = struct.Struct(">IIQQ")
 
 OVERFLOW_HINT = ("Use qemu-img amend to increase the refcount entry width or qemu-img convert "
                  "to create a clean copy if the image cannot be opened for writing")
@@ -170,6 +167,29 @@ class _Counters:
     allocated_clusters: int = 0
     fragmented_clusters: int = 0
     compressed_clusters: int = 0
+
+
+@dataclass
+class _JudgedBitmap:
+    """One directory entry as check sees it; ``reasons`` non-empty: damaged (store: unusable)."""
+
+    entry: BitmapDirectoryEntry
+    reasons: list[str]
+    qemu_error: str | None  # how QEMU would refuse the image because of this entry
+    table_counted: bool = False  # its table (and valid data entries) count as references
+    bad_entries: list[tuple[int, int]] = field(default_factory=list)  # (index, raw)
+    data_offsets: list[int] = field(default_factory=list)
+
+    @property
+    def display_name(self) -> str:
+        return self.entry.raw_name.decode("utf-8", errors="replace")
+
+
+@dataclass
+class _BitmapVerdict:
+    directory: BitmapDirectory | None = None
+    directory_problem: str | None = None
+    bitmaps: list[_JudgedBitmap] = field(default_factory=list)
 
 
 class _NeedRebuild(Exception):
@@ -327,10 +347,14 @@ class _Checker:
         self.snapshots = self._read_snapshots()
         crypto = self.hc.extension(EXT_CRYPTO_HEADER)
         self.crypto = struct.unpack(">QQ", crypto.data) if crypto is not None else (0, 0)
+        self._set_bitmaps_ext()
+
+    def _set_bitmaps_ext(self) -> None:
+        """The bitmaps extension QEMU trusts (autoclear bit 0 set), or None."""
         ext = self.hc.extension(EXT_BITMAPS)
         self.bitmaps_ext = (
-            _BITMAPS_EXT.unpack(ext.data)
-            if ext is not None and hdr.autoclear_features & AUTOCLEAR_BITMAPS else None
+            BitmapsExtension.unpack(ext.data)
+            if ext is not None and self.hdr.autoclear_features & AUTOCLEAR_BITMAPS else None
         )
 
     def _require_data_file(self) -> None:
@@ -607,82 +631,186 @@ class _Checker:
         self.res.corruptions -= 1
         self.res.corruptions_fixed += 1
 
-    def _count_bitmaps(self) -> None:
-        """qcow2_check_bitmaps_refcounts, but a broken entry is reported and skipped."""
-        if self.bitmaps_ext is None:
-            return
-        nb, _reserved, dir_size, dir_offset = self.bitmaps_ext
-        if nb == 0:
-            return
-        self._inc(dir_offset, dir_size)
+    def _judge_bitmaps(self) -> _BitmapVerdict:
+        """The bitmap directory and every entry's table, judged as the bitmap store does.
+
+        Reuses the records' parsing and validation (``format/qcow2/bitmaps.py``), so check,
+        info and the store agree on which bitmaps are damaged.
+        """
+        ext = self.bitmaps_ext
+        verdict = _BitmapVerdict()
+        if ext is None:
+            return verdict
         try:
-            bitmaps = self._load_bitmap_directory(nb, dir_size, dir_offset)
+            verdict.directory = read_directory(ext, self.cs, self._pread)
         except FormatError as exc:
-            self._msg(f"ERROR bitmap directory: {exc.reason}")
+            verdict.directory_problem = exc.reason
+            return verdict
+        np = self.np
+        disk = self.hdr.size & ~511
+        for entry, reasons in zip(verdict.directory.entries,
+                                  verdict.directory.check_entries(self.cs, disk), strict=True):
+            jb = _JudgedBitmap(entry, list(reasons), qemu_entry_error(entry, self.cs, disk))
+            verdict.bitmaps.append(jb)
+            off, size = entry.bitmap_table_offset, entry.bitmap_table_size
+            # QEMU's refcount check walks a table it can address; so do we, damaged or not,
+            # so that a damaged bitmap's clusters are not called leaks (and freed under it).
+            if not off or off % self.cs or size > BME_MAX_TABLE_SIZE:
+                continue
+            jb.table_counted = True
+            if size * self.cs > BME_MAX_PHYS_SIZE or off >= self.file_len:
+                continue
+            table = self._u64s(off, size)
+            u = np.uint64
+            data = table & u(BME_TABLE_ENTRY_OFFSET_MASK)
+            bad = ((table & u(BME_TABLE_ENTRY_RESERVED_MASK)) != 0) | (
+                (data != 0) & (((table & u(BME_TABLE_ENTRY_FLAG_ALL_ONES)) != 0)
+                               | ((data & u(self.cs - 1)) != 0)))
+            jb.bad_entries = [(j, int(table[j])) for j in np.nonzero(bad)[0].tolist()]
+            jb.data_offsets = data[~bad & (data != 0)].tolist()
+            if jb.bad_entries and not jb.reasons:
+                err = table_entry_error(jb.bad_entries[0][1], self.cs)
+                jb.reasons.append(f"bitmap table: {err}")
+        return verdict
+
+    def _count_bitmaps(self) -> None:
+        """qcow2_check_bitmaps_refcounts; a damaged bitmap is reported, not fatal.
+
+        Each damaged bitmap is one corruption (plus one per invalid table entry); QEMU would
+        refuse to open the image at all. Its clusters are still counted where they can be
+        addressed, so only ``-r all`` (which drops the entry first) lets the leak repair
+        reclaim them.
+        """
+        ext = self.bitmaps_ext
+        if ext is None or ext.nb_bitmaps == 0:
+            return
+        self._inc(ext.bitmap_directory_offset, ext.bitmap_directory_size)
+        verdict = self._judge_bitmaps()
+        if verdict.directory_problem is not None:
+            self._msg(f"ERROR bitmap directory: {verdict.directory_problem}")
             self.res.corruptions += 1
             return
-        for name, table_offset, table_size in bitmaps:
-            self._inc(table_offset, table_size * 8)
-            if table_size * self.cs > BME_MAX_PHYS_SIZE:
-                continue  # already reported; QEMU never has tables this large to walk
-            table = self._u64s(table_offset, table_size)
-            for j, raw in enumerate(table.tolist()):
-                offset = raw & BME_TABLE_ENTRY_OFFSET_MASK
-                if raw & BME_TABLE_ENTRY_RESERVED_MASK or (
-                    offset and (raw & BME_TABLE_ENTRY_FLAG_ALL_ONES or offset % self.cs)
-                ):
-                    self._msg(f"ERROR bitmap '{name}' table entry {j} is invalid: {raw:#x}")
-                    self.res.corruptions += 1
-                    continue
-                if offset:
-                    self._inc(offset, self.cs)
-
-    def _load_bitmap_directory(self, nb: int, size: int,
-                               offset: int) -> list[tuple[str, int, int]]:
-        """bitmap_list_load's checks; entries failing only check_dir_entry are still counted."""
-
-        def broken(reason: str) -> FormatError:
-            return FormatError(reason, structure="bitmap directory", offset=offset)
-
-        if size == 0:
-            raise broken("Requested bitmap directory size is zero")
-        if size > QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
-            raise broken("Requested bitmap directory size is too big")
-        buf = self._pread(offset, size)
-        out: list[tuple[str, int, int]] = []
-        pos = 0
-        while pos < size:
-            if pos + _BITMAP_DIR_ENTRY.size > size:
-                raise broken("Broken bitmap directory")
-            if len(out) + 1 > nb:
-                raise broken("More bitmaps found than specified in header extension")
-            (table_offset, table_size, flags, bm_type, gran_bits, name_size,
-             extra_size) = _BITMAP_DIR_ENTRY.unpack_from(buf, pos)
-            entry_size = (_BITMAP_DIR_ENTRY.size + name_size + extra_size + 7) & ~7
-            if pos + entry_size > size:
-                raise broken("Broken bitmap directory")
-            name_at = pos + _BITMAP_DIR_ENTRY.size + extra_size
-            name = buf[name_at:name_at + name_size].decode("utf-8", errors="replace")
-            phys = table_size * self.cs
-            disk = self.hdr.size // 512 * 512
-            if extra_size:
-                self._msg(f"ERROR bitmap '{name}': Bitmap extra data is not supported")
+        for jb in verdict.bitmaps:
+            name = jb.display_name
+            own = [r for r in jb.reasons if not r.startswith("bitmap table: ")]
+            if own:
+                why = "; ".join(own)
+                qemu = jb.qemu_error
+                self._msg(f"ERROR bitmap '{name}': {qemu} ({why})" if qemu
+                          else f"ERROR bitmap '{name}': {why}")
                 self.res.corruptions += 1
-            elif (not table_size or not table_offset or table_offset % self.cs
-                  or table_size > BME_MAX_TABLE_SIZE
-                  or not BME_MIN_GRANULARITY_BITS <= gran_bits <= BME_MAX_GRANULARITY_BITS
-                  or flags & BME_RESERVED_FLAGS or name_size > BME_MAX_NAME_SIZE
-                  or bm_type != BT_DIRTY_TRACKING_BITMAP or phys > BME_MAX_PHYS_SIZE
-                  or (not flags & BME_FLAG_IN_USE and disk > (phys * 8) << gran_bits)):
-                self._msg(f"ERROR bitmap '{name}': Bitmap '{name}' doesn't satisfy the "
-                          "constraints")
+            if not jb.table_counted:
+                continue
+            e = jb.entry
+            self._inc(e.bitmap_table_offset, e.bitmap_table_size * 8)
+            for j, raw in jb.bad_entries:
+                self._msg(f"ERROR bitmap '{name}' table entry {j} is invalid: {raw:#x} "
+                          f"({table_entry_error(raw, self.cs)})")
                 self.res.corruptions += 1
-            if table_offset and not table_offset % self.cs and table_size <= BME_MAX_TABLE_SIZE:
-                out.append((name, table_offset, table_size))
-            pos += entry_size
-        if len(out) > nb or pos != size:
-            raise broken("Broken bitmap directory")
-        return out
+            for offset in jb.data_offsets:
+                self._inc(offset, self.cs)
+
+    # ----------------------------------------------------------------- dropping bitmaps
+    def _drop_damaged_bitmaps(self) -> None:
+        """``-r all``: remove damaged bitmaps from the directory, copy-on-write.
+
+        The new directory goes to free clusters (refcount 0 and referenced by nothing, found
+        by a counting pass), is synced, gets its refcounts, and only then does one synced
+        header write switch to it. The old directory and the dropped bitmaps' tables and data
+        are then unreferenced: the leak repair that follows frees them (clusters something
+        else still references keep their count). Guest data is never written. An unreadable
+        directory, or one whose every bitmap is damaged, drops the whole extension.
+        """
+        verdict = self._judge_bitmaps()
+        keep = [jb for jb in verdict.bitmaps if not jb.reasons]
+        if verdict.directory_problem is None and len(keep) == len(verdict.bitmaps):
+            return
+        r = self.res
+        if verdict.directory_problem is not None:
+            self._msg(f"Repairing bitmap directory: dropped the bitmaps extension "
+                      f"({verdict.directory_problem})")
+            r.corruptions_fixed += 1
+        for jb in verdict.bitmaps:
+            if jb.reasons:
+                self._msg(f"Repairing bitmap '{jb.display_name}': dropped it "
+                          f"({'; '.join(jb.reasons)})")
+                r.corruptions_fixed += 1
+        hc = self.hc
+        if keep and verdict.directory_problem is None:
+            directory = BitmapDirectory(tuple(jb.entry for jb in keep))
+            raw = directory.pack()
+            need = -(-len(raw) // self.cs)
+            first = self._free_clusters(need)
+            self._pwrite(first * self.cs, raw + bytes(need * self.cs - len(raw)))
+            self._sync()
+            self._set_refcounts(range(first, first + need), 1)
+            hc = hc.with_extension(EXT_BITMAPS, directory.extension(first * self.cs).pack())
+        else:
+            hc = HeaderCluster(self.hdr.replace(
+                autoclear_features=self.hdr.autoclear_features & ~AUTOCLEAR_BITMAPS),
+                hc.extensions, hc.backing_file).with_extension(EXT_BITMAPS, None)
+        self._write_header(hc)
+        self._set_bitmaps_ext()
+
+    def _free_clusters(self, need: int) -> int:
+        """First of ``need`` contiguous clusters nothing references and whose refcount is 0.
+
+        Runs a counting pass of its own (its messages and counters are discarded). Inside
+        the file first; else right past its end, where an existing refcount block covers it.
+        """
+        np = self.np
+        saved = self.res, self.messages, self.calc_fix
+        self.res, self.messages = _Counters(), []
+        try:
+            self._calculate(0)
+            self._load_stored()
+        finally:
+            self.res, self.messages, self.calc_fix = saved
+        n = min(self.n, len(self.stored))
+        free = (self.stored[:n] == 0) & (self.counts[:n] == 0)
+        free[0] = False
+        per_block = 1 << self.block_bits
+        for i in range(-(-n // per_block)):
+            if not self._covered(i << self.block_bits):
+                free[i * per_block:(i + 1) * per_block] = False
+        if need == 1:
+            hits = np.nonzero(free)[0]
+            if len(hits):
+                return int(hits[0])
+        else:
+            run = np.convolve(free.astype(np.int64), np.ones(need, dtype=np.int64), "valid")
+            hits = np.nonzero(run == need)[0]
+            if len(hits):
+                return int(hits[0])
+        start = max(n, self.nb_clusters)
+        if all(self._stored_refcount(k) == 0 and self._covered(k)
+               for k in range(start, start + need)):
+            return start
+        raise CheckFailedError("Check failed: no free cluster covered by a refcount block "
+                               "for the new bitmap directory", self.messages)
+
+    def _covered(self, cluster: int) -> bool:
+        i = cluster >> self.block_bits
+        if i >= self.reftable_entries or i in self.bad_blocks:
+            return False
+        offset = int(self.reftable[i]) & REFT_OFFSET_MASK
+        return bool(offset) and not offset % self.cs
+
+    def _set_refcounts(self, clusters: range, value: int) -> None:
+        updates: dict[int, list[tuple[int, int]]] = {}
+        for k in clusters:
+            updates.setdefault(k >> self.block_bits, []).append((k, value))
+        self._write_refcounts(updates)
+        self.file_len = max(self.file_len, os.fstat(self.fd).st_size)
+        self.nb_clusters = -(-self.file_len // self.cs)
+
+    def _write_header(self, hc: HeaderCluster) -> None:
+        """Rewrite cluster 0 in one synced write (everything it names is already durable)."""
+        raw = hc.pack()
+        self._pwrite(0, raw + bytes(self.cs - len(raw)))
+        self._sync()
+        self.hc = hc
+        self.hdr = hc.header
 
     def _calculate(self, fix: int) -> bool:
         """calculate_refcounts + check_refblocks; returns whether a rebuild is needed."""
@@ -1031,11 +1159,7 @@ class _Checker:
                            hc.extensions, hc.backing_file)
         if stale_bitmaps:
             hc = hc.with_extension(EXT_BITMAPS, None)
-        raw = hc.pack()
-        self._pwrite(0, raw + bytes(self.cs - len(raw)))
-        self._sync()
-        self.hc = hc
-        self.hdr = hc.header
+        self._write_header(hc)
 
     def run(self) -> None:
         """qcow2_check_refcounts followed by qcow2_co_check_locked's mark-clean step."""
@@ -1043,6 +1167,8 @@ class _Checker:
         fix = self.fix
         if fix:
             self._prepare_repair()
+        if fix & FIX_ERRORS:
+            self._drop_damaged_bitmaps()
         r.total_clusters = -(-(self.hdr.size // 512 * 512) // self.cs)
         rebuild = self._calculate(fix)
         pre_compare = copy.copy(r)
