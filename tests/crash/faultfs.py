@@ -1,0 +1,98 @@
+"""A file layer that fails (or kills the process at) a chosen write or sync of the engine.
+
+``inject(Fault(...))`` replaces the ``os`` module seen by ``dirtybits.qcow2.image`` (the only
+module that writes or syncs image files) with a proxy. Every ``pwrite``/``pwritev``/``write``/
+``ftruncate`` (a *write*) and ``fdatasync``/``fsync`` (a *sync*) the engine makes is counted;
+the ``at``-th one (0-based, among the kinds selected) gets the fault:
+
+- ``fail``: raise ``OSError(errno)`` without doing anything (the write never landed);
+- ``fail-after``: do the call, then raise (the write landed, or the sync happened, but the
+  caller was told it failed: what a lost completion or a late EIO looks like);
+- ``partial``: write the first half, then raise (a short write, then ENOSPC);
+- ``kill-before`` / ``kill-after``: SIGKILL this process just before / just after the call
+  (a crash at an exact point of the protocol; the page cache survives, as with kill -9).
+
+After the first fault, ``sticky=True`` makes every later call of the selected kinds fail too
+(a disk that stays broken); otherwise later calls succeed (a transient error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as errno_mod
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+WRITES = ("pwrite", "pwritev", "write", "ftruncate")
+SYNCS = ("fdatasync", "fsync")
+ACTIONS = ("fail", "fail-after", "partial", "kill-before", "kill-after")
+
+
+@dataclass
+class Fault:
+    at: int  # which selected call (0-based) gets the fault; -1: none (just count)
+    action: str = "fail"
+    errno: int = errno_mod.EIO
+    kinds: tuple[str, ...] = WRITES + SYNCS
+    sticky: bool = False
+    calls: int = 0  # selected calls seen so far
+    fired: str | None = None  # "pwrite#12" once the fault happened
+    log: list[str] = field(default_factory=list)  # kinds of the selected calls, in order
+
+
+class OsProxy:
+    """Looks like ``os``; intercepts the calls named in WRITES and SYNCS."""
+
+    def __init__(self, real: Any, fault: Fault):
+        self._real = real
+        self._fault = fault
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._real, name)
+        if name in WRITES or name in SYNCS:
+            return lambda *args: self._call(name, attr, args)
+        return attr
+
+    def _call(self, name: str, fn: Any, args: tuple[Any, ...]) -> Any:
+        f = self._fault
+        if name not in f.kinds:
+            return fn(*args)
+        index = f.calls
+        f.calls += 1
+        f.log.append(name)
+        if f.fired is not None and f.sticky:
+            raise OSError(f.errno, os.strerror(f.errno))
+        if index != f.at:
+            return fn(*args)
+        f.fired = f"{name}#{index}"
+        if f.action == "kill-before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if f.action == "fail":
+            raise OSError(f.errno, os.strerror(f.errno))
+        if f.action == "partial" and name == "pwrite":
+            data = memoryview(args[1])
+            if len(data) // 2:
+                fn(args[0], data[:len(data) // 2], args[2])
+            raise OSError(f.errno, os.strerror(f.errno))
+        result = fn(*args)
+        if f.action == "kill-after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if f.action in ("fail-after", "partial"):
+            raise OSError(f.errno, os.strerror(f.errno))
+        return result
+
+
+@contextlib.contextmanager
+def inject(fault: Fault) -> Iterator[Fault]:
+    """Route the engine's file calls through ``OsProxy`` for the duration."""
+    import dirtybits.qcow2.image as image_mod
+
+    real = getattr(image_mod, "os")  # noqa: B009 (not an exported name)
+    setattr(image_mod, "os", OsProxy(real, fault))  # noqa: B010
+    try:
+        yield fault
+    finally:
+        setattr(image_mod, "os", real)  # noqa: B010
