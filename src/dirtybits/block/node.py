@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -56,10 +56,14 @@ class BlockNode:
     Thread-safe: requests and background checkpoints are serialized by one lock.
     ``track=False`` (``--bitmaps=no``) records nothing; the enabled bitmaps are then marked
     in_use before the first write and left so: they would miss writes, so they say so.
+    ``only`` limits the node to these bitmaps of ``store`` (a container holding bitmaps for
+    several drives: the store may be in another file than ``driver``, and its disk size may
+    exceed the driver's; bits past the drive's end simply stay clean).
     """
 
     def __init__(self, driver: ImageDriver, store: Qcow2BitmapStore | None = None, *,
-                 policy: CheckpointPolicy | None = None, track: bool = True):
+                 policy: CheckpointPolicy | None = None, track: bool = True,
+                 only: Collection[str] | None = None):
         self.driver = driver
         self.store = store
         self.format_name = driver.format_name
@@ -77,12 +81,14 @@ class BlockNode:
         self._timer: CheckpointTimer | None = None
         self._closed = False
         if store is not None and not driver.readonly:
-            self._setup(store, track)
+            self._setup(store, track, only)
 
-    def _setup(self, store: Qcow2BitmapStore, track: bool) -> None:
+    def _setup(self, store: Qcow2BitmapStore, track: bool,
+               only: Collection[str] | None) -> None:
         from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
 
-        enabled = [sb for sb in store.bitmaps if store.is_usable(sb) and sb.entry.auto]
+        enabled = [sb for sb in store.bitmaps if store.is_usable(sb) and sb.entry.auto
+                   and (only is None or sb.name in only)]
         if not track:
             self._untracked = [sb.name for sb in enabled]
             return
