@@ -1,8 +1,9 @@
 """``dirtybits bitmap``: qemu-img bitmap's actions, in command-line order, plus more.
 
 Beyond qemu-img: ``--rename NEW``, ``--copy NEW``, ``--dump`` (the dirty extents exactly as
-``nbdinfo --map=qemu:dirty-bitmap:NAME`` prints them, with ``--json`` / ``--totals``) and
-``--sha256`` (QEMU's ``x-debug-block-dirty-bitmap-sha256``).
+``nbdinfo --map=qemu:dirty-bitmap:NAME`` prints them, with ``--json`` / ``--totals``),
+``--sha256`` (QEMU's ``x-debug-block-dirty-bitmap-sha256``) and ``--png FILE`` (a picture of
+the disk with the dirty regions coloured, see ``bitmap_png``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, TextIO
 from dirtybits.errors import DirtybitsError, UsageError
 
 WRITE_ACTIONS = ("add", "remove", "clear", "enable", "disable", "merge", "rename", "copy")
-READ_ACTIONS = ("dump", "sha256")
+READ_ACTIONS = ("dump", "sha256", "png")
 
 
 class _Ordered(argparse.Action):
@@ -36,6 +37,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--merge", dest="merge", action=_Ordered, metavar="SOURCE")
     p.add_argument("--rename", dest="rename", action=_Ordered, metavar="NEW_NAME")
     p.add_argument("--copy", dest="copy", action=_Ordered, metavar="NEW_NAME")
+    p.add_argument("--png", dest="png", action=_Ordered, metavar="FILE.png",
+                   help="draw the bitmap as a grid of the disk, dirty regions coloured")
     p.add_argument("-g", "--granularity", dest="granularity")
     p.add_argument("-b", "--source-file", dest="source_file")
     p.add_argument("-F", "--source-format", dest="source_format")
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     actions: list[tuple[str, Any]] = args.actions or []
     if not actions:
         raise UsageError("Need at least one of --add, --remove, --clear, --enable, --disable, "
-                         "--merge, --rename, --copy, --dump or --sha256")
+                         "--merge, --rename, --copy, --dump, --sha256 or --png")
     kinds = {a for a, _ in actions}
     if args.granularity is not None and "add" not in kinds:
         raise UsageError("granularity only supported with --add")
@@ -107,6 +110,10 @@ def _apply(store: Any, action: str, value: Any, name: str, gran: int | None,
         store.copy(name, value)
     elif action == "sha256":
         print(store.load(name).sha256(), file=out)
+    elif action == "png":
+        from dirtybits.cli.bitmap_png import render_png
+
+        render_png(store.load(name), value, title=f"{args.filename}: bitmap '{name}'")
     elif action == "dump":
         bm = store.load(name)
         size = store.disk_size & ~511  # an NBD export is the disk size aligned down to 512
