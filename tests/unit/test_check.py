@@ -350,6 +350,162 @@ def test_broken_bitmap_table_entry_is_reported(tmp_path: Path) -> None:
     assert (res.corruptions, res.leaks) == (1, 1)
 
 
+def _two_bitmaps(tmp_path: Path, **bad: int) -> Image:
+    """``good`` (dir @10, table @11, data @12) and ``bad`` (table @13, data @14) at 64 KiB
+    granularity; ``bad`` gets the given entry fields (``gran_bits``, ``flags``, ``table_size``)
+    or, with ``table_entry``, that raw table entry."""
+    img = simple(tmp_path)
+    entries = b""
+    for name, table, fields in ((b"good", 11, {}), (b"bad", 13, bad)):
+        e = struct.pack(">QIIBBHI", table * CS, fields.get("table_size", 1),
+                        fields.get("flags", 2), 1, fields.get("gran_bits", 16), len(name), 0)
+        e += name
+        entries += e + bytes(-len(e) % 8)
+    img.clusters[10] = entries
+    img.clusters[11] = struct.pack(">Q", 12 * CS)
+    img.clusters[12] = b"\x05" + bytes(CS - 1)
+    img.clusters[13] = struct.pack(">Q", bad.get("table_entry", 14 * CS))
+    img.clusters[14] = b"\xff" + bytes(CS - 1)
+    for k in range(10, 15):
+        img.refcounts[k] = 1
+    img.extensions.append(HeaderExtension(EXT_BITMAPS, struct.pack(
+        ">IIQQ", bad.get("nb", 2), 0, len(entries), 10 * CS)))
+    img.autoclear = AUTOCLEAR_BITMAPS
+    return img
+
+
+def _bitmap_ext(path: Path) -> tuple[int, int, int] | None:
+    with open(path, "rb") as f:
+        hc = HeaderCluster.unpack(f.read(CS))
+    ext = hc.extension(EXT_BITMAPS)
+    if ext is None:
+        return None
+    nb, _, size, offset = struct.unpack(">IIQQ", ext.data)
+    return nb, size, offset
+
+
+GUEST = {5: 0x11, 6: 0x22, 8: 0x33}  # host cluster -> fill byte of simple()'s data
+
+
+def _guest_intact(path: Path) -> bool:
+    with open(path, "rb") as f:
+        for k, fill in GUEST.items():
+            f.seek(k * CS)
+            if f.read(CS) != bytes([fill]) * CS:
+                return False
+    return True
+
+
+@pytest.mark.parametrize(("fields", "reason"), [
+    ({"gran_bits": 40}, "granularity_bits 40 is outside 9..31"),
+    ({"flags": 0x12}, "reserved flags are set (0x10)"),
+    ({"table_size": 2}, "bitmap_table_size 2 differs from the 1 the disk size requires"),
+    ({"table_entry": 14 * CS + 0x200}, "points to an unaligned data cluster"),
+])
+def test_damaged_bitmap_reported_by_name_and_reason(tmp_path: Path, fields: dict[str, int],
+                                                    reason: str) -> None:
+    path = _two_bitmaps(tmp_path, **fields).write()
+    res = check_image(str(path))
+    bad = [m for m in res.messages if "'bad'" in m]
+    assert bad and all(m.startswith("ERROR bitmap 'bad'") for m in bad)
+    assert any(reason in m for m in bad)
+    assert not any("'good'" in m for m in res.messages)
+    assert res.corruptions == 1 and res.check_errors == 0
+
+
+@pytest.mark.parametrize("fields", [
+    {"gran_bits": 40}, {"flags": 0x12}, {"table_size": 2}, {"table_entry": 14 * CS + 0x200},
+])
+def test_repair_all_drops_the_damaged_bitmap_and_reclaims_it(tmp_path: Path,
+                                                             fields: dict[str, int]) -> None:
+    path = _two_bitmaps(tmp_path, **fields).write()
+    with open(path, "rb") as f:
+        good_table_and_data = f.read()[11 * CS:13 * CS]
+    res = check_image(str(path), "all")
+    assert any(m.startswith("Repairing bitmap 'bad': dropped it") for m in res.repair_messages)
+    assert counts(res) == (0, 0, 0) and res.corruptions_fixed == 1
+    assert counts(check_image(str(path))) == (0, 0, 0)
+    ext = _bitmap_ext(path)
+    assert ext is not None and ext[0] == 1 and ext[2] != 10 * CS  # a new directory
+    with open(path, "rb") as f:
+        data = f.read()
+    entry = data[ext[2]:ext[2] + ext[1]]
+    assert entry[24:28] == b"good" and struct.unpack_from(">Q", entry)[0] == 11 * CS
+    assert data[11 * CS:13 * CS] == good_table_and_data  # the good bitmap is untouched
+    assert _guest_intact(path)
+    # The old directory and whatever only the dropped bitmap used are free again.
+    assert stored(path, 10) == 0 and stored(path, 13) == 0
+    if fields.get("table_entry") is None:
+        assert stored(path, 14) == 0
+    assert stored(path, ext[2] // CS) == 1
+    store_view = _store_bitmaps(path)
+    assert store_view == [("good", [])]
+
+
+def _store_bitmaps(path: Path) -> list[tuple[str, list[str]]]:
+    from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
+    from dirtybits.qcow2.image import Qcow2Image
+
+    with Qcow2Image.open(str(path), readonly=True, keep_bitmaps=True) as img:
+        return [(sb.name, sb.problems) for sb in Qcow2BitmapStore(img).bitmaps]
+
+
+def test_repair_leaks_keeps_damaged_bitmaps(tmp_path: Path) -> None:
+    path = _two_bitmaps(tmp_path, gran_bits=40).write()
+    before = path.read_bytes()
+    res = check_image(str(path), "leaks")
+    assert res.corruptions == 1 and not res.repaired
+    assert path.read_bytes() == before
+
+
+def test_repair_all_drops_an_unreadable_directory(tmp_path: Path) -> None:
+    path = _two_bitmaps(tmp_path, nb=3).write()  # the directory holds 2 entries, not 3
+    res = check_image(str(path))
+    assert "ERROR bitmap directory: Less bitmaps found than specified in header extension" \
+        in res.messages
+    assert res.corruptions == 1
+    fixed = check_image(str(path), "all")
+    assert any(m.startswith("Repairing bitmap directory: dropped the bitmaps extension")
+               for m in fixed.repair_messages)
+    assert counts(fixed) == (0, 0, 0)
+    assert _bitmap_ext(path) is None
+    with open(path, "rb") as f:
+        assert HeaderCluster.unpack(f.read(CS)).header.autoclear_features & 1 == 0
+    assert all(stored(path, k) == 0 for k in range(10, 15))
+    assert _guest_intact(path)
+
+
+def test_repair_all_drops_the_extension_when_every_bitmap_is_damaged(tmp_path: Path) -> None:
+    img = _two_bitmaps(tmp_path, gran_bits=40)
+    img.clusters[11] = struct.pack(">Q", 12 * CS | 1)  # good's table: offset and all-ones
+    path = img.write()
+    fixed = check_image(str(path), "all")
+    assert counts(fixed) == (0, 0, 0) and fixed.corruptions_fixed == 2
+    assert _bitmap_ext(path) is None
+    assert _guest_intact(path)
+
+
+def test_bitmap_drop_is_copy_on_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash before the header switch leaves the old directory in force: the image is as
+    it was, plus at most the new directory's cluster as a leak."""
+    path = _two_bitmaps(tmp_path, gran_bits=40).write()
+    before = path.read_bytes()
+
+    def crash(self: object, hc: object) -> None:
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(check_mod._Checker, "_write_header", crash)
+    with pytest.raises(RuntimeError):
+        check_image(str(path), "all")
+    after = path.read_bytes()
+    assert after[:CS] == before[:CS]
+    res = check_image(str(path))
+    assert res.corruptions == 1 and res.leaks == 1  # the damage as before, one leak
+    monkeypatch.undo()
+    assert counts(check_image(str(path), "all")) == (0, 0, 0)
+    assert _store_bitmaps(path) == [("good", [])]
+
+
 def test_successful_repair_clears_dirty_and_corrupt_bits(tmp_path: Path) -> None:
     img = simple(tmp_path)
     img.incompat = INCOMPAT_DIRTY | INCOMPAT_CORRUPT
