@@ -28,7 +28,7 @@ def probe_format(path: str) -> str:
 def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
                open_backing: bool = True, cache: str = "writeback",
                bitmaps: str = "auto", checkpoint: CheckpointPolicy | None = None,
-               always_node: bool = False) -> ImageDriver:
+               always_node: bool = False, force_share: bool = False) -> ImageDriver:
     """Open ``path`` as ``fmt`` (probed when None) and return its driver.
 
     ``cache`` takes qemu's cache modes; ``none``/``directsync`` use O_DIRECT for data. A
@@ -38,6 +38,7 @@ def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
     since they would miss it. ``always_node`` wraps every image in a ``BlockNode`` (the
     Python API's uniform interface); otherwise a plain driver comes back when there is nothing
     to track, without loading the bitmap engine (numpy).
+    ``force_share`` is qemu's -U (read-only opens only): lock nothing others could trip on.
     """
     if bitmaps not in ("auto", "no"):
         raise UsageError(f"bitmaps must be 'auto' or 'no', not '{bitmaps}'")
@@ -47,7 +48,7 @@ def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
         from dirtybits.qcow2.image import Qcow2Image
 
         img = Qcow2Image.open(path, readonly=readonly, open_backing=open_backing, cache=cache,
-                              keep_bitmaps=not readonly)
+                              keep_bitmaps=not readonly, force_share=force_share)
         from dirtybits.format.qcow2.header import EXT_BITMAPS
 
         if readonly or img.hc.extension(EXT_BITMAPS) is None:
@@ -67,7 +68,7 @@ def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
 
         if not os.path.exists(path):
             raise ImageIOError(f"Could not open '{path}': No such file or directory")
-        raw = RawImage(path, readonly=readonly)
+        raw = RawImage(path, readonly=readonly, force_share=force_share)
         return _node(raw, None, checkpoint, True) if always_node else raw
     raise UsageError(f"Unknown file format '{fmt}'")
 

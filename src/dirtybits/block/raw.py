@@ -9,6 +9,7 @@ from types import TracebackType
 
 from dirtybits.block.driver import Buffer
 from dirtybits.errors import ImageError, ImageIOError, ReadOnlyError
+from dirtybits.filelock import CREATE, RAW_RO, RAW_RW, FileLock, check_force_share, lock_fd
 from dirtybits.osfile import punch_hole as _punch_hole
 from dirtybits.qcow2.extent import MapExtent
 
@@ -19,7 +20,11 @@ SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 class RawImage:
     format_name = "raw"
 
-    def __init__(self, path: str, *, readonly: bool = False):
+    def __init__(self, path: str, *, readonly: bool = False, force_share: bool = False):
+        """Open and lock as qemu-io/qemu-img lock a raw image: a reader holds "consistent
+        read", a writer also "write"; both share everything (QEMU 7.2's raw format node
+        unshares nothing), so only a qcow2 or data-file user elsewhere can refuse us."""
+        check_force_share(readonly, force_share)
         self.path = path
         self.readonly = readonly
         flags = os.O_RDONLY if readonly else os.O_RDWR
@@ -27,18 +32,27 @@ class RawImage:
             self._fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
             raise ImageIOError(f"Could not open '{path}': {exc.strerror}", errno=exc.errno) from exc
+        try:
+            self._lock: FileLock | None = lock_fd(self._fd, path, RAW_RO if readonly else RAW_RW)
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._size = os.fstat(self._fd).st_size
         self._closed = False
 
     @classmethod
     def create(cls, path: str, size: int) -> None:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            # truncated only once locked, as QEMU's raw_co_create: a user keeps the old data
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as exc:
             raise ImageIOError(f"Could not create '{path}': {exc.strerror}",
                                errno=exc.errno) from exc
         try:
+            lock = lock_fd(fd, path, CREATE)
+            os.ftruncate(fd, 0)
             os.ftruncate(fd, size)
+            lock.release()
         finally:
             os.close(fd)
 
@@ -140,6 +154,8 @@ class RawImage:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._lock is not None:
+                self._lock.release()
             os.close(self._fd)
 
     def __enter__(self) -> RawImage:

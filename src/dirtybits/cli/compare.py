@@ -64,7 +64,7 @@ def _parser() -> ArgParser:
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing, only exit")
     p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
     p.add_argument("-U", "--force-share", action="store_true",
-                   help="accepted for qemu-img compatibility (compare never writes)")
+                   help="open both images shared, even while a writer holds them (qemu-img -U)")
     p.add_argument("files", nargs="*", metavar="FILE")
     return p
 
@@ -83,12 +83,12 @@ def run(args: argparse.Namespace) -> int:
 def _run(a: argparse.Namespace) -> int:
     name1, name2 = a.files
     try:
-        img1 = open_qemu(name1, a.fmt1)
+        img1 = open_qemu(name1, a.fmt1, force_share=a.force_share)
     except QemuError as exc:
         exc.status = EXIT_OPEN_FAILED
         raise
     try:
-        img2 = open_qemu(name2, a.fmt2)
+        img2 = open_qemu(name2, a.fmt2, force_share=a.force_share)
     except QemuError as exc:
         img1.close()
         exc.status = EXIT_OPEN_FAILED

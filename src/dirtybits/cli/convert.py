@@ -74,7 +74,7 @@ def _parser() -> ArgParser:
     p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet (no progress bar)")
     p.add_argument("-U", "--force-share", action="store_true",
-                   help="accepted for qemu-img compatibility (the source is opened read-only)")
+                   help="open the source shared, even while a writer holds it (qemu-img -U)")
     p.add_argument("files", nargs="*", metavar="SRC DST")
     return p
 
@@ -113,7 +113,7 @@ def _run(a: argparse.Namespace) -> int:
         if a.out_fmt == "raw":
             raise QemuError("Compression not supported for this file format")
         raise QemuError("compressed output (-c) is not supported")
-    with open_qemu(src_name, a.fmt) as src:
+    with open_qemu(src_name, a.fmt, force_share=a.force_share) as src:
         size = qemu_size(src)
         zero_init = True
         if a.skip_create:

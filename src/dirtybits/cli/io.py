@@ -205,7 +205,7 @@ def run_options(opts: IoOptions) -> int:
     try:
         driver = open_image(opts.filename, opts.fmt, readonly=opts.read_only,
                             cache=opts.cache or "writeback", bitmaps=opts.bitmaps,
-                            checkpoint=policy)
+                            checkpoint=policy, force_share=opts.force_share)
     except DirtybitsError as exc:
         raise ImageError(f"can't open device {opts.filename}: {exc}") from exc
     executor = Executor(driver, sys.stdout, sys.stderr)

@@ -269,7 +269,7 @@ def _parser() -> ArgParser:
                    help="first guest byte to map")
     p.add_argument("-l", "--max-length", dest="max_length", help="map at most this many bytes")
     p.add_argument("-U", "--force-share", action="store_true",
-                   help="accepted for qemu-img compatibility (map never writes)")
+                   help="open the image shared, even while a writer holds it (qemu-img -U)")
     p.add_argument("files", nargs="*", metavar="FILE")
     return p
 
@@ -288,7 +288,7 @@ def _run(a: argparse.Namespace) -> int:
     output = parse_output(a.output)
     start = cvtnum("start offset", a.start)
     max_length = INT64_MAX if a.max_length is None else cvtnum("max length", a.max_length)
-    img = open_qemu(a.files[0], a.fmt)
+    img = open_qemu(a.files[0], a.fmt, force_share=a.force_share)
     out = sys.stdout
     with img:
         entries = map_entries(img, start, max_length)

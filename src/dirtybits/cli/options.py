@@ -90,14 +90,18 @@ def cvtnum(name: str, text: str, minimum: int = 0, maximum: int = INT64_MAX) -> 
     return value
 
 
-def open_qemu(filename: str, fmt: str | None, *, readonly: bool = True) -> ImageDriver:
-    """Open an image for a command; failures read as qemu-img's ``Could not open 'F': ...``."""
+def open_qemu(filename: str, fmt: str | None, *, readonly: bool = True,
+              force_share: bool = False) -> ImageDriver:
+    """Open an image for a command; failures read as qemu-img's ``Could not open 'F': ...``.
+
+    Locked as qemu-img locks it; ``force_share`` is its -U (read-only opens).
+    """
     from dirtybits.block.open import open_image
 
     if fmt is not None and fmt not in FORMATS:
         raise QemuError(f"Could not open '{filename}': Unknown driver '{fmt}'")
     try:
-        return open_image(filename, fmt, readonly=readonly)
+        return open_image(filename, fmt, readonly=readonly, force_share=force_share)
     except DirtybitsError as exc:
         raise QemuError(f"Could not open '{filename}': {exc}") from None
 

@@ -32,15 +32,26 @@ from dirtybits.errors import (
     FormatError,
     ImageError,
     ImageIOError,
+    LockError,
     ReadOnlyError,
     UnsupportedFeatureError,
     UsageError,
+)
+from dirtybits.filelock import (
+    CREATE,
+    DATA_FILE_RO,
+    DATA_FILE_RW,
+    FileLock,
+    check_force_share,
+    lock_fd,
+    qcow2_perms,
 )
 from dirtybits.format.qcow2 import refcount as rc
 from dirtybits.format.qcow2.header import (
     AUTOCLEAR_BITMAPS,
     AUTOCLEAR_DATA_FILE_RAW,
     AUTOCLEAR_KNOWN,
+    AUTOCLEAR_WRITE_INTENT,
     COMPRESSION_ZLIB,
     COMPRESSION_ZSTD,
     CRYPT_NONE,
@@ -123,6 +134,9 @@ class Qcow2Image:
         self.backing: Any = None  # ImageDriver of the backing file, when opened
         self._data_fd = fd
         self._data_file_path: str | None = None
+        self.force_share = False
+        self._lock: FileLock | None = None  # QEMU's lock bytes on the image / data file
+        self._data_lock: FileLock | None = None
         self._file_end = os.fstat(fd).st_size
         self._file_end_at_open = self._file_end
         # metadata state
@@ -151,21 +165,30 @@ class Qcow2Image:
     @classmethod
     def open(cls, path: str, *, readonly: bool = False, open_backing: bool = True,
              l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES, cache: str = "writeback",
-             keep_bitmaps: bool = False, _depth: int = 0) -> Qcow2Image:
+             keep_bitmaps: bool = False, force_share: bool = False,
+             _depth: int = 0) -> Qcow2Image:
         """Open an existing image; a failed or read-only open never writes to the file.
 
         ``cache="none"`` moves aligned data I/O to ``O_DIRECT`` descriptors (qemu's
         cache=none): large sequential I/O then bypasses the page cache's write-back.
+        The image, its data file and backing files are locked as QEMU locks them (a writer
+        excludes other writers and consistent readers; ``force_share`` (-U, read-only only)
+        reads past a writer and keeps no one out.
         """
         if cache not in CACHE_MODES:
             raise UsageError(f"Invalid cache option: {cache}")
+        check_force_share(readonly, force_share)
         flags = (os.O_RDONLY if readonly else os.O_RDWR) | getattr(os, "O_CLOEXEC", 0)
         try:
             fd = os.open(path, flags)
         except OSError as exc:
             raise ImageIOError(f"Could not open '{path}': {exc.strerror}",
                                errno=exc.errno) from exc
+        img: Qcow2Image | None = None
+        lock: FileLock | None = None
         try:
+            # locked before anything is read: a writer elsewhere may be mid-update
+            lock = lock_fd(fd, path, qcow2_perms(readonly=readonly, force_share=force_share))
             st = os.fstat(fd)
             raw = os.pread(fd, 4096, 0)
             if len(raw) >= 24:
@@ -174,6 +197,7 @@ class Qcow2Image:
                     raw = os.pread(fd, 1 << cluster_bits, 0)
             hc = HeaderCluster.unpack(raw)
             img = cls(path, fd, hc, readonly=readonly, l2_cache_bytes=l2_cache_bytes)
+            img._lock, img.force_share = lock, force_share
             img._file_end = img._file_end_at_open = st.st_size
             img._validate_features()
             img._load_tables()
@@ -187,11 +211,28 @@ class Qcow2Image:
                 img._on_writable_open(keep_bitmaps)
             return img
         except FormatError as exc:
-            os.close(fd)
+            cls._abandon(img, fd, lock)
             raise FormatError(exc.reason, structure=exc.structure, offset=exc.offset) from None
         except BaseException:
-            os.close(fd)
+            cls._abandon(img, fd, lock)
             raise
+
+    @staticmethod
+    def _abandon(img: Qcow2Image | None, fd: int, lock: FileLock | None) -> None:
+        """Undo a failed open: every descriptor and lock it took, backing files included."""
+        if img is not None:
+            with contextlib.suppress(Exception):
+                if img.backing is not None:
+                    img.backing.close()
+            for dfd in img._direct.values():
+                os.close(dfd)
+            if img._data_lock is not None:
+                img._data_lock.release()
+            if img._data_fd != fd:
+                os.close(img._data_fd)
+        if lock is not None:
+            lock.release()
+        os.close(fd)
 
     def _validate_features(self) -> None:
         h = self.hc.header
@@ -291,10 +332,18 @@ class Qcow2Image:
         path = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
         flags = (os.O_RDONLY if self.readonly else os.O_RDWR) | getattr(os, "O_CLOEXEC", 0)
         try:
-            self._data_fd = os.open(path, flags)
+            dfd = os.open(path, flags)
         except OSError as exc:
             raise ImageIOError(f"Could not open data file '{path}': {exc.strerror}",
                                errno=exc.errno) from exc
+        perms = DATA_FILE_RO if self.readonly else DATA_FILE_RW
+        try:
+            self._data_lock = lock_fd(dfd, path,
+                                      perms.force_shared() if self.force_share else perms)
+        except BaseException:
+            os.close(dfd)
+            raise
+        self._data_fd = dfd
         self._data_file_path = path
 
     def _open_backing(self, depth: int) -> None:
@@ -307,23 +356,30 @@ class Qcow2Image:
             from dirtybits.block.open import probe_format
 
             fmt = probe_format(path)
-        if fmt == "qcow2":
-            self.backing = Qcow2Image.open(path, readonly=True, _depth=depth + 1)
-        elif fmt == "raw":
-            from dirtybits.block.raw import RawImage
+        try:
+            if fmt == "qcow2":
+                self.backing = Qcow2Image.open(path, readonly=True, force_share=self.force_share,
+                                               _depth=depth + 1)
+            elif fmt == "raw":
+                from dirtybits.block.raw import RawImage
 
-            self.backing = RawImage(path, readonly=True)
-        else:
-            raise UnsupportedFeatureError(f"backing file format '{fmt}' is not supported")
+                # QEMU 7.2 locks a raw backing file as a plain read: [100], nothing unshared
+                self.backing = RawImage(path, readonly=True, force_share=self.force_share)
+            else:
+                raise UnsupportedFeatureError(f"backing file format '{fmt}' is not supported")
+        except LockError as exc:
+            raise LockError(f"Could not open backing file: {exc}") from None
 
     def _on_writable_open(self, keep_bitmaps: bool) -> None:
         """Clear autoclear bits nobody keeps up to date, as the spec requires of writers.
 
-        The bitmaps bit stays only when the caller (the block layer's bitmap store) has taken
-        charge of the bitmaps; a bare engine writing guest data would make them stale.
+        The bitmaps bit, and dirtybits' own write-intent bit, stay only when the caller (the
+        block layer) has taken charge of the bitmaps; a bare engine writing guest data would
+        make them stale.
         """
         h = self.hc.header
-        keep = AUTOCLEAR_KNOWN if keep_bitmaps else AUTOCLEAR_KNOWN & ~AUTOCLEAR_BITMAPS
+        keep = (AUTOCLEAR_KNOWN | AUTOCLEAR_WRITE_INTENT if keep_bitmaps
+                else AUTOCLEAR_KNOWN & ~AUTOCLEAR_BITMAPS)
         if h.autoclear_features & ~keep:
             self._set_header(h.replace(autoclear_features=h.autoclear_features & keep))
 
@@ -448,30 +504,40 @@ class Qcow2Image:
         reftable = bytearray(cluster_size)
         _pack_q(reftable, 0, 2 * cluster_size)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0),
-                         0o644)
+            # no O_TRUNC: like QEMU, truncate only once no one else has the file open
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as exc:
             raise ImageIOError(f"Could not create '{path}': {exc.strerror}",
                                errno=exc.errno) from exc
         try:
+            lock = lock_fd(fd, path, CREATE)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            os.ftruncate(fd, 0)
             os.pwrite(fd, head + bytes(cluster_size - len(head)), 0)  # whole cluster, as QEMU
             os.pwrite(fd, bytes(reftable), cluster_size)
             os.pwrite(fd, bytes(refblock), 2 * cluster_size)
             if data_file:
                 dpath = data_file if os.path.isabs(data_file) else os.path.join(
                     os.path.dirname(path), data_file)
-                dflags = os.O_RDWR | os.O_CREAT | (0 if data_file_raw else os.O_TRUNC)
-                dfd = os.open(dpath, dflags, 0o644)
+                dfd = os.open(dpath, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
                 try:
+                    dlock = lock_fd(dfd, dpath, CREATE)
+                    if not data_file_raw:
+                        os.ftruncate(dfd, 0)
                     if os.fstat(dfd).st_size < size or not data_file_raw:
                         os.ftruncate(dfd, size)
+                    dlock.release()
                 finally:
                     os.close(dfd)
             os.fsync(fd)
         except OSError as exc:
-            os.close(fd)
             raise _io_error(f"creating '{path}'", exc) from exc
-        os.close(fd)
+        finally:
+            lock.release()
+            os.close(fd)
         if size:
             with cls.open(path, open_backing=False) as img:
                 img.resize(size)
@@ -1461,8 +1527,12 @@ class Qcow2Image:
             self._direct.clear()
             if self._abuf is not None:
                 self._abuf.close()
+            if self._data_lock is not None:
+                self._data_lock.release()
             if self._data_fd != self._fd:
                 os.close(self._data_fd)
+            if self._lock is not None:
+                self._lock.release()
             os.close(self._fd)
 
     def __enter__(self) -> Qcow2Image:
