@@ -221,7 +221,7 @@ def test_failed_in_use_mark_stops_the_write(tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     path = make_image(tmp_path / "d.qcow2", bitmaps=(("a", 65536, True),))
     with dirtybits.open(path, checkpoint=NO_TIMERS) as disk:
-        def broken(*args: object) -> None:
+        def broken(*args: object, **kwargs: object) -> None:
             raise ImageIOError("injected ENOSPC")
 
         assert disk.store is not None

@@ -28,6 +28,7 @@ from dirtybits.qcow2.extent import MapExtent
 if TYPE_CHECKING:
     from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
     from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
+    from dirtybits.block.write_intent import WriteIntentMap
 
 
 @dataclass
@@ -59,11 +60,14 @@ class BlockNode:
     ``only`` limits the node to these bitmaps of ``store`` (a container holding bitmaps for
     several drives: the store may be in another file than ``driver``, and its disk size may
     exceed the driver's; bits past the drive's end simply stay clean).
+    ``intent`` is the image's write-intent map (resilient mode): a tracked node recovers the
+    in_use bitmaps it covers at open and marks regions before writes; an untracked one
+    invalidates it before its first write.
     """
 
     def __init__(self, driver: ImageDriver, store: Qcow2BitmapStore | None = None, *,
                  policy: CheckpointPolicy | None = None, track: bool = True,
-                 only: Collection[str] | None = None):
+                 only: Collection[str] | None = None, intent: WriteIntentMap | None = None):
         self.driver = driver
         self.store = store
         self.format_name = driver.format_name
@@ -75,11 +79,14 @@ class BlockNode:
         self._recorders: list[_Recorder] = []
         self._tracked: list[str] = []  # in_use while the node is "open" between checkpoints
         self._untracked: list[str] = []  # bitmaps=no: marked in_use once, never cleared
+        self._untracked_intent = False  # bitmaps=no: invalidate the write-intent map first
         self._clean = True  # no tracked bitmap is in_use on disk
         self._last_write = self._in_use_since = time.monotonic()
         self._bits_at_checkpoint = 0
         self._timer: CheckpointTimer | None = None
         self._closed = False
+        self._intent = intent if intent is not None and intent.enabled else None
+        self.recovered: list[str] = []  # bitmaps made consistent from the write-intent map
         if store is not None and not driver.readonly:
             self._setup(store, track, only)
 
@@ -87,10 +94,15 @@ class BlockNode:
                only: Collection[str] | None) -> None:
         from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
 
+        intent = self._intent
+        if track and intent is not None:
+            self.recovered = intent.recover(store)
         enabled = [sb for sb in store.bitmaps if store.is_usable(sb) and sb.entry.auto
                    and (only is None or sb.name in only)]
         if not track:
             self._untracked = [sb.name for sb in enabled]
+            if intent is not None and intent.valid:
+                self._untracked_intent = True
             return
         by_gran: dict[int, _Recorder] = {}
         for sb in enabled:
@@ -111,6 +123,11 @@ class BlockNode:
         return self.driver.size
 
     @property
+    def _hooked(self) -> bool:
+        """Does a write need the protocol's steps before it?"""
+        return bool(self._tracked or self._untracked or self._untracked_intent)
+
+    @property
     def tracked_bitmaps(self) -> list[str]:
         return list(self._tracked)
 
@@ -119,19 +136,42 @@ class BlockNode:
             return self.driver.read(offset, length)
 
     def _before_write(self, offset: int, length: int) -> None:
-        """Mark the bitmaps, then make sure they are in_use on disk: before the driver runs."""
+        """Mark the bitmaps, then make sure they are in_use on disk (and, in resilient mode,
+        the write's regions marked): all durable before the driver runs."""
         self._check_background_error()
         for rec in self._recorders:
             rec.bits.set(offset, length)
-        if self._clean and self._tracked:
-            self.store.set_in_use(self._tracked, True)  # type: ignore[union-attr]
-            self._clean = False
-            self._in_use_since = time.monotonic()
-            self.stats.in_use_marks += 1
+        store = self.store
+        assert store is not None
+        need_sync = False
+        intent = self._intent
+        if self._tracked:
+            if intent is not None and not intent.valid:
+                intent.start(self._inconsistent_tables())
+            if self._clean:
+                store.set_in_use(self._tracked, True, sync=False)
+                self._clean = False
+                self._in_use_since = time.monotonic()
+                self.stats.in_use_marks += 1
+                need_sync = True
+            if intent is not None:
+                need_sync |= intent.mark(offset, length)
+            if need_sync:
+                store.img.sync()
+        if self._untracked_intent and intent is not None:
+            intent.invalidate()
+            self._untracked_intent = False
         if self._untracked:
-            self.store.set_in_use(self._untracked, True)  # type: ignore[union-attr]
+            store.set_in_use(self._untracked, True)
             self._untracked = []
         self._last_write = time.monotonic()
+
+    def _inconsistent_tables(self) -> list[int]:
+        """Bitmaps inconsistent before this node wrote anything: a new map cannot cover them."""
+        store = self.store
+        assert store is not None
+        return [sb.entry.bitmap_table_offset for sb in store.bitmaps
+                if sb.entry.in_use and sb.name not in store.ours]
 
     def _after_write(self) -> None:
         limit = self.policy.threshold_bits
@@ -144,7 +184,7 @@ class BlockNode:
 
     def write(self, offset: int, data: Buffer) -> None:
         with self._lock:
-            if (self._tracked or self._untracked) and len(data):
+            if self._hooked and len(data):
                 self._before_write(offset, len(data))
                 self.driver.write(offset, data)
                 self._after_write()
@@ -153,7 +193,7 @@ class BlockNode:
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         with self._lock:
-            if (self._tracked or self._untracked) and length:
+            if self._hooked and length:
                 self._before_write(offset, length)
                 self.driver.write_zeroes(offset, length, unmap=unmap)
                 self._after_write()
@@ -162,7 +202,7 @@ class BlockNode:
 
     def discard(self, offset: int, length: int) -> None:
         with self._lock:
-            if (self._tracked or self._untracked) and length:
+            if self._hooked and length:
                 self._before_write(offset, length)
                 self.driver.discard(offset, length)
                 self._after_write()
@@ -225,6 +265,8 @@ class BlockNode:
                             name, rec.bits, chunks)
             store.img.sync()  # the bits are durable before in_use says they are complete
             store.set_in_use(self._tracked, False)
+            if self._intent is not None and self._intent.valid:
+                self._intent.end_epoch()
         except BaseException:
             for rec, chunks in taken:
                 if chunks:

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from dirtybits.block.checkpoint import CheckpointPolicy
     from dirtybits.block.node import BlockNode
     from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
+    from dirtybits.block.write_intent import WriteIntentMap
 
 FORMATS = ("qcow2", "raw")
 
@@ -59,7 +60,14 @@ def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
             store = Qcow2BitmapStore(img)
             if not store.bitmaps and not always_node:
                 return img
-            return _node(img, store, checkpoint, bitmaps == "auto")
+            intent = None
+            from dirtybits.format.qcow2.write_intent import EXT_WRITE_INTENT
+
+            if img.hc.extension(EXT_WRITE_INTENT) is not None:
+                from dirtybits.block.write_intent import WriteIntentMap
+
+                intent = WriteIntentMap(img)
+            return _node(img, store, checkpoint, bitmaps == "auto", intent)
         except BaseException:
             img.close()
             raise
@@ -74,7 +82,8 @@ def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
 
 
 def _node(driver: ImageDriver, store: Qcow2BitmapStore | None,
-          policy: CheckpointPolicy | None, track: bool) -> BlockNode:
+          policy: CheckpointPolicy | None, track: bool,
+          intent: WriteIntentMap | None = None) -> BlockNode:
     from dirtybits.block.node import BlockNode
 
-    return BlockNode(driver, store, policy=policy, track=track)
+    return BlockNode(driver, store, policy=policy, track=track, intent=intent)

@@ -336,8 +336,9 @@ class Qcow2BitmapStore:
         """Consistent, or in_use only because this store set it (its bits are ours)."""
         return not sb.problems and (not sb.in_use or sb.name in self.ours)
 
-    def set_in_use(self, names: list[str], in_use: bool) -> None:
-        """Set or clear ``in_use`` on these bitmaps in place, then sync.
+    def set_in_use(self, names: list[str], in_use: bool, *, sync: bool = True) -> None:
+        """Set or clear ``in_use`` on these bitmaps in place, then sync (unless the caller
+        syncs, after writing more that must be durable before the same guest write).
 
         Only the 4-byte flags field of each entry is written: an aligned 4-byte field never
         straddles a sector, so a crash leaves each entry wholly old or wholly new, and every
@@ -367,7 +368,8 @@ class Qcow2BitmapStore:
             new_list.append(sb)
             pos += sb.entry.entry_size
         if changed:
-            self.img.sync()
+            if sync:
+                self.img.sync()
             self.bitmaps = new_list
             if not in_use:
                 self.ours.difference_update(names)
@@ -377,8 +379,9 @@ class Qcow2BitmapStore:
 
         The bitmap must be in_use by us (its on-disk bits are not trusted while this runs).
         A chunk is one data cluster: an existing data cluster is read, merged and rewritten
-        only where it changed (whole pages); an all-zeros entry gets a new cluster, and the table is rewritten
-        after the new clusters' refcounts are durable; an all-ones entry needs nothing.
+        only where it changed (whole pages); an all-zeros entry gets a new cluster, and the
+        table is rewritten after the new clusters' refcounts are durable; an all-ones entry
+        needs nothing.
         Returns the bytes written (data clusters and table).
         """
         sb = self._get(name)

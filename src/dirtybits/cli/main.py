@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("dirtybits.cli.convert", "copy an image to a new image of a given format"),
     "io": ("dirtybits.cli.io", "run qemu-io style commands on an image"),
     "bitmap": ("dirtybits.cli.bitmap", "add, remove, change, dump persistent dirty bitmaps"),
+    "amend": ("dirtybits.cli.amend", "change dirtybits options of an image (resilient mode)"),
     "demo": ("dirtybits.cli.demo", "run the built-in demonstration"),
 }
 

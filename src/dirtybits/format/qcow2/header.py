@@ -44,6 +44,9 @@ COMPAT_LAZY_REFCOUNTS = 1 << 0
 AUTOCLEAR_BITMAPS = 1 << 0
 AUTOCLEAR_DATA_FILE_RAW = 1 << 1
 AUTOCLEAR_KNOWN = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW
+# dirtybits' own: the write-intent map (extension EXT_WRITE_INTENT) is up to date. Any writer that
+# does not know it (QEMU) clears it, so the map is then never trusted.
+AUTOCLEAR_WRITE_INTENT = 1 << 62
 
 CRYPT_NONE = 0
 CRYPT_AES = 1
