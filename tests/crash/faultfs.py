@@ -22,7 +22,7 @@ import contextlib
 import errno as errno_mod
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ class Fault:
     errno: int = errno_mod.EIO
     kinds: tuple[str, ...] = WRITES + SYNCS
     sticky: bool = False
+    match: Callable[[str, tuple[Any, ...]], bool] | None = None  # narrows the selected calls
     calls: int = 0  # selected calls seen so far
     fired: str | None = None  # "pwrite#12" once the fault happened
     log: list[str] = field(default_factory=list)  # kinds of the selected calls, in order
@@ -58,7 +59,7 @@ class OsProxy:
 
     def _call(self, name: str, fn: Any, args: tuple[Any, ...]) -> Any:
         f = self._fault
-        if name not in f.kinds:
+        if name not in f.kinds or (f.match is not None and not f.match(name, args)):
             return fn(*args)
         index = f.calls
         f.calls += 1

@@ -54,6 +54,7 @@ class TemplateSpec:
     name: str
     cluster_size: int
     bitmaps: dict[str, int]
+    size: int = DISK_SIZE
 
 
 TEMPLATES = (
@@ -106,33 +107,40 @@ def _qemu_io(path: Path, *cmds: str) -> None:
     sh(*args, str(path))
 
 
-def build_templates(directory: Path) -> None:
+def build_templates(directory: Path, specs: tuple[TemplateSpec, ...] = TEMPLATES) -> None:
     """Make each pre-image with QEMU's tools (independent of the code under test)."""
-    for spec in TEMPLATES:
+    for spec in specs:
         path = directory / f"{spec.name}.qcow2"
         sh("qemu-img", "create", "-q", "-f", "qcow2", "-o",
-           f"cluster_size={spec.cluster_size}", str(path), str(DISK_SIZE))
+           f"cluster_size={spec.cluster_size}", str(path), str(spec.size))
+
+        def at(kib: int, size: int = spec.size) -> int:  # a place in 64 MiB, scaled to size
+            return kib * KiB * size // DISK_SIZE // 512 * 512
+
         # the disabled bitmap records a first batch of writes, then is frozen
         sh("qemu-img", "bitmap", "--add", "-g", str(spec.bitmaps[FROZEN]), str(path), FROZEN)
-        _qemu_io(path, "write -P 0x11 0 3M", "write -P 0x22 20M 1M", "write -P 0x33 40000k 100k")
+        _qemu_io(path, f"write -P 0x11 0 {at(3072)}", f"write -P 0x22 {at(20480)} {at(1024)}",
+                 f"write -P 0x33 {at(40000)} {at(100)}")
         sh("qemu-img", "bitmap", "--disable", str(path), FROZEN)
         for name, gran in spec.bitmaps.items():
             if name != FROZEN:
                 sh("qemu-img", "bitmap", "--add", "-g", str(gran), str(path), name)
         # more data, recorded by the enabled bitmaps only; some zero clusters too
-        _qemu_io(path, "write -P 0x44 8M 2M", "write -P 0x55 50M 64k", "write -z 21M 256k",
-                 "write -P 0x66 60M 3M", "discard 61M 512k")
+        _qemu_io(path, f"write -P 0x44 {at(8192)} {at(2048)}",
+                 f"write -P 0x55 {at(51200)} {at(64)}", f"write -z {at(21504)} {at(256)}",
+                 f"write -P 0x66 {at(61440)} {at(3072)}", f"discard {at(62464)} {at(512)}")
         sh("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(path),
            str(directory / f"{spec.name}.raw"))
         sh("qemu-img", "check", "-q", str(path))
 
 
-def load_templates(directory: Path) -> dict[str, Template]:
+def load_templates(directory: Path,
+                   specs: tuple[TemplateSpec, ...] = TEMPLATES) -> dict[str, Template]:
     from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
     from dirtybits.qcow2.image import Qcow2Image
 
     out = {}
-    for spec in TEMPLATES:
+    for spec in specs:
         path = directory / f"{spec.name}.qcow2"
         pre = np.fromfile(directory / f"{spec.name}.raw", dtype=np.uint8)
         with Qcow2Image.open(str(path), readonly=True) as img:
@@ -191,7 +199,7 @@ def child_main(path: str, plan: KillPlan, wfd: int) -> None:
         stack.enter_context(inject(Fault(at=plan.kill_ops // 2, action=action)))
     disk = open_disk(path, policy)
     send(b"O")
-    size = DISK_SIZE
+    size = next(t.size for t in TEMPLATES if t.name == plan.template)
     hot = rng.randrange(0, size - 4 * MiB)
     for op in range(plan.max_ops):
         if op == plan.quiet_at:
@@ -414,7 +422,7 @@ def verify(path: Path, tpl: Template, res: KillResult, *, quiet: bool,
                             f"check-errors={report.get('check-errors')} rc={proc.returncode}")
     with Qcow2Image.open(str(path), readonly=True) as img:
         store = Qcow2BitmapStore(img)
-        data = np.frombuffer(img.read(0, DISK_SIZE), dtype=np.uint64)
+        data = np.frombuffer(img.read(0, tpl.spec.size), dtype=np.uint64)
         # changed 512-byte sectors; every granularity is a multiple of 512
         changed512 = (data != tpl.pre.view(np.uint64)).reshape(-1, 64).any(axis=1)
         flags: dict[str, tuple[bool, bool]] = {}
@@ -462,7 +470,7 @@ def verify(path: Path, tpl: Template, res: KillResult, *, quiet: bool,
                                     f"granules (first at {first:#x})")
     if qemu_sample:
         res.qemu_checked = True
-        qemu_cross_check(path, flags, ours, res)
+        qemu_cross_check(path, tpl.spec.size, flags, ours, res)
     enabled = [n for n in tpl.spec.bitmaps if n != FROZEN]
     return all(n in flags and not flags[n][0] for n in enabled)
 
@@ -476,8 +484,8 @@ def changed_granules(changed512: np.ndarray[Any, np.dtype[np.bool_]], gran: int,
     return changed
 
 
-def qemu_cross_check(path: Path, flags: dict[str, tuple[bool, bool]], ours: dict[str, Any],
-                     res: KillResult) -> None:
+def qemu_cross_check(path: Path, disk_size: int, flags: dict[str, tuple[bool, bool]],
+                     ours: dict[str, Any], res: KillResult) -> None:
     """QEMU reads the same flags, and serves the same bits for every consistent bitmap."""
     from dirtybits.cli.bitmap import write_map
 
@@ -488,7 +496,7 @@ def qemu_cross_check(path: Path, flags: dict[str, tuple[bool, bool]], ours: dict
         res.problems.append(f"qemu-img info flags {theirs} != ours {flags}")
     for name, bm in ours.items():
         out = io.StringIO()
-        size = DISK_SIZE & ~511
+        size = disk_size & ~511
         write_map(out, bm.extents(0, size), size)
         qemu_map = nbd_map(path, name)
         if qemu_map != out.getvalue():
