@@ -34,8 +34,10 @@ are identical. Otherwise the bench fails (exit 1).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -114,15 +116,24 @@ def stop_qemu_nbd(pidfile: Path, sock: Path) -> None:
         return
     pid = int(pidfile.read_text().strip() or 0)
     if pid > 0:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-            for _ in range(500):
-                os.kill(pid, 0)
-                time.sleep(0.01)
-        except ProcessLookupError:
-            pass
+        while running(pid):  # its zombie may linger unreaped (it was a daemon): gone enough
+            time.sleep(0.005)
     pidfile.unlink(missing_ok=True)
     sock.unlink(missing_ok=True)
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` still runs. A daemon's zombie may linger unreaped (its parent is
+    init): once all its threads are gone it holds no file, socket or lock any more."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    state = re.search(r"^State:\s+(\S)", status, re.M)
+    threads = re.search(r"^Threads:\s+(\d+)", status, re.M)
+    return not (state and state[1] in "ZX" and (not threads or int(threads[1]) <= 1))
 
 
 def run_steps(steps: list[list[str]]) -> tuple[Measured, list[Measured]]:

@@ -32,3 +32,56 @@ def test_io_bench_quick_runs_and_checks_pass(qemu_tools: dict[str, str], tmp_pat
     assert all(set(r["rate"]) == tools
                for r in results["results"])
     assert [p.name for p in tmp_path.iterdir()] == ["io.json"]  # scratch images cleaned up
+
+
+BENCH = IO_BENCH.parent
+
+
+@pytest.mark.interop
+def test_bitmap_ops_bench_quick_runs_and_checks_pass(qemu_tools: dict[str, str],
+                                                     tmp_path: Path) -> None:
+    """Every case runs through both tools, the results are verified (check clean, same
+    bitmaps, identical dump) and the bytes-written counters are read."""
+    out = tmp_path / "bitmap_ops.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bitmap_ops_bench.py"), "--quick", "--size", "16G",
+         "--big-size", "64G", "--many", "20", "--dump-runs", "100", "--dir", str(tmp_path),
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAIL" not in proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    assert results["ok"] is True
+    cases = [r["case"].split(" (")[0] for r in results["results"]]
+    assert cases == ["bitmap --add", "bitmap --merge", "bitmap --clear", "bitmap --remove",
+                     "bitmap --add", "info", "info", "dump"]
+    for r in results["results"]:
+        assert len(r["seconds"]["dirtybits"]) == len(r["seconds"]["qemu"]) == 1
+    # qemu-img rewrites the bitmaps it keeps: the counters must see those writes
+    assert all(r["median_wchar"]["qemu"] > 0 for r in results["results"][:5])
+    assert [p.name for p in tmp_path.iterdir()] == ["bitmap_ops.json"]
+
+
+@pytest.mark.interop
+def test_tracking_bench_quick_runs_and_checks_pass(qemu_tools: dict[str, str],
+                                                   tmp_path: Path) -> None:
+    out = tmp_path / "tracking.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "tracking_bench.py"), "--quick", "--size", "1M",
+         "--random-ops", "50", "--big-size", "64G", "--dir", str(tmp_path),
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAIL" not in proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    assert results["ok"] is True
+    cost = {(r["workload"], r["bitmaps"]) for r in results["results"]
+            if r["part"] == "tracking cost"}
+    assert cost == {(w, n) for w in ("seq 64k", "seq 1M", "random 4k") for n in (0, 1, 8)}
+    big = [r["case"] for r in results["results"] if r["part"] == "big"]
+    assert big == ["close after write 0 4k", "open rw, read 0 512", "open -r, read 0 512"]
+    # QEMU rewrites all 8 bitmaps at close: 8 x 16 KiB of bitmap data at least
+    assert results["results"][9]["median_wchar"]["qemu"] >= 8 * 16 * 1024
+    assert [p.name for p in tmp_path.iterdir()] == ["tracking.json"]
