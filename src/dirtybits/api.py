@@ -11,18 +11,29 @@ from __future__ import annotations
 from dirtybits.block.checkpoint import CheckpointPolicy
 from dirtybits.block.node import BlockNode
 from dirtybits.block.open import open_image
+from dirtybits.errors import UsageError
 
 
 def open(path: str, fmt: str | None = None, *, readonly: bool = False,
          bitmaps: str = "auto", checkpoint: CheckpointPolicy | None = None,
-         cache: str = "writeback", open_backing: bool = True) -> BlockNode:
+         cache: str = "writeback", open_backing: bool = True,
+         bitmap_file: str | None = None) -> BlockNode:
     """Open a disk image (format probed when ``fmt`` is None) as a ``BlockNode``.
 
     ``bitmaps="auto"`` loads the image's persistent bitmaps and records writes in the enabled
     ones; ``"no"`` loads none (the enabled ones are then marked inconsistent before the first
     write). ``checkpoint`` sets when bitmaps are made consistent on disk besides close and
     flush (default ``CheckpointPolicy()``).
+    ``bitmap_file`` names a container (``dirtybits container``) that ``path``, a raw drive, is
+    attached to: the drive's bitmaps there record the writes (identity and size checked).
     """
+    if bitmap_file is not None:
+        from dirtybits.block.container import open_drive
+
+        if fmt not in (None, "raw"):
+            raise UsageError(f"bitmap_file needs a raw drive, not fmt='{fmt}'")
+        return open_drive(bitmap_file, path, readonly=readonly, checkpoint=checkpoint,
+                          bitmaps=bitmaps)
     node = open_image(path, fmt, readonly=readonly, open_backing=open_backing, cache=cache,
                       bitmaps=bitmaps, checkpoint=checkpoint, always_node=True)
     assert isinstance(node, BlockNode)

@@ -61,6 +61,8 @@ options:
   -U, --force-share    force shared permissions (needs -r, as in qemu-io)
   --bitmaps=auto|no    auto (default): enabled persistent bitmaps record every write;
                        no: load none (enabled ones are marked inconsistent before a write)
+  --bitmap-file=C      FILE is a raw drive attached to container C (dirtybits container):
+                       its bitmaps in C record every write (identity and size checked)
   --checkpoint=SPEC    when bitmaps are made consistent on disk besides close and flush:
                        interval=S,idle=S,threshold=BITS (each may be 'off'; 'none' = all off;
                        defaults interval=5,idle=0.5,threshold=524288)
@@ -70,9 +72,10 @@ options:
 # Option letters (value taken?) and long names, as qemu-io's getopt_long spells them.
 # Long-only options (ours) use their long name as the key: no single letter reaches them.
 _SHORT = {"c": True, "f": True, "r": False, "t": True, "n": False, "U": False, "h": False,
-          "bitmaps": True, "checkpoint": True}
+          "bitmaps": True, "checkpoint": True, "bitmap-file": True}
 _LONG = {"cmd": "c", "format": "f", "read-only": "r", "cache": "t", "nocache": "n",
-         "force-share": "U", "help": "h", "bitmaps": "bitmaps", "checkpoint": "checkpoint"}
+         "force-share": "U", "help": "h", "bitmaps": "bitmaps", "checkpoint": "checkpoint",
+         "bitmap-file": "bitmap-file"}
 
 
 class IoOptions:
@@ -86,6 +89,7 @@ class IoOptions:
         self.force_share = False
         self.bitmaps = "auto"
         self.checkpoint: str | None = None
+        self.bitmap_file: str | None = None
         self.help = False
         self.filename: str | None = None
 
@@ -175,6 +179,8 @@ def _apply_io_option(opts: IoOptions, flag: str, value: str) -> None:
         opts.bitmaps = value
     elif flag == "checkpoint":
         opts.checkpoint = value
+    elif flag == "bitmap-file":
+        opts.bitmap_file = value
     else:
         opts.help = True
 
@@ -203,9 +209,12 @@ def run_options(opts: IoOptions) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     try:
-        driver = open_image(opts.filename, opts.fmt, readonly=opts.read_only,
-                            cache=opts.cache or "writeback", bitmaps=opts.bitmaps,
-                            checkpoint=policy, force_share=opts.force_share)
+        if opts.bitmap_file is not None:
+            driver = _open_with_bitmap_file(opts, policy)
+        else:
+            driver = open_image(opts.filename, opts.fmt, readonly=opts.read_only,
+                                cache=opts.cache or "writeback", bitmaps=opts.bitmaps,
+                                checkpoint=policy, force_share=opts.force_share)
     except DirtybitsError as exc:
         raise ImageError(f"can't open device {opts.filename}: {exc}") from exc
     executor = Executor(driver, sys.stdout, sys.stderr)
@@ -216,6 +225,21 @@ def run_options(opts: IoOptions) -> int:
         sys.stdout.flush()
         driver.close()
     return 1 if executor.failed else 0
+
+
+def _open_with_bitmap_file(opts: IoOptions, policy: Any) -> ImageDriver:
+    """A raw drive whose bitmaps live in a container (``--bitmap-file``)."""
+    from dirtybits.block.container import open_drive
+    from dirtybits.block.open import probe_format
+
+    assert opts.filename is not None and opts.bitmap_file is not None
+    if opts.force_share:
+        raise UsageError("--bitmap-file cannot be combined with -U")
+    fmt = opts.fmt or probe_format(opts.filename)
+    if fmt != "raw":
+        raise UsageError(f"--bitmap-file needs a raw drive, '{opts.filename}' is {fmt}")
+    return open_drive(opts.bitmap_file, opts.filename, readonly=opts.read_only,
+                      checkpoint=policy, bitmaps=opts.bitmaps)
 
 
 def stdin_commands(stream: Iterable[str]) -> Iterator[str]:
