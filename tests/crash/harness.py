@@ -159,24 +159,14 @@ def bits_of(bm: Any) -> np.ndarray[Any, np.dtype[np.bool_]]:
 
 # ---------------------------------------------------------------------------- the child
 def open_disk(path: str, policy: dict[str, float | int | None]) -> Any:
-    """The API under test; before it lands, the QEMU-style BlockNode of ``open_image``."""
+    """The API under test."""
     import dirtybits
 
-    if hasattr(dirtybits, "open"):
-        return dirtybits.open(path, checkpoint=dirtybits.CheckpointPolicy(**policy))
-    from dirtybits.block.open import open_image
-
-    return open_image(path)
-
-
-def has_checkpoint_api() -> bool:
-    import dirtybits
-
-    return hasattr(dirtybits, "open")
+    return dirtybits.open(path, checkpoint=dirtybits.CheckpointPolicy(**policy))
 
 
 def _checkpoint(disk: Any, rng: random.Random) -> None:
-    if rng.random() < 0.5 and hasattr(disk, "checkpoint"):
+    if rng.random() < 0.5:
         disk.checkpoint()
     else:
         disk.flush()

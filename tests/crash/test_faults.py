@@ -337,3 +337,35 @@ def test_close_after_failed_in_use_mark_leaves_bitmaps_consistent(
     res = harness.KillResult(seed=0, template=SPEC.name, mode="close")
     harness.verify(path, template, res, quiet=True, qemu_sample=False)
     assert res.problems == [], res.problems
+
+
+@pytest.mark.interop
+def test_background_checkpoint_error_reaches_the_caller(
+        template: harness.Template, tmp_path: Path, qemu_tools: dict[str, str]) -> None:
+    """An idle checkpoint in the timer thread fails: the next request raises that error."""
+    import time
+
+    import dirtybits
+    from dirtybits.errors import ImageIOError
+
+    path = tmp_path / "d.qcow2"
+    shutil.copyfile(template.qcow2, path)
+    policy = dirtybits.CheckpointPolicy(interval=None, idle=0.02, threshold_bits=None)
+    disk = dirtybits.open(str(path), checkpoint=policy)
+    try:
+        disk.write(5 * MiB, b"\xd1" * 4096)
+        fault = faultfs.Fault(at=0, action="fail", kinds=faultfs.SYNCS)  # the timer's first sync
+        with faultfs.inject(fault):
+            deadline = time.monotonic() + 60
+            # wait (no timing assert) until the timer thread has hit the fault and kept it
+            while time.monotonic() < deadline and disk._timer.error is None:
+                time.sleep(0.01)
+        assert fault.fired, "the idle checkpoint never ran"
+        with pytest.raises(ImageIOError):
+            disk.write(6 * MiB, b"\xd2" * 4096)
+        disk.write(6 * MiB, b"\xd2" * 4096)  # reported once; the node carries on
+    finally:
+        disk.close()
+    res = harness.KillResult(seed=0, template=SPEC.name, mode="background")
+    harness.verify(path, template, res, quiet=True, qemu_sample=False)
+    assert res.problems == [], res.problems
