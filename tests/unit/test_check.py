@@ -356,7 +356,7 @@ def _two_bitmaps(tmp_path: Path, **bad: int) -> Image:
     or, with ``table_entry``, that raw table entry."""
     img = simple(tmp_path)
     entries = b""
-    for name, table, fields in ((b"good", 11, {}), (b"bad", 13, bad)):
+    for name, table, fields in ((b"good", 11, {}), (b"bad", bad.get("table", 13), bad)):
         e = struct.pack(">QIIBBHI", table * CS, fields.get("table_size", 1),
                         fields.get("flags", 2), 1, fields.get("gran_bits", 16), len(name), 0)
         e += name
@@ -448,6 +448,24 @@ def _store_bitmaps(path: Path) -> list[tuple[str, list[str]]]:
 
     with Qcow2Image.open(str(path), readonly=True, keep_bitmaps=True) as img:
         return [(sb.name, sb.problems) for sb in Qcow2BitmapStore(img).bitmaps]
+
+
+def test_table_past_the_end_of_the_file(tmp_path: Path) -> None:
+    """QEMU opens this image (the table reads as zeros) and counts one reference past the
+    end; check names the bitmap without counting it twice, and -r all drops it."""
+    path = _two_bitmaps(tmp_path, table=40).write()
+    res = check_image(str(path))
+    assert f"ERROR bitmap 'bad': bitmap table: offset {40 * CS:#x} lies past the end of the " \
+        "file" in res.messages
+    assert any("exceeding the end of the file" in m for m in res.messages)
+    assert res.corruptions == 1
+    from dirtybits.qcow2.info import image_info
+
+    listed = image_info(str(path))["format-specific"]["data"]["bitmaps"]
+    assert "past the end of the file" in listed[1]["unusable"] and "unusable" not in listed[0]
+    fixed = check_image(str(path), "all")
+    assert counts(fixed) == (0, 0, 0)
+    assert _store_bitmaps(path) == [("good", [])]
 
 
 def test_repair_leaks_keeps_damaged_bitmaps(tmp_path: Path) -> None:

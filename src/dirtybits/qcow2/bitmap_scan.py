@@ -80,7 +80,8 @@ def read_directory(ext: BitmapsExtension, cluster_size: int, pread: Pread) -> Bi
     return BitmapDirectory.unpack(raw, ext.nb_bitmaps, offset=ext.bitmap_directory_offset)
 
 
-def scan_bitmaps(hc: HeaderCluster, pread: Pread) -> BitmapScan | None:
+def scan_bitmaps(hc: HeaderCluster, pread: Pread,
+                 file_size: int | None = None) -> BitmapScan | None:
     """The image's bitmaps as the bitmap store would judge them; None without (trusted) ones.
 
     An extension without autoclear bit 0 is void (a program without bitmap support wrote the
@@ -100,7 +101,7 @@ def scan_bitmaps(hc: HeaderCluster, pread: Pread) -> BitmapScan | None:
                               directory.check_entries(cs, disk_length(hc)), strict=True):
         sb = ScannedBitmap(entry, list(reasons))
         if not reasons:
-            table, problem = read_table(entry, cs, pread)
+            table, problem = read_table(entry, cs, pread, file_size)
             if problem is None:
                 sb.table = table
             else:
@@ -109,13 +110,25 @@ def scan_bitmaps(hc: HeaderCluster, pread: Pread) -> BitmapScan | None:
     return BitmapScan(ext, out)
 
 
-def read_table(entry: BitmapDirectoryEntry, cluster_size: int,
-               pread: Pread) -> tuple[list[int], str | None]:
+def table_location_problem(entry: BitmapDirectoryEntry, file_size: int | None) -> str | None:
+    """Why an entry's table cannot be where it says (past the largest host offset QEMU
+    allows, or starting past the end of the file: the bits would be invented), or None."""
+    offset, size = entry.bitmap_table_offset, entry.bitmap_table_size * 8
+    if offset + size > MAX_HOST_OFFSET:
+        return (f"bitmap table: offset {offset:#x} lies past the largest host offset "
+                f"({MAX_HOST_OFFSET:#x})")
+    if file_size is not None and offset >= file_size:
+        return f"bitmap table: offset {offset:#x} lies past the end of the file"
+    return None
+
+
+def read_table(entry: BitmapDirectoryEntry, cluster_size: int, pread: Pread,
+               file_size: int | None = None) -> tuple[list[int], str | None]:
     """An entry's raw table, and why it is unusable (the first bad entry), if it is."""
     size = entry.bitmap_table_size * 8
-    if entry.bitmap_table_offset + size > MAX_HOST_OFFSET:
-        return [], (f"bitmap table: offset {entry.bitmap_table_offset:#x} lies past the "
-                    f"largest host offset ({MAX_HOST_OFFSET:#x})")
+    where = table_location_problem(entry, file_size)
+    if where is not None:
+        return [], where
     try:
         table = unpack_table(pread(entry.bitmap_table_offset, size), entry.bitmap_table_size,
                              offset=entry.bitmap_table_offset)

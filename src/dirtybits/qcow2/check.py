@@ -68,7 +68,7 @@ from dirtybits.format.qcow2.tables import (
     REFT_RESERVED_MASK,
     SnapshotHeader,
 )
-from dirtybits.qcow2.bitmap_scan import read_directory
+from dirtybits.qcow2.bitmap_scan import read_directory, table_location_problem
 from dirtybits.qcow2.info import unsupported_features
 
 if TYPE_CHECKING:
@@ -177,6 +177,8 @@ class _JudgedBitmap:
     reasons: list[str]
     qemu_error: str | None  # how QEMU would refuse the image because of this entry
     table_counted: bool = False  # its table (and valid data entries) count as references
+    location: str | None = None  # its table lies outside the file (QEMU reads zeros)
+    table_reason: str | None = None  # the first invalid table entry (each one is reported)
     bad_entries: list[tuple[int, int]] = field(default_factory=list)  # (index, raw)
     data_offsets: list[int] = field(default_factory=list)
 
@@ -652,6 +654,9 @@ class _Checker:
                                   verdict.directory.check_entries(self.cs, disk), strict=True):
             jb = _JudgedBitmap(entry, list(reasons), qemu_entry_error(entry, self.cs, disk))
             verdict.bitmaps.append(jb)
+            jb.location = None if reasons else table_location_problem(entry, self.file_len)
+            if jb.location is not None:
+                jb.reasons.append(jb.location)
             off, size = entry.bitmap_table_offset, entry.bitmap_table_size
             # QEMU's refcount check walks a table it can address; so do we, damaged or not,
             # so that a damaged bitmap's clusters are not called leaks (and freed under it).
@@ -670,7 +675,8 @@ class _Checker:
             jb.data_offsets = data[~bad & (data != 0)].tolist()
             if jb.bad_entries and not jb.reasons:
                 err = table_entry_error(jb.bad_entries[0][1], self.cs)
-                jb.reasons.append(f"bitmap table: {err}")
+                jb.table_reason = f"bitmap table: {err}"
+                jb.reasons.append(jb.table_reason)
         return verdict
 
     def _count_bitmaps(self) -> None:
@@ -692,8 +698,12 @@ class _Checker:
             return
         for jb in verdict.bitmaps:
             name = jb.display_name
-            own = [r for r in jb.reasons if not r.startswith("bitmap table: ")]
-            if own:
+            own = [r for r in jb.reasons if r != jb.table_reason]
+            if own and own == [jb.location]:
+                # Named here, counted by the walk below (a reference past the end of the
+                # file), as qemu-img counts it: QEMU opens such an image.
+                self._msg(f"ERROR bitmap '{name}': {jb.location}")
+            elif own:
                 why = "; ".join(own)
                 qemu = jb.qemu_error
                 self._msg(f"ERROR bitmap '{name}': {qemu} ({why})" if qemu

@@ -194,14 +194,14 @@ def read_bitmap_list(path: str, hc: HeaderCluster, *,
                                        f"{exc.strerror}", errno=exc.errno) from exc
                 return data + bytes(length - len(data)) if len(data) < length else data
 
-            return _bitmap_list(hc, pread, dirty)
+            return _bitmap_list(hc, pread, dirty, os.fstat(fd).st_size)
     except OSError as exc:
         raise _open_error(path, exc) from exc
 
 
-def _bitmap_list(hc: HeaderCluster, pread: Pread,
-                 dirty: bool) -> tuple[list[dict[str, Any]], str | None]:
-    scan = scan_bitmaps(hc, pread)
+def _bitmap_list(hc: HeaderCluster, pread: Pread, dirty: bool,
+                 file_size: int) -> tuple[list[dict[str, Any]], str | None]:
+    scan = scan_bitmaps(hc, pread, file_size)
     if scan is None:
         return [], None
     size = disk_length(hc)
