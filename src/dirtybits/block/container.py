@@ -20,14 +20,18 @@ The binding, and why it survives QEMU's tools:
   a read-write open): the records are facts about the drives, not about the bitmaps' data,
   so a foreign writer cannot make them stale. Nothing lives outside cluster 0, so
   ``qemu-img check`` sees no cluster it cannot account for.
-* **Identity.** A record keeps the drive's size, its ``st_dev``/``st_ino`` and a random
-  UUID. The UUID is also written to the drive file's extended attribute
+* **Identity.** A record keeps the drive's size, ``st_dev``/``st_ino``, the inode's
+  generation number (``FS_IOC_GETVERSION``, where the filesystem has one: a new file that
+  reuses a deleted file's inode number gets a new generation, which a bare inode check
+  misses) and a random UUID. The UUID is also written to the drive file's extended attribute
   ``user.dirtybits.drive`` (never into its data) when the filesystem allows; then a drive
-  must carry that UUID *and* the recorded inode number (a ``cp -a`` copy carries the UUID but
-  not the inode; ``st_dev`` is not compared because device numbers change across remounts
-  and reboots). Without the attribute, ``st_dev`` and ``st_ino`` must both match. A wrong
-  file or a changed size is refused at load with the reason; ``rebind`` accepts a replaced
-  file on the user's word (dirtying any grown area, dropping bits past a shrunk end).
+  must carry that UUID *and* the recorded inode number (a ``cp -a`` copy carries the UUID
+  but not the inode; ``st_dev`` is not compared because device numbers change across
+  remounts and reboots). Without the attribute, ``st_dev`` and ``st_ino`` must both match.
+  The generation, when both sides know it, must match too. A wrong file or a changed size is
+  refused at load with the reason; ``rebind`` accepts a replaced file on the user's word
+  (dirtying any grown area, dropping bits past a shrunk end). Renaming or moving the drive
+  within its filesystem keeps the binding (the drive is found by identity, then by path).
 
 Extension layout (all big-endian, like qcow2)::
 
@@ -73,9 +77,11 @@ DEFAULT_MAX_SIZE = 4 << 40  # 4 TiB: 8 MiB per 64 KiB-granularity bitmap in memo
 HEADER_LIMIT = 4096  # cluster 0's used bytes: one page, so a header write is all-or-nothing
 MAX_ID_LEN = 64
 FLAG_XATTR = 1
+FLAG_GENERATION = 2
 
 _HEAD = struct.Struct(">II16sHH")
-_REC = struct.Struct(">HBBHHQQQ16s")
+_REC = struct.Struct(">HBBHHQQQ16sI")
+FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long): the inode's generation number
 
 
 class ContainerError(DirtybitsError):
@@ -100,6 +106,7 @@ class DriveRecord:
     ino: int
     uuid: uuid.UUID
     xattr: bool  # the UUID is also in the drive's user.dirtybits.drive attribute
+    generation: int | None = None  # the inode's generation number, where the fs has one
 
     def resolve(self, container_path: str) -> str:
         if os.path.isabs(self.path):
@@ -109,8 +116,10 @@ class DriveRecord:
     def pack(self) -> bytes:
         rid, path = self.id.encode(), self.path.encode("utf-8", errors="surrogateescape")
         n = _REC.size + len(rid) + len(path)
-        return _REC.pack(n, len(rid), FLAG_XATTR if self.xattr else 0, len(path), 0,
-                         self.size, self.dev, self.ino, self.uuid.bytes) + rid + path
+        flags = (FLAG_XATTR if self.xattr else 0) | (
+            FLAG_GENERATION if self.generation is not None else 0)
+        return _REC.pack(n, len(rid), flags, len(path), 0, self.size, self.dev, self.ino,
+                         self.uuid.bytes, self.generation or 0) + rid + path
 
 
 @dataclass(frozen=True)
@@ -140,8 +149,8 @@ class DriveTable:
         for _ in range(count):
             if pos + _REC.size > len(data):
                 raise bad("record runs past the end")
-            (n, id_len, flags, path_len, _r, size, dev, ino,
-             duuid) = _REC.unpack_from(data, pos)
+            (n, id_len, flags, path_len, _r, size, dev, ino, duuid,
+             gen) = _REC.unpack_from(data, pos)
             if n < _REC.size + id_len + path_len or pos + n > len(data):
                 raise bad("bad record length")
             p = pos + _REC.size
@@ -149,7 +158,8 @@ class DriveTable:
             path = data[p + id_len:p + id_len + path_len].decode("utf-8",
                                                                 errors="surrogateescape")
             drives.append(DriveRecord(rid, path, size, dev, ino, uuid.UUID(bytes=duuid),
-                                      bool(flags & FLAG_XATTR)))
+                                      bool(flags & FLAG_XATTR),
+                                      gen if flags & FLAG_GENERATION else None))
             pos += n
         return cls(uuid.UUID(bytes=cuuid), tuple(drives))
 
@@ -182,6 +192,7 @@ class FileIdentity:
     dev: int
     ino: int
     uuid: uuid.UUID | None  # from the xattr
+    generation: int | None = None
 
     @classmethod
     def of(cls, path: str) -> FileIdentity:
@@ -192,7 +203,26 @@ class FileIdentity:
         if not stat.S_ISREG(st.st_mode):
             raise ContainerError(f"'{path}' is not a regular file (only raw image files "
                                  "can be attached)")
-        return cls(path, st.st_size, st.st_dev, st.st_ino, read_xattr_uuid(path))
+        return cls(path, st.st_size, st.st_dev, st.st_ino, read_xattr_uuid(path),
+                   read_generation(path))
+
+
+def read_generation(path: str) -> int | None:
+    """The inode generation (FS_IOC_GETVERSION: ext4, xfs, btrfs): a new file that reuses a
+    deleted file's inode number gets a new one."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        buf = fcntl.ioctl(fd, FS_IOC_GETVERSION, bytes(8))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return int(struct.unpack_from("=I", buf)[0])  # the kernel stores an int
 
 
 def read_xattr_uuid(path: str) -> uuid.UUID | None:
@@ -216,6 +246,10 @@ def identity_problem(rec: DriveRecord, ident: FileIdentity) -> str | None:
     elif (ident.dev, ident.ino) != (rec.dev, rec.ino):
         return (f"it is inode {ident.ino} on device {ident.dev:#x}, not inode {rec.ino} on "
                 f"device {rec.dev:#x}")
+    if rec.generation is not None and ident.generation is not None \
+            and ident.generation != rec.generation:
+        return (f"it is a new file reusing the drive's inode number {rec.ino} (generation "
+                f"{ident.generation}, not {rec.generation})")
     if ident.size != rec.size:
         return f"its size is {ident.size} bytes, the bitmaps are for {rec.size} bytes"
     return None
@@ -364,7 +398,7 @@ class Container:
         self._fit(ident.size)
         duuid, in_xattr = self._tag(raw_path, ident)
         rec = DriveRecord(drive_id, self._stored_path(raw_path), ident.size, ident.dev,
-                          ident.ino, duuid, in_xattr)
+                          ident.ino, duuid, in_xattr, ident.generation)
         self._write_table(replace(self.table, drives=(*self.table.drives, rec)))
         return rec
 
@@ -444,7 +478,7 @@ class Container:
                 self.store.store(sb.name, bm)
         duuid, in_xattr = self._tag(path, ident)
         new = replace(rec, path=self._stored_path(path), size=ident.size, dev=ident.dev,
-                      ino=ident.ino, uuid=duuid, xattr=in_xattr)
+                      ino=ident.ino, uuid=duuid, xattr=in_xattr, generation=ident.generation)
         self._write_table(replace(self.table, drives=tuple(
             new if d is rec else d for d in self.table.drives)))
         return new
@@ -620,6 +654,9 @@ class DriveNode(BlockNode):
         bm = super().load_bitmap(full)
         bm.truncate(self.driver.size)
         return bm
+
+    def __enter__(self) -> DriveNode:
+        return self
 
     def close(self) -> None:
         try:
