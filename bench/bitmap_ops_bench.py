@@ -60,7 +60,7 @@ from common import (
     environment,
     fail,
     fmt_bytes,
-    human_size,
+    human_disk,
     make_bitmap_image,
     median,
     need,
@@ -301,12 +301,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     failed = False
     try:
-        print(f"bitmap_ops_bench: {human_size(args.size)} disk with {args.bitmaps} and with "
-              f"{args.many} populated bitmaps, {human_size(args.big_size)} disk with "
+        print(f"bitmap_ops_bench: {human_disk(args.size)} disk with {args.bitmaps} and with "
+              f"{args.many} populated bitmaps, {human_disk(args.big_size)} disk with "
               f"{args.big_bitmaps}; dump of {args.dump_runs} runs; granularity 64k, cluster "
               f"64k; median of {args.runs} run(s); scratch {scratch}", flush=True)
         t = build_templates(args, scratch, want)
-        size, many, big = (human_size(args.size), args.many, human_size(args.big_size))
+        size, many, big = (human_disk(args.size), args.many, human_disk(args.big_size))
         cases: list[Case] = []
         if "ops" in want:
             ten = f"({size}, {args.bitmaps} bitmaps)"

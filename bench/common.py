@@ -271,6 +271,12 @@ def run_measured(argv: Sequence[str], stdin: bytes | None = None,
                     rchar=io.get("rchar", 0), read_bytes=io.get("read_bytes", 0))
 
 
+def human_disk(n: int) -> str:
+    """``human_size`` that also says ``16T``."""
+    tib = GiB << 10
+    return f"{n // tib}T" if n >= tib and n % tib == 0 else human_size(n)
+
+
 def fmt_bytes(n: float | None) -> str:
     if n is None:
         return "-"

@@ -57,7 +57,7 @@ from common import (
     environment,
     fail,
     fmt_bytes,
-    human_size,
+    human_disk,
     import_dirtybits,
     make_bitmap_image,
     median,
@@ -126,13 +126,14 @@ def tracking_cost(args: argparse.Namespace, scratch: Path, tools: dict[str, str]
                   records: list[dict[str, Any]]) -> bool:
     counts = (0, 1, 8)
     templates = cost_templates(scratch, counts, args.image_size)
-    workloads = [
-        sequential("seq 64k", args.size, 64 * KiB),
-        sequential("seq 1M", args.size, 1 << 20),
-        random_4k(args.random_ops, args.image_size, args.seed),
-    ]
-    print(f"\n1. tracking cost: {human_size(args.size)} sequential, {args.random_ops} random 4k "
-          f"writes, {human_size(args.image_size)} images, 0/1/8 empty auto bitmaps at 64k, "
+    makers = {
+        "seq64k": lambda: sequential("seq 64k", args.size, 64 * KiB),
+        "seq1m": lambda: sequential("seq 1M", args.size, 1 << 20),
+        "rand4k": lambda: random_4k(args.random_ops, args.image_size, args.seed),
+    }
+    workloads = [makers[w.strip()]() for w in args.workloads.split(",") if w.strip()]
+    print(f"\n1. tracking cost: {human_disk(args.size)} sequential, {args.random_ops} random 4k "
+          f"writes, {human_disk(args.image_size)} images, 0/1/8 empty auto bitmaps at 64k, "
           f"cache {args.cache}, median of {args.runs} run(s)", flush=True)
     names = {t: TOOLS[t][0] for t in tools.values()}
     table = Table(["workload (write)", "bitmaps", f"{names[tools['dirtybits']]} s",
@@ -242,7 +243,7 @@ def verify_big(img: Path, expected: dict[str, str]) -> list[str]:
 
 def big_cases(args: argparse.Namespace, scratch: Path, records: list[dict[str, Any]]) -> bool:
     template, before, after = big_template(args, scratch)
-    size = human_size(args.big_size)
+    size = human_disk(args.big_size)
     print(f"\n2./3. {size} disk, {args.big_bitmaps} populated auto bitmaps at 64k "
           f"({fmt_bytes(args.big_size // GRAN // 8 * args.big_bitmaps)} of bitmap data), "
           f"median of {args.runs} run(s)", flush=True)
@@ -324,6 +325,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "(default 3)")
     p.add_argument("--size", type=parse_size, help="bytes per sequential workload (default 1G)")
     p.add_argument("--random-ops", type=int, help="random 4 KiB writes (default 20000)")
+    p.add_argument("--workloads", default="seq64k,seq1m,rand4k",
+                   help="part 1: comma-separated subset of seq64k, seq1m, rand4k")
     p.add_argument("--image-size", type=parse_size, default=parse_size("64G"))
     p.add_argument("--big-size", type=parse_size, help="disk of parts 2 and 3 (default 16T)")
     p.add_argument("--big-bitmaps", type=int, default=8)
