@@ -11,6 +11,7 @@ reported unusable (with the reasons) and may only be removed.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ from dirtybits.format.qcow2.bitmaps import (
     unpack_table,
 )
 from dirtybits.format.qcow2.header import AUTOCLEAR_BITMAPS, EXT_BITMAPS
+from dirtybits.qcow2.bitmap_scan import table_location_problem
 from dirtybits.qcow2.image import Qcow2Image
 
 # In-place updates of a data cluster write the changed span rounded out to this: the page
@@ -122,6 +124,10 @@ class Qcow2BitmapStore:
 
     def _load_table(self, sb: StoredBitmap) -> None:
         e = sb.entry
+        where = table_location_problem(e, os.fstat(self.img.fileno()).st_size)
+        if where is not None:  # past the file or the largest host offset: bits would be invented
+            sb.problems.append(where)
+            return
         try:
             raw = self.img.read_metadata(e.bitmap_table_offset, e.bitmap_table_size * 8,
                                          "bitmap table")
@@ -275,6 +281,29 @@ class Qcow2BitmapStore:
         self._require_usable(sb)
         table_off, n, table = self._write_bitmap(bm)
         entry = _with(sb.entry, bitmap_table_offset=table_off, bitmap_table_size=n)
+        self._replace(sb, StoredBitmap(entry, [], table), release_old=True)
+
+    def replace_inconsistent(self, name: str, bm: DirtyBitmap) -> None:
+        """Replace a bitmap's bits and clear its ``in_use`` flag in one directory switch.
+
+        The way back from an inconsistent bitmap without losing it: ``bm`` must be a full
+        rebuild (``dirtybits.block.recover``), never the stale stored bits. Copy-on-write as
+        ``store``, so a crash leaves either the old in_use bitmap or the new consistent one.
+        Allowed on a consistent bitmap too; damaged entries and bitmaps a live tracker holds
+        are refused.
+        """
+        sb = self._get(name)
+        if sb.problems:
+            self._require_usable(sb)  # raises the damaged-bitmap error
+        if sb.name in self.ours:
+            raise BitmapOperationError(f"Bitmap '{name}' is being tracked and cannot be replaced")
+        if bm.granularity != sb.entry.granularity or bm.size != self.disk_size:
+            raise BitmapOperationError(
+                f"Bitmap '{name}' has granularity {sb.entry.granularity} over {self.disk_size} "
+                f"bytes, not {bm.granularity} over {bm.size}")
+        table_off, n, table = self._write_bitmap(bm)
+        entry = _with(sb.entry, bitmap_table_offset=table_off, bitmap_table_size=n,
+                      flags=sb.entry.flags & ~BME_FLAG_IN_USE)
         self._replace(sb, StoredBitmap(entry, [], table), release_old=True)
 
     def set_enabled(self, name: str, enabled: bool) -> None:
