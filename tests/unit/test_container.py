@@ -293,3 +293,16 @@ def test_extension_survives_our_own_header_rewrites(box: tuple[str, str, str]) -
         ct.add_bitmap("a", "b9")
         ct.remove_bitmap("a", "b9")
         assert ct.img.hc.extension(EXT_DRIVES) == before
+
+
+def test_one_open_drive_per_container(box: tuple[str, str, str]) -> None:
+    c, a, b = box
+    with Container.open(c) as ct:
+        with ct.open_drive(a) as node:
+            node.write(0, b"x")
+            with pytest.raises(ContainerError, match="one drive at a time"):
+                ct.open_drive(b)
+        with ct.open_drive(b) as node:  # after the first is closed
+            node.write(0, b"y")
+        assert ct.load_bitmap("a", "b0").count() == 65536
+        assert ct.load_bitmap("b", "b0").count() == 4096

@@ -279,6 +279,7 @@ class Container:
         self.store = store
         self.table = table
         self._closed = False
+        self.node: DriveNode | None = None  # the open drive: one at a time (shared store)
 
     # ------------------------------------------------------------------ create / open
     @classmethod
@@ -591,17 +592,25 @@ class Container:
     def open_drive(self, raw_path: str, *, readonly: bool = False,
                    checkpoint: CheckpointPolicy | None = None, track: bool = True,
                    owns_container: bool = False) -> DriveNode:
-        """A node writing ``raw_path`` and recording into its drive's enabled bitmaps."""
+        """A node writing ``raw_path`` and recording into its drive's enabled bitmaps.
+
+        One drive at a time: nodes would share the bitmap store, each with its own lock and
+        checkpoint timer.
+        """
         from dirtybits.block.raw import RawImage
 
+        if self.node is not None:
+            raise ContainerError(f"drive '{self.node.drive_id}' of {self.path} is open; "
+                                 "close it first (one drive at a time per container)")
         rec = self.find_drive(raw_path)
         raw = RawImage(raw_path, readonly=readonly)
         try:
             if raw.size != rec.size:  # changed between the check and the open
                 raise DriveMismatchError(f"'{raw_path}': size changed to {raw.size} bytes, "
                                          f"the bitmaps are for {rec.size}")
-            return DriveNode(raw, self, rec, policy=checkpoint, track=track,
-                             owns_container=owns_container)
+            self.node = DriveNode(raw, self, rec, policy=checkpoint, track=track,
+                                  owns_container=owns_container)
+            return self.node
         except BaseException:
             raw.close()
             raise
@@ -662,6 +671,8 @@ class DriveNode(BlockNode):
         try:
             super().close()
         finally:
+            if self.container.node is self:
+                self.container.node = None
             if self._owns_container:
                 self.container.close()
 
