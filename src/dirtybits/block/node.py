@@ -81,6 +81,7 @@ class BlockNode:
         self._untracked: list[str] = []  # bitmaps=no: marked in_use once, never cleared
         self._untracked_intent = False  # bitmaps=no: invalidate the write-intent map first
         self._clean = True  # no tracked bitmap is in_use on disk
+        self._flags_unknown = False  # a flag write failed: the disk may hold any mix
         self._last_write = self._in_use_since = time.monotonic()
         self._bits_at_checkpoint = 0
         self._timer: CheckpointTimer | None = None
@@ -148,9 +149,11 @@ class BlockNode:
         if self._tracked:
             if intent is not None and not intent.valid:
                 intent.start(self._inconsistent_tables())
-            if self._clean:
-                store.set_in_use(self._tracked, True, sync=False)
+            if self._clean or self._flags_unknown:
+                # from here on some flag may be set on disk: close must checkpoint
                 self._clean = False
+                self._flags_unknown = True
+                store.set_in_use(self._tracked, True, sync=False, force=True)
                 self._in_use_since = time.monotonic()
                 self.stats.in_use_marks += 1
                 need_sync = True
@@ -158,6 +161,7 @@ class BlockNode:
                 need_sync |= intent.mark(offset, length)
             if need_sync:
                 store.img.sync()
+                self._flags_unknown = False
         if self._untracked_intent and intent is not None:
             intent.invalidate()
             self._untracked_intent = False
@@ -259,12 +263,14 @@ class BlockNode:
             for rec in self._recorders:
                 chunks = rec.bits.take_changed_chunks()
                 taken.append((rec, chunks))
-                if chunks:
-                    for name in rec.names:
+                for name in rec.names if chunks else ():
+                    if name in store.ours:  # else never marked in use: nothing was written
                         self.stats.bitmap_bytes_written += store.write_changes(
                             name, rec.bits, chunks)
             store.img.sync()  # the bits are durable before in_use says they are complete
-            store.set_in_use(self._tracked, False)
+            self._flags_unknown = True  # until the clear is synced, any mix may be on disk
+            store.set_in_use(self._tracked, False, force=True)
+            self._flags_unknown = False
             if self._intent is not None and self._intent.valid:
                 self._intent.end_epoch()
         except BaseException:

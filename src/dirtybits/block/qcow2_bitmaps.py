@@ -365,7 +365,8 @@ class Qcow2BitmapStore:
         """Consistent, or in_use only because this store set it (its bits are ours)."""
         return not sb.problems and (not sb.in_use or sb.name in self.ours)
 
-    def set_in_use(self, names: list[str], in_use: bool, *, sync: bool = True) -> None:
+    def set_in_use(self, names: list[str], in_use: bool, *, sync: bool = True,
+                   force: bool = False) -> None:
         """Set or clear ``in_use`` on these bitmaps in place, then sync (unless the caller
         syncs, after writing more that must be durable before the same guest write).
 
@@ -374,6 +375,8 @@ class Qcow2BitmapStore:
         other byte of the directory is untouched. (QEMU rewrites the whole directory in place
         behind a cleared autoclear bit; with nothing but flags changing that dance is not
         needed.) Setting is only allowed on consistent bitmaps; clearing only on ours.
+        ``force`` writes every named flag whatever memory says: after a failed call the disk
+        may hold any mix of old and new flags.
         """
         if self._ext is None:
             return
@@ -381,24 +384,29 @@ class Qcow2BitmapStore:
         pos = 0
         changed = False
         new_list: list[StoredBitmap] = []
-        for sb in self.bitmaps:
-            entry = sb.entry
-            if sb.name in names and not sb.problems:
-                if in_use and not entry.in_use:
-                    entry = _with(entry, flags=entry.flags | BME_FLAG_IN_USE)
-                    self.ours.add(sb.name)
-                elif not in_use and entry.in_use and sb.name in self.ours:
-                    entry = _with(entry, flags=entry.flags & ~BME_FLAG_IN_USE)
-                if entry is not sb.entry:
-                    self.img.write_metadata(base + pos + FLAGS_FIELD_OFFSET,
-                                            struct.pack(">I", entry.flags), "bitmap directory")
-                    sb = StoredBitmap(entry, sb.problems, sb.table)
-                    changed = True
-            new_list.append(sb)
-            pos += sb.entry.entry_size
-        if changed:
-            if sync:
+        try:
+            for sb in self.bitmaps:
+                entry = sb.entry
+                if sb.name in names and not sb.problems:
+                    if in_use and (force or not entry.in_use):
+                        entry = _with(entry, flags=entry.flags | BME_FLAG_IN_USE)
+                        self.ours.add(sb.name)
+                    elif not in_use and (entry.in_use or force) and sb.name in self.ours:
+                        entry = _with(entry, flags=entry.flags & ~BME_FLAG_IN_USE)
+                    if entry is not sb.entry:
+                        self.img.write_metadata(base + pos + FLAGS_FIELD_OFFSET,
+                                                struct.pack(">I", entry.flags),
+                                                "bitmap directory")
+                        sb = StoredBitmap(entry, sb.problems, sb.table)
+                        changed = True
+                new_list.append(sb)
+                pos += sb.entry.entry_size
+            if changed and sync:
                 self.img.sync()
+        except BaseException:
+            # memory keeps the old flags; the caller must assume any mix is on disk
+            raise
+        if changed:
             self.bitmaps = new_list
             if not in_use:
                 self.ours.difference_update(names)

@@ -99,7 +99,8 @@ def size_to_str(val: int) -> str:
 
 # Keys dirtybits adds to qemu-img's ImageInfo (never present in what qemu-img can show): the
 # human form prints them after QEMU's keys, dirty-bytes and dirty-percent as one line.
-_OUR_KEYS = ("dirty-bytes", "dirty-percent", "inconsistent", "unusable", "bitmaps-unusable")
+_OUR_KEYS = ("dirty-bytes", "dirty-percent", "inconsistent", "unusable", "bitmaps-unusable",
+             "recoverable", "resilient")
 
 
 def _dump_obj(obj: Any, indent: int, out: list[str]) -> None:
@@ -117,6 +118,20 @@ def _dump_obj(obj: Any, indent: int, out: list[str]) -> None:
         for key in ("unusable", "bitmaps-unusable"):
             if key in obj:
                 out.append(f"{pad}{key.replace('-', ' ')}: {obj[key]}\n")
+        if "recoverable" in obj:
+            out.append(f"{pad}recoverable: " + (
+                "yes (resilient mode: the next tracked open rebuilds it from the write-intent "
+                "map)\n" if obj["recoverable"] else
+                "no (it was inconsistent before the write-intent map started)\n"))
+        if "resilient" in obj:
+            r = obj["resilient"]
+            if "unusable" in r:
+                out.append(f"{pad}resilient: on, map unusable: {r['unusable']}\n")
+            else:
+                state = ("valid" if r["map-valid"] else
+                         "not valid (not started yet, or another program wrote the image)")
+                out.append(f"{pad}resilient: on, region {size_to_str(r['region-size'])}, map "
+                           f"{state}, {r['marked-regions']} marked regions\n")
     elif isinstance(obj, list):
         for i, value in enumerate(obj):
             _dump_item(" " * (4 * indent) + f"[{i}]:", value, indent, out)

@@ -19,6 +19,7 @@ from dirtybits.errors import FormatError, ImageIOError, UnsupportedFeatureError,
 from dirtybits.format.qcow2.bitmaps import BME_FLAG_AUTO, BME_FLAG_IN_USE
 from dirtybits.format.qcow2.header import (
     AUTOCLEAR_DATA_FILE_RAW,
+    AUTOCLEAR_WRITE_INTENT,
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_ZSTD,
     EXT_FEATURE_TABLE,
@@ -33,6 +34,7 @@ from dirtybits.format.qcow2.header import (
     HeaderCluster,
     unpack_feature_table,
 )
+from dirtybits.format.qcow2.write_intent import EXT_WRITE_INTENT, WriteIntentExtension
 from dirtybits.qcow2.bitmap_scan import Pread, count_dirty, disk_length, scan_bitmaps
 
 ImageInfo = dict[str, Any]
@@ -160,8 +162,19 @@ def _qcow2_specific(path: str, hc: HeaderCluster, dirty: bool) -> dict[str, Any]
         "extended-l2": bool(hdr.incompatible_features & INCOMPAT_EXTL2),
     }
     bitmaps, directory_problem = read_bitmap_list(path, hc, dirty=dirty)
+    resilient = _resilient(hc)
     if bitmaps:
         data["bitmaps"] = bitmaps
+        if resilient is not None and resilient.get("map-valid"):
+            excluded = resilient.pop("_excluded")
+            for item in bitmaps:
+                if "in-use" in item["flags"] and "unusable" not in item:
+                    item["recoverable"] = item.pop("_table") not in excluded
+    for item in bitmaps:
+        item.pop("_table", None)
+    if resilient is not None:
+        resilient.pop("_excluded", None)
+        data["resilient"] = resilient
     if directory_problem is not None:
         data["bitmaps-unusable"] = directory_problem
     if hc.data_file is not None:
@@ -169,6 +182,20 @@ def _qcow2_specific(path: str, hc: HeaderCluster, dirty: bool) -> dict[str, Any]
     if hdr.incompatible_features & INCOMPAT_DATA_FILE:
         data["data-file-raw"] = bool(hdr.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
     return data
+
+
+def _resilient(hc: HeaderCluster) -> dict[str, Any] | None:
+    """Resilient mode's state (dirtybits' write-intent map), None when it is off."""
+    ext = hc.extension(EXT_WRITE_INTENT)
+    if ext is None:
+        return None
+    try:
+        rec = WriteIntentExtension.unpack(ext.data)
+    except FormatError as exc:
+        return {"map-valid": False, "unusable": exc.reason}
+    return {"region-size": rec.region_size,
+            "map-valid": bool(hc.header.autoclear_features & AUTOCLEAR_WRITE_INTENT),
+            "marked-regions": len(rec.regions()), "_excluded": set(rec.excluded)}
 
 
 def read_bitmap_list(path: str, hc: HeaderCluster, *,
@@ -211,7 +238,8 @@ def _bitmap_list(hc: HeaderCluster, pread: Pread, dirty: bool,
         flags = [n for bit, n in ((BME_FLAG_IN_USE, "in-use"), (BME_FLAG_AUTO, "auto"))
                  if e.flags & bit]
         item: dict[str, Any] = {"name": e.raw_name.decode("utf-8", errors="replace"),
-                                "granularity": e.granularity, "flags": flags}
+                                "granularity": e.granularity, "flags": flags,
+                                "_table": e.bitmap_table_offset}
         if sb.problems:
             item["unusable"] = "; ".join(sb.problems)
         elif dirty and e.in_use:
