@@ -542,3 +542,18 @@ def test_convert_refuses_smaller_existing_target(tmp_path: Path,
     dst = qcow2(tmp_path / "dst.qcow2", 1 * MiB)
     assert cli(capsys, "convert", "-n", "-O", "qcow2", src, dst) == (
         1, "", "dirtybits convert: output file is smaller than input file\n")
+
+
+def test_metadata_image_for_a_raw_drive_takes_the_drive_size(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    drive = tmp_path / "drive.raw"
+    drive.write_bytes(b"")
+    os.truncate(drive, 5 * MiB + 100)  # rounded up to whole sectors, as the image size is
+    rc, _out, err = cli(capsys, "create", "-f", "qcow2", "-o",
+                        f"data_file={drive},data_file_raw=on", tmp_path / "meta.qcow2")
+    assert rc == 0, err
+    with Qcow2Image.open(str(tmp_path / "meta.qcow2"), readonly=True) as img:
+        assert img.size == 5 * MiB + 512
+    rc, _out, err = cli(capsys, "create", "-f", "qcow2", "-o", f"data_file={drive}",
+                        tmp_path / "m2.qcow2")
+    assert rc == 1 and "needs a size" in err  # without data_file_raw the file is not the disk

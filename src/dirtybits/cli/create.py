@@ -9,6 +9,7 @@ after. Every failure exits 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Any
@@ -127,6 +128,14 @@ def prepare(filename: str, fmt: str, options: str, size: int | None, backing: st
             size = backing_size
     elif backing_file is not None and backing_fmt is None:
         raise QemuError("Backing file specified without backing format")
+    data_file = opts.get("data_file") if fmt == "qcow2" else None
+    if size is None and data_file and opts.get("data_file_raw"):
+        # a raw drive getting a metadata image: its size is the drive's (resolved as
+        # Qcow2Image.create resolves the name)
+        dpath = data_file if os.path.isabs(data_file) else os.path.join(
+            os.path.dirname(filename), data_file)
+        with contextlib.suppress(OSError):
+            size = -(-os.stat(dpath).st_size // SECTOR) * SECTOR
     if size is None:
         raise QemuError("Image creation needs a size parameter")
     opts.set_number("size", size)
