@@ -16,7 +16,7 @@ import dirtybits
 from dirtybits.block.checkpoint import CheckpointPolicy
 from dirtybits.block.node import BlockNode
 from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
-from dirtybits.errors import ImageIOError, UsageError
+from dirtybits.errors import ImageError, ImageIOError, UsageError
 from dirtybits.format.qcow2.bitmaps import BitmapDirectory, BitmapsExtension
 from dirtybits.format.qcow2.header import EXT_BITMAPS, HeaderCluster
 from dirtybits.qcow2.image import Qcow2Image
@@ -297,3 +297,13 @@ def test_directory_flags_field_offset() -> None:
                                  bitmap_table_size=1, flags=0x2)
     raw = BitmapDirectory((e,)).pack()
     assert struct.unpack_from(">I", raw, FLAGS_FIELD_OFFSET)[0] == 0x2
+
+
+def test_refused_request_marks_nothing(tmp_path: Path) -> None:
+    path = make_image(tmp_path / "d.qcow2", bitmaps=(("a", 65536, True),))
+    with dirtybits.open(path, checkpoint=NO_TIMERS) as disk:
+        with pytest.raises(ImageError, match="outside the image"):
+            disk.write(64 * MiB - 512, b"x" * 4096)  # past the end: the driver's error
+        assert disk.stats.in_use_marks == 0
+        assert disk.load_bitmap("a").count() == 0
+    assert disk_flags(path) == {"a": False}

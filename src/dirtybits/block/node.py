@@ -123,6 +123,10 @@ class BlockNode:
     def size(self) -> int:
         return self.driver.size
 
+    def _in_range(self, offset: int, length: int) -> bool:
+        """Requests the driver will refuse mark nothing (it raises its own error)."""
+        return offset >= 0 and offset + length <= self.driver.size
+
     @property
     def _hooked(self) -> bool:
         """Does a write need the protocol's steps before it?"""
@@ -188,7 +192,7 @@ class BlockNode:
 
     def write(self, offset: int, data: Buffer) -> None:
         with self._lock:
-            if self._hooked and len(data):
+            if self._hooked and len(data) and self._in_range(offset, len(data)):
                 self._before_write(offset, len(data))
                 self.driver.write(offset, data)
                 self._after_write()
@@ -197,7 +201,7 @@ class BlockNode:
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         with self._lock:
-            if self._hooked and length:
+            if self._hooked and length and self._in_range(offset, length):
                 self._before_write(offset, length)
                 self.driver.write_zeroes(offset, length, unmap=unmap)
                 self._after_write()
@@ -206,7 +210,7 @@ class BlockNode:
 
     def discard(self, offset: int, length: int) -> None:
         with self._lock:
-            if self._hooked and length:
+            if self._hooked and length and self._in_range(offset, length):
                 self._before_write(offset, length)
                 self.driver.discard(offset, length)
                 self._after_write()
