@@ -81,6 +81,22 @@ def qcow2_perms(*, readonly: bool, force_share: bool = False) -> Perms:
     return p.force_shared() if force_share else p
 
 
+def image_perms(fmt: str, *, readonly: bool, force_share: bool = False) -> Perms:
+    """What qemu-img / qemu-io lock on the image file of a ``fmt`` image (``check``,
+    ``check -r``, ``map``...); ``-U`` applied."""
+    if fmt == "qcow2":
+        return qcow2_perms(readonly=readonly, force_share=force_share)
+    return RAW_RO if readonly else RAW_RW
+
+
+def info_perms(fmt: str, *, force_share: bool = False) -> Perms:
+    """``qemu-img info``: holds nothing, keeps a qcow2's writers out unless ``-U``; a raw
+    image is not locked at all."""
+    if fmt != "qcow2" or force_share:
+        return Perms(0, PERM_ALL)
+    return QCOW2_INFO
+
+
 def perm_names(perm: int) -> str:
     """``bdrv_perm_names``: the permission names, comma separated."""
     return ", ".join(n for i, n in enumerate(_PERM_NAMES) if perm >> i & 1)

@@ -265,3 +265,28 @@ def test_raw_writer_refused_by_a_qcow2_writer(img: Path) -> None:
         assert str(e.value) == WRITE_LOCK.format(img)
         with RawImage(str(img), readonly=True):  # a plain raw read is never refused
             pass
+
+
+def test_raw_resize_takes_resize_like_qemu_io_truncate(tmp_path: Path) -> None:
+    path, data = tmp_path / "d.qcow2", tmp_path / "d.raw"
+    Qcow2Image.create(str(path), 1 << 20, data_file="d.raw")
+    with Qcow2Image.open(str(path)), RawImage(str(data)) as raw:  # data file: resize unshared
+        with pytest.raises(LockError) as e:
+            raw.resize(2 << 20)
+        assert str(e.value) == (
+            f'Failed to get "resize" lock\nIs another process using the image [{data}]?')
+        assert raw.size == 1 << 20 and data.stat().st_size == 1 << 20
+    with RawImage(str(data)) as raw:
+        raw.resize(2 << 20)
+        assert held_bytes(data) == {100, 101, 103}
+
+
+@pytest.mark.parametrize(("fmt", "force_share", "expected"), [
+    ("qcow2", False, {201, 203}),  # qemu-img info
+    ("qcow2", True, set()),        # qemu-img info -U
+    ("raw", False, set()),         # qemu-img info -f raw locks nothing
+])
+def test_image_lock_for_info(img: Path, fmt: str, force_share: bool, expected: set[int]) -> None:
+    with ImageLock(str(img), filelock.info_perms(fmt, force_share=force_share)):
+        assert held_bytes(img) == expected
+    assert held_bytes(img) == set()

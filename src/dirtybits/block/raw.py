@@ -9,7 +9,16 @@ from types import TracebackType
 
 from dirtybits.block.driver import Buffer
 from dirtybits.errors import ImageError, ImageIOError, ReadOnlyError
-from dirtybits.filelock import CREATE, RAW_RO, RAW_RW, FileLock, check_force_share, lock_fd
+from dirtybits.filelock import (
+    CREATE,
+    PERM_RESIZE,
+    RAW_RO,
+    RAW_RW,
+    FileLock,
+    Perms,
+    check_force_share,
+    lock_fd,
+)
 from dirtybits.osfile import punch_hole as _punch_hole
 from dirtybits.qcow2.extent import MapExtent
 
@@ -126,6 +135,9 @@ class RawImage:
         self._check_writable()
         if new_size < self._size:
             raise ImageError("shrinking is not supported")
+        if self._lock is not None:  # qemu-io's truncate takes "resize" first (and keeps it)
+            p = self._lock.perms
+            self._lock.apply(Perms(p.perm | PERM_RESIZE, p.shared))
         os.ftruncate(self._fd, new_size)
         self._size = new_size
 
