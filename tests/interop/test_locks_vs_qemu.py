@@ -215,3 +215,23 @@ def test_backing_file_in_use(qemu_tools: dict[str, str], workdir: Path) -> None:
         q = run([qio, "-c", "write 0 4k", "base.qcow2"], workdir)
         assert q.stderr.endswith(WRITE.format("base.qcow2"))
         assert run([qio, "-r", "-c", "read 0 4k", "base.qcow2"], workdir).returncode == 0
+
+
+def test_data_file_naming_the_image_itself(qemu_tools: dict[str, str], workdir: Path) -> None:
+    """The image's own fd unshares "resize" and "write": QEMU refuses the rw open (its data
+    file step fails first on "resize"), so no guest write can land on the qcow2 header."""
+    qimg = qemu_tools["qemu-img"]
+    subprocess.run([qimg, "create", "-q", "-f", "qcow2", "-o", "data_file=self.qcow2",
+                    "tmp.qcow2", "1M"], cwd=workdir, check=True)
+    (workdir / "self.qcow2").unlink()
+    (workdir / "tmp.qcow2").rename(workdir / "self.qcow2")
+    before = sha(workdir / "self.qcow2")
+    cmd = ["-c", "write -P 0xab 0 4k", "self.qcow2"]
+    q = run([qemu_tools["qemu-io"], *cmd], workdir)
+    d = run(ours("io", *cmd), workdir)
+    assert 'Failed to get shared "resize" lock' in q.stderr
+    same_refusal(q, d, "qemu-io", "dirtybits io")
+    assert sha(workdir / "self.qcow2") == before
+    q = run([qemu_tools["qemu-io"], "-r", "-c", "read 0 4k", "self.qcow2"], workdir)
+    d = run(ours("io", "-r", "-c", "read 0 4k", "self.qcow2"), workdir)
+    assert q.returncode == d.returncode == 0, d.stderr

@@ -42,6 +42,7 @@ from dirtybits.filelock import (
     DATA_FILE_RO,
     DATA_FILE_RW,
     FileLock,
+    Perms,
     check_force_share,
     lock_fd,
     qcow2_perms,
@@ -337,12 +338,17 @@ class Qcow2Image:
             raise ImageIOError(f"Could not open data file '{path}': {exc.strerror}",
                                errno=exc.errno) from exc
         perms = DATA_FILE_RO if self.readonly else DATA_FILE_RW
+        if self.force_share:
+            perms = perms.force_shared()
         try:
-            self._data_lock = lock_fd(dfd, path,
-                                      perms.force_shared() if self.force_share else perms)
+            # QEMU attaches the data file in two steps (first only what it unshares), which
+            # decides the message when the data file is in use: do the same
+            lock = lock_fd(dfd, path, Perms(0, perms.shared))
+            lock.apply(perms)
         except BaseException:
             os.close(dfd)
             raise
+        self._data_lock = lock
         self._data_fd = dfd
         self._data_file_path = path
 
