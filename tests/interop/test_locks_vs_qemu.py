@@ -235,3 +235,34 @@ def test_data_file_naming_the_image_itself(qemu_tools: dict[str, str], workdir: 
     q = run([qemu_tools["qemu-io"], "-r", "-c", "read 0 4k", "self.qcow2"], workdir)
     d = run(ours("io", "-r", "-c", "read 0 4k", "self.qcow2"), workdir)
     assert q.returncode == d.returncode == 0, d.stderr
+
+
+@pytest.mark.parametrize("out_fmt", ["qcow2", "raw"])
+def test_convert_onto_its_source_is_refused(qemu_tools: dict[str, str], workdir: Path,
+                                            out_fmt: str) -> None:
+    """The read-only source unshares "write", so creating the target over it fails before
+    anything is truncated (QEMU's create locks first, then truncates)."""
+    name, (img,) = make(qemu_tools, workdir, "qcow2")
+    subprocess.run([qemu_tools["qemu-io"], "-c", "write -P 0x33 0 64k", name], cwd=workdir,
+                   check=True, capture_output=True)
+    before = sha(img)
+    q = run([qemu_tools["qemu-img"], "convert", "-O", out_fmt, name, name], workdir)
+    d = run(ours("convert", "-O", out_fmt, name, name), workdir)
+    assert q.stderr == (f"qemu-img: {name}: error while converting {out_fmt}: "
+                        + WRITE.format(name))
+    same_refusal(q, d, "qemu-img", "dirtybits convert")
+    assert sha(img) == before
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_create_over_an_image_in_use(qemu_tools: dict[str, str], workdir: Path,
+                                     fmt: str) -> None:
+    name, (img,) = make(qemu_tools, workdir, "qcow2")
+    with holding([qemu_tools["qemu-io"], "-r", name], workdir):
+        before = sha(img)
+        q = run([qemu_tools["qemu-img"], "create", "-f", fmt, name, "2M"], workdir)
+        d = run(ours("create", "-f", fmt, name, "2M"), workdir)
+        assert q.returncode == 1 and q.stderr.endswith(WRITE.format(name))
+        assert d.returncode == q.returncode
+        assert d.stderr.replace("dirtybits create:", "qemu-img:") == q.stderr
+        assert sha(img) == before

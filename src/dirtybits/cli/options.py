@@ -474,15 +474,26 @@ def create_raw(path: str, size: int, prealloc: str) -> None:
     import os
 
     from dirtybits.errors import ImageIOError
+    from dirtybits.filelock import CREATE, lock_fd
 
     size = -(-size // SECTOR) * SECTOR
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0),
-                     0o644)
+        # truncated only once locked (raw_co_create): an image in use keeps its data
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
     except OSError as exc:
         raise ImageIOError(f"Could not create '{path}': {exc.strerror}",
                            errno=exc.errno) from exc
     try:
+        lock = lock_fd(fd, path, CREATE)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        try:
+            os.ftruncate(fd, 0)
+        except OSError as exc:
+            raise ImageIOError(f"Could not truncate file: {exc.strerror}",
+                               errno=exc.errno) from exc
         if prealloc == "full":
             chunk = bytes(min(size, 1 << 20))
             for off in range(0, size, len(chunk) or 1):
@@ -496,4 +507,5 @@ def create_raw(path: str, size: int, prealloc: str) -> None:
     except OSError as exc:
         raise ImageIOError(f"Could not resize file: {exc.strerror}", errno=exc.errno) from exc
     finally:
+        lock.release()
         os.close(fd)
