@@ -245,29 +245,31 @@ def lock_fd(fd: int, path: str, perms: Perms) -> FileLock:
 
 class ImageLock:
     """Hold QEMU's locks on ``path`` through a descriptor of its own, for code that reads the
-    file some other way (``dirtybits info`` / ``check``)::
-
-        with ImageLock(path, QCOW2_INFO.force_shared() if force_share else QCOW2_INFO):
-            ...
+    file some other way (``dirtybits info`` / ``check``); see ``command_lock``. A missing or
+    unreadable file is left to the caller's own open to report. ``prefix`` goes before a
+    lock error (qemu-img's ``Could not open 'F': ``).
     """
 
-    def __init__(self, path: str, perms: Perms, *, writable: bool = False):
+    def __init__(self, path: str, perms: Perms, *, prefix: str = ""):
         self.path = path
         self.perms = perms
-        self.writable = writable
+        self.prefix = prefix
         self._fd = -1
         self._lock: FileLock | None = None
 
     def __enter__(self) -> ImageLock:
         if self.perms.perm == 0 and self.perms.shared == PERM_ALL:
-            return self  # nothing to hold (info -U)
-        flags = (os.O_RDWR if self.writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
-        try:
-            self._fd = os.open(self.path, flags)
+            return self  # nothing to hold (info -U, raw info)
+        try:  # read locks need only read access, even for a writer's perms
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError:
-            return self  # the caller's own open reports the missing/unreadable file
+            return self
         try:
             self._lock = lock_fd(self._fd, self.path, self.perms)
+        except LockError as exc:
+            os.close(self._fd)
+            self._fd = -1
+            raise LockError(f"{self.prefix}{exc}") from None
         except BaseException:
             os.close(self._fd)
             self._fd = -1
@@ -281,3 +283,29 @@ class ImageLock:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _probe(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+    except OSError:
+        return "raw"
+
+
+def command_lock(path: str, fmt: str | None, *, readonly: bool = True,
+                 force_share: bool = False, info: bool = False) -> ImageLock:
+    """The lock a qemu-img command holds on its image file while it runs::
+
+        with command_lock(args.filename, args.fmt, info=True, force_share=args.force_share):
+            ...                                    # qemu-img info [-U]
+        with command_lock(args.filename, args.fmt, readonly=not args.repair,
+                          force_share=args.force_share):
+            ...                                    # qemu-img check [-r] [-U]
+
+    ``fmt`` None probes the file as qemu-img does; errors read ``Could not open 'F': ...``.
+    """
+    fmt = fmt or _probe(path)
+    perms = (info_perms(fmt, force_share=force_share) if info
+             else image_perms(fmt, readonly=readonly, force_share=force_share))
+    return ImageLock(path, perms, prefix=f"Could not open '{path}': ")

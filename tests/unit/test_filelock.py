@@ -290,3 +290,23 @@ def test_image_lock_for_info(img: Path, fmt: str, force_share: bool, expected: s
     with ImageLock(str(img), filelock.info_perms(fmt, force_share=force_share)):
         assert held_bytes(img) == expected
     assert held_bytes(img) == set()
+
+
+def test_command_lock_for_info_and_check(img: Path, tmp_path: Path) -> None:
+    with Qcow2Image.open(str(img)):
+        for kw in ({"info": True}, {}, {"readonly": False}):
+            with pytest.raises(LockError) as e, filelock.command_lock(str(img), None, **kw):
+                pass
+            assert str(e.value).startswith(f"Could not open '{img}': Failed to get ")
+        with filelock.command_lock(str(img), None, info=True, force_share=True):
+            assert held_bytes(img) == {100, 101, 103, 201, 203}  # the writer's alone
+        with filelock.command_lock(str(img), "qcow2", force_share=True):
+            pass
+    with filelock.command_lock(str(img), None, readonly=False):  # check -r: a writer
+        assert held_bytes(img) == {100, 101, 103, 201, 203}
+    raw = tmp_path / "r.raw"
+    RawImage.create(str(raw), 1 << 20)
+    with filelock.command_lock(str(raw), None, info=True):
+        assert held_bytes(raw) == set()
+    with filelock.command_lock(str(tmp_path / "missing"), None):
+        pass  # the command's own open reports a missing file
