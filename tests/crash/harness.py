@@ -15,6 +15,12 @@ moment and then judges what is on disk:
 - on a sample, QEMU agrees: ``qemu-img info`` shows the same flags, and ``qemu-nbd -B`` +
   ``nbdinfo --map`` serves exactly our bits for every consistent bitmap.
 
+Resilient runs (``run(..., resilient=True)``, test_kill9_resilient.py) use templates with the
+write-intent map on and, after judging the crashed image, reopen it with a tracked open (no
+writes): every enabled bitmap must then be consistent with zero misses, exactly the ones the
+crash left in_use recovered; with a ``qemu-io`` write before the reopen (``qemu`` runs) the map
+must not be trusted: nothing recovered, the crash's in_use bitmaps still in_use.
+
 Each kill is fully described by one integer seed (template, policy, workload, kill mode and
 moment; only the wall-clock moment of a timed kill is not reproducible). Workers run as
 subprocesses of this file (``python harness.py worker ...``) so two cores can be used.
@@ -45,6 +51,7 @@ import numpy as np
 KiB, MiB = 1 << 10, 1 << 20
 DISK_SIZE = 64 * MiB
 FROZEN = "frozen"  # the disabled bitmap
+STALE = "stale"  # an enabled bitmap already inconsistent (in_use) in the pre-image
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,8 @@ class TemplateSpec:
     cluster_size: int
     bitmaps: dict[str, int]
     size: int = DISK_SIZE
+    region: int | None = None  # resilient mode on, with regions of this size
+    warm: bool = False  # resilient: a dirtybits session ran first (the map is valid, marked)
 
 
 TEMPLATES = (
@@ -63,6 +72,16 @@ TEMPLATES = (
     # 4 KiB clusters: more L2/refblock traffic, and a 512 B bitmap spanning 4 bitmap clusters
     TemplateSpec("c4k", 4 * KiB, {"g512": 512, "g16k": 16 * KiB, FROZEN: 64 * KiB}),
 )
+# Resilient mode (write-intent map) on: a kill is then followed by a tracked reopen that must
+# recover every bitmap the crash left in_use. STALE was left in_use by a killed qemu-io before
+# the map ever existed: the map must exclude it, so it stays inconsistent forever.
+RESILIENT_TEMPLATES = (
+    TemplateSpec("r1m", 64 * KiB, {"g64k": 64 * KiB, "g4k": 4 * KiB, FROZEN: 256 * KiB},
+                 region=MiB, warm=True),
+    TemplateSpec("r64k", 4 * KiB, {STALE: 64 * KiB, "g512": 512, "g16k": 16 * KiB,
+                                   FROZEN: 64 * KiB}, size=32 * MiB, region=64 * KiB),
+)
+ALL_TEMPLATES = TEMPLATES + RESILIENT_TEMPLATES
 
 # Checkpoint policies the children draw from (None disables that trigger).
 POLICIES: tuple[dict[str, float | int | None], ...] = (
@@ -117,21 +136,35 @@ def build_templates(directory: Path, specs: tuple[TemplateSpec, ...] = TEMPLATES
         def at(kib: int, size: int = spec.size) -> int:  # a place in 64 MiB, scaled to size
             return kib * KiB * size // DISK_SIZE // 512 * 512
 
+        if STALE in spec.bitmaps:  # a qemu-io killed while writing leaves it in_use
+            sh("qemu-img", "bitmap", "--add", "-g", str(spec.bitmaps[STALE]), str(path), STALE)
+            sh("qemu-io", "-f", "qcow2", "-c", f"write -P 0x99 {at(1024)} {at(64)}", "-c",
+               "sigraise 9", str(path), ok=(-signal.SIGKILL, 128 + signal.SIGKILL))
         # the disabled bitmap records a first batch of writes, then is frozen
         sh("qemu-img", "bitmap", "--add", "-g", str(spec.bitmaps[FROZEN]), str(path), FROZEN)
         _qemu_io(path, f"write -P 0x11 0 {at(3072)}", f"write -P 0x22 {at(20480)} {at(1024)}",
                  f"write -P 0x33 {at(40000)} {at(100)}")
         sh("qemu-img", "bitmap", "--disable", str(path), FROZEN)
         for name, gran in spec.bitmaps.items():
-            if name != FROZEN:
+            if name not in (FROZEN, STALE):
                 sh("qemu-img", "bitmap", "--add", "-g", str(gran), str(path), name)
         # more data, recorded by the enabled bitmaps only; some zero clusters too
         _qemu_io(path, f"write -P 0x44 {at(8192)} {at(2048)}",
                  f"write -P 0x55 {at(51200)} {at(64)}", f"write -z {at(21504)} {at(256)}",
                  f"write -P 0x66 {at(61440)} {at(3072)}", f"discard {at(62464)} {at(512)}")
+        if spec.region:
+            dirtybits_cli("amend", "-o", f"resilient=on,resilient-region={spec.region}",
+                          str(path))
+        if spec.warm:  # a tracked session: the map is valid and keeps its last regions marked
+            dirtybits_cli("io", "-c", f"write -P 0x77 {at(30000)} {at(1000)}", "-c",
+                          f"write -P 0x78 {at(45000)} 4096", str(path))
         sh("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(path),
            str(directory / f"{spec.name}.raw"))
         sh("qemu-img", "check", "-q", str(path))
+
+
+def dirtybits_cli(*args: str) -> None:
+    sh(sys.executable, "-m", "dirtybits.cli.main", *args)
 
 
 def load_templates(directory: Path,
@@ -145,7 +178,8 @@ def load_templates(directory: Path,
         pre = np.fromfile(directory / f"{spec.name}.raw", dtype=np.uint8)
         with Qcow2Image.open(str(path), readonly=True) as img:
             store = Qcow2BitmapStore(img)
-            pre_bits = {name: bits_of(store.load(name)) for name in spec.bitmaps}
+            pre_bits = {name: bits_of(store.load(name)) for name in spec.bitmaps
+                        if name != STALE}
         out[spec.name] = Template(spec, path, pre, pre_bits)
     return out
 
@@ -189,7 +223,7 @@ def child_main(path: str, plan: KillPlan, wfd: int) -> None:
         stack.enter_context(inject(Fault(at=plan.kill_ops // 2, action=action)))
     disk = open_disk(path, policy)
     send(b"O")
-    size = next(t.size for t in TEMPLATES if t.name == plan.template)
+    size = next(t.size for t in ALL_TEMPLATES if t.name == plan.template)
     hot = rng.randrange(0, size - 4 * MiB)
     for op in range(plan.max_ops):
         if op == plan.quiet_at:
@@ -264,12 +298,18 @@ class KillPlan:
     lull_at: int = -1
     kill_ops: int = 0
     kill_delay: float = 0.0
+    resilient: bool = False  # a resilient template; a tracked reopen follows the kill
+    qemu_write: tuple[int, int, int] | None = None  # (offset, length, pattern) before reopen
 
     @classmethod
-    def from_seed(cls, seed: int, *, close: bool = False) -> KillPlan:
-        """``close``: the child finishes and closes (no kill): everything must be consistent."""
+    def from_seed(cls, seed: int, *, close: bool = False, resilient: bool = False,
+                  qemu: bool = False) -> KillPlan:
+        """``close``: the child finishes and closes (no kill): everything must be consistent.
+        ``resilient``: resilient templates, then a tracked reopen that must recover every
+        bitmap; ``qemu``: qemu-io writes to the image first (the map must not be trusted)."""
         rng = random.Random(seed)
-        plan = cls(seed=seed, template=rng.choice(TEMPLATES).name,
+        plan = cls(seed=seed,
+                   template=rng.choice(RESILIENT_TEMPLATES if resilient else TEMPLATES).name,
                    policy=rng.randrange(len(POLICIES)),
                    mode="close" if close else rng.choice(MODES),
                    max_ops=rng.randrange(15, 80))
@@ -285,6 +325,12 @@ class KillPlan:
             plan.kill_delay = rng.uniform(0.0, 0.4)
         elif plan.mode == "point":  # 2 * call index + (1: after the call, 0: before it)
             plan.kill_ops = rng.randrange(0, 2 * rng.choice((40, 200, 1000)))
+        plan.resilient = resilient
+        if qemu:
+            size = next(t.size for t in ALL_TEMPLATES if t.name == plan.template)
+            length = rng.choice((512, 4 * KiB, rng.randrange(1, 65) * 4 * KiB))
+            offset = rng.randrange(0, (size - length) // 512) * 512
+            plan.qemu_write = (offset, length, rng.randrange(0x80, 0x100))
         return plan
 
 
@@ -305,6 +351,20 @@ class KillResult:
     qemu_checked: bool = False
     seconds: float = 0.0  # child run + verification
     problems: list[str] = field(default_factory=list)
+    in_use: list[str] = field(default_factory=list)  # enabled bitmaps left in_use (not STALE)
+    granules: int = 0  # granules of the consistent enabled bitmaps judged
+    changed: int = 0  # of those, granules whose data differs from the pre-image
+    # per consistent enabled bitmap: (granules, changed, over)
+    by_bitmap: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    # resilient runs, after the tracked reopen
+    resilient: bool = False
+    qemu: bool = False  # a qemu-io write between the kill and the reopen
+    reopened: bool = False
+    qemu_wrote: bool = False
+    recovered: int = 0  # bitmaps the reopen made consistent from the write-intent map
+    stayed_in_use: int = 0  # qemu runs: bitmaps left in_use by the crash, still in_use
+    after: dict[str, int] = field(default_factory=dict)  # consistent, inconsistent, misses,
+    # over, granules, changed of the reopened image
 
 
 def run_child_and_kill(path: Path, plan: KillPlan) -> tuple[str, bool, list[str]]:
@@ -428,6 +488,11 @@ def verify(path: Path, tpl: Template, res: KillResult, *, quiet: bool,
             flags[name] = (sb.in_use, sb.entry.auto)
             if sb.entry.granularity != gran:
                 res.problems.append(f"bitmap {name}: granularity {sb.entry.granularity}")
+            if name == STALE:  # inconsistent before anything ran: nothing may vouch for it
+                if not sb.in_use:
+                    res.problems.append(f"bitmap {name}, inconsistent in the pre-image, "
+                                        "reads as consistent")
+                continue
             if name == FROZEN:
                 if sb.in_use or sb.entry.auto:
                     res.problems.append(f"disabled bitmap {name} in_use={sb.in_use} "
@@ -442,6 +507,7 @@ def verify(path: Path, tpl: Template, res: KillResult, *, quiet: bool,
                 res.problems.append(f"bitmap {name} lost its auto flag")
             if sb.in_use:
                 res.inconsistent += 1
+                res.in_use.append(name)
                 if quiet:
                     res.problems.append(f"{res.mode}: bitmap {name} left in_use")
                 continue
@@ -452,8 +518,13 @@ def verify(path: Path, tpl: Template, res: KillResult, *, quiet: bool,
             changed = changed_granules(changed512, gran, len(bits))
             missed = changed & ~bits
             n_missed = int(missed.sum())
+            n_over = int((bits & ~changed & ~tpl.pre_bits[name]).sum())
+            n_changed = int(changed.sum())
             res.misses += n_missed
-            res.over += int((bits & ~changed & ~tpl.pre_bits[name]).sum())
+            res.over += n_over
+            res.granules += len(bits)
+            res.changed += n_changed
+            res.by_bitmap[name] = (len(bits), n_changed, n_over)
             if n_missed:
                 first = int(np.flatnonzero(missed)[0]) * gran
                 res.problems.append(f"bitmap {name} consistent but misses {n_missed} changed "
@@ -461,7 +532,7 @@ def verify(path: Path, tpl: Template, res: KillResult, *, quiet: bool,
     if qemu_sample:
         res.qemu_checked = True
         qemu_cross_check(path, tpl.spec.size, flags, ours, res)
-    enabled = [n for n in tpl.spec.bitmaps if n != FROZEN]
+    enabled = [n for n in tpl.spec.bitmaps if n not in (FROZEN, STALE)]
     return all(n in flags and not flags[n][0] for n in enabled)
 
 
@@ -512,13 +583,69 @@ def nbd_map(path: Path, bitmap: str) -> str:
         shutil.rmtree(sock.parent, ignore_errors=True)
 
 
+def map_valid(path: Path) -> bool:
+    """Is the image's write-intent map trusted (our autoclear bit set)?"""
+    from dirtybits.block import write_intent
+    from dirtybits.qcow2.image import Qcow2Image
+
+    with Qcow2Image.open(str(path), readonly=True, force_share=True) as img:
+        return write_intent.is_valid(img)
+
+
+def reopen_and_verify(path: Path, tpl: Template, plan: KillPlan, res: KillResult) -> None:
+    """Resilient runs: (qemu-io writes, then) a tracked open and close with no writes; judge.
+
+    Without a QEMU write, every enabled bitmap must now be consistent and cover every changed
+    granule, and exactly the ones the crash left in_use were recovered. After a QEMU write the
+    map must not be trusted: nothing is recovered, what the crash left in_use stays in_use,
+    and the consistent ones (QEMU tracked its write in them) still miss nothing."""
+    import dirtybits
+
+    crashed_in_use = set(res.in_use)
+    if plan.qemu_write is not None:
+        off, length, pat = plan.qemu_write
+        sh("qemu-io", "-f", "qcow2", "-c", f"write -P {pat:#x} {off} {length}", str(path))
+        res.qemu_wrote = True
+        if map_valid(path):
+            res.problems.append("after the QEMU write the write-intent map is still valid")
+    disk = dirtybits.open(str(path))
+    try:
+        recovered = list(disk.recovered)
+    finally:
+        disk.close()
+    res.reopened = True
+    res.recovered = len(recovered)
+    after = KillResult(seed=res.seed, template=res.template, mode=res.mode)
+    verify(path, tpl, after, quiet=plan.qemu_write is None, qemu_sample=False)
+    res.problems += [f"after reopen: {p}" for p in after.problems]
+    res.after = {k: getattr(after, k) for k in
+                 ("consistent", "inconsistent", "misses", "over", "granules", "changed")}
+    res.after["enabled"] = sum(n not in (FROZEN, STALE) for n in tpl.spec.bitmaps)
+    for key, i in (("recovered_granules", 0), ("recovered_changed", 1), ("recovered_over", 2)):
+        res.after[key] = sum(after.by_bitmap[n][i] for n in recovered if n in after.by_bitmap)
+    if plan.qemu_write is None:
+        if set(recovered) != crashed_in_use:
+            res.problems.append(f"reopen recovered {sorted(recovered)}, the crash left "
+                                f"{sorted(crashed_in_use)} in_use")
+    else:
+        if recovered:
+            res.problems.append(f"after a QEMU write the reopen recovered {recovered}")
+        still = crashed_in_use & set(after.in_use)
+        res.stayed_in_use = len(still)
+        if still != crashed_in_use:
+            res.problems.append(f"after a QEMU write, bitmaps left in_use by the crash became "
+                                f"consistent: {sorted(crashed_in_use - still)}")
+
+
 def one_kill(seed: int, templates: dict[str, Template], workdir: Path, *,
-             qemu_sample: bool, close: bool = False) -> KillResult:
-    plan = KillPlan.from_seed(seed, close=close)
+             qemu_sample: bool, close: bool = False, resilient: bool = False,
+             qemu: bool = False) -> KillResult:
+    plan = KillPlan.from_seed(seed, close=close, resilient=resilient, qemu=qemu)
     tpl = templates[plan.template]
     path = workdir / f"k{os.getpid()}.qcow2"
     shutil.copyfile(tpl.qcow2, path)
-    res = KillResult(seed=seed, template=plan.template, mode=plan.mode)
+    res = KillResult(seed=seed, template=plan.template, mode=plan.mode, resilient=resilient,
+                     qemu=qemu)
     start = time.monotonic()
     try:
         res.events, res.killed, res.problems = run_child_and_kill(path, plan)
@@ -529,6 +656,8 @@ def one_kill(seed: int, templates: dict[str, Template], workdir: Path, *,
             res.quiet_consistent = consistent
         if plan.mode == "lull" and "L" in res.events and res.killed:
             res.lull_consistent = consistent
+        if plan.resilient:
+            reopen_and_verify(path, tpl, plan, res)
     except Exception as exc:  # a broken image the judge cannot even read is a finding
         res.problems.append(f"verification failed: {type(exc).__name__}: {exc}")
     finally:
@@ -553,6 +682,24 @@ class Totals:
     lull_kills: int = 0
     lull_consistent: int = 0
     qemu_checked: int = 0
+    # resilient runs (a tracked reopen after the kill)
+    reopened: int = 0  # kills (and closes) followed by a reopen, no QEMU write
+    crashed_in_use: int = 0  # enabled bitmaps those kills left in_use
+    recovered: int = 0  # bitmaps the reopens recovered from the write-intent map
+    after_enabled: int = 0  # enabled bitmaps of those images (all must be consistent)
+    after_consistent: int = 0
+    after_inconsistent: int = 0
+    after_misses: int = 0
+    after_over: int = 0  # granules set after recovery, not changed, not set before
+    after_granules: int = 0
+    after_changed: int = 0
+    recovered_granules: int = 0  # the same three, over the recovered bitmaps only
+    recovered_changed: int = 0
+    recovered_over: int = 0
+    qemu_runs: int = 0  # kills followed by a qemu-io write, then the reopen
+    qemu_crashed_in_use: int = 0  # enabled bitmaps those kills left in_use
+    qemu_stayed_in_use: int = 0  # of those, still in_use after the reopen (must be all)
+    qemu_after_misses: int = 0
     by_mode: dict[str, int] = field(default_factory=dict)
     seconds_by_mode: dict[str, float] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)
@@ -575,8 +722,28 @@ class Totals:
             self.lull_kills += 1
             self.lull_consistent += r.lull_consistent
         self.qemu_checked += r.qemu_checked
-        self.by_mode[r.mode] = self.by_mode.get(r.mode, 0) + 1
-        self.seconds_by_mode[r.mode] = self.seconds_by_mode.get(r.mode, 0) + r.seconds
+        if r.reopened and not r.qemu:
+            self.reopened += 1
+            self.crashed_in_use += len(r.in_use)
+            self.recovered += r.recovered
+            self.after_enabled += r.after.get("enabled", 0)
+            self.after_consistent += r.after.get("consistent", 0)
+            self.after_inconsistent += r.after.get("inconsistent", 0)
+            self.after_misses += r.after.get("misses", 0)
+            self.after_over += r.after.get("over", 0)
+            self.after_granules += r.after.get("granules", 0)
+            self.after_changed += r.after.get("changed", 0)
+            self.recovered_granules += r.after.get("recovered_granules", 0)
+            self.recovered_changed += r.after.get("recovered_changed", 0)
+            self.recovered_over += r.after.get("recovered_over", 0)
+        elif r.reopened:
+            self.qemu_runs += 1
+            self.qemu_crashed_in_use += len(r.in_use)
+            self.qemu_stayed_in_use += r.stayed_in_use
+            self.qemu_after_misses += r.after.get("misses", 0)
+        mode = r.mode + ("+qemu" if r.qemu else "")
+        self.by_mode[mode] = self.by_mode.get(mode, 0) + 1
+        self.seconds_by_mode[mode] = self.seconds_by_mode.get(mode, 0) + r.seconds
         if r.problems:
             self.failures.append(asdict(r))
 
@@ -592,7 +759,7 @@ class Totals:
                 setattr(self, k, getattr(self, k) + v)
 
     def lines(self) -> list[str]:
-        return [
+        out = [
             f"kills={self.kills} clean-closes={self.closed} "
             f"quiet-kills={self.quiet_kills} (all consistent: {self.quiet_consistent}) "
             f"lull-kills={self.lull_kills} (all consistent: {self.lull_consistent})",
@@ -601,47 +768,84 @@ class Totals:
             f"over-reported-granules={self.over}",
             f"leaks: {self.leaks} clusters in {self.leaky_images} images; "
             f"qemu cross-checks={self.qemu_checked}; failures={len(self.failures)}",
-            "runs by mode (count, mean s): " + ", ".join(
-                f"{m} {n} {self.seconds_by_mode.get(m, 0) / n:.2f}"
-                for m, n in sorted(self.by_mode.items())),
         ]
+        if self.reopened or self.qemu_runs:
+            def ratio(a: int, b: int) -> float:
+                return a / b if b else 0.0
+
+            out += [
+                f"resilient reopens={self.reopened}: in_use after the kill={self.crashed_in_use} "
+                f"recovered={self.recovered}; after reopen consistent={self.after_consistent} "
+                f"inconsistent={self.after_inconsistent} misses={self.after_misses}",
+                f"  over-reported by the recovered bitmaps: {self.recovered_over} granules = "
+                f"{ratio(self.recovered_over, self.recovered_granules):.3%} of their "
+                f"{self.recovered_granules} granules, "
+                f"{ratio(self.recovered_over, self.recovered_changed):.2f} per changed granule "
+                f"({self.recovered_changed} changed)",
+                f"  all bitmaps after reopen: over-reported {self.after_over} granules = "
+                f"{ratio(self.after_over, self.after_granules):.3%} of "
+                f"{self.after_granules} ({self.after_changed} changed)",
+                f"qemu-write runs={self.qemu_runs}: in_use after the kill="
+                f"{self.qemu_crashed_in_use}, still in_use after the reopen="
+                f"{self.qemu_stayed_in_use}; misses in consistent bitmaps="
+                f"{self.qemu_after_misses}",
+            ]
+        out.append("runs by mode (count, mean s): " + ", ".join(
+            f"{m} {n} {self.seconds_by_mode.get(m, 0) / n:.2f}"
+            for m, n in sorted(self.by_mode.items())))
+        return out
 
 
-def kill_seeds(seed: int, count: int, worker: int,
-               workers: int) -> Iterator[tuple[int, int, bool]]:
-    """(index, kill seed, close run?) of the runs this worker does: ``count`` kills, then one
-    clean-close run per CLOSE_EVERY kills."""
-    for i in range(worker, count + count // CLOSE_EVERY, workers):
-        yield i, random.Random(f"{seed}:{i}").getrandbits(48), i >= count
+def replay_command(f: dict[str, Any]) -> str:
+    """The command line that runs a failed kill (``asdict(KillResult)``) again."""
+    flags = (" --close" * (f["mode"] == "close") + " --resilient" * f.get("resilient", False)
+             + " --qemu" * f.get("qemu", False))
+    return f"python tests/crash/harness.py replay {f['seed']}{flags}"
+
+
+def kill_seeds(seed: int, count: int, worker: int, workers: int,
+               qemu_count: int = 0) -> Iterator[tuple[int, int, str]]:
+    """(index, kill seed, variant) of the runs this worker does: ``count`` kills ("kill"),
+    ``qemu_count`` kills followed by a QEMU write ("qemu"), then one clean-close run per
+    CLOSE_EVERY kills ("close")."""
+    for i in range(worker, count + qemu_count + count // CLOSE_EVERY, workers):
+        variant = "kill" if i < count else "qemu" if i < count + qemu_count else "close"
+        yield i, random.Random(f"{seed}:{i}").getrandbits(48), variant
 
 
 def worker(seed: int, count: int, worker_index: int, workers: int, tdir: Path,
-           workdir: Path, progress: bool = False) -> Totals:
-    templates = load_templates(tdir)
+           workdir: Path, progress: bool = False, resilient: bool = False,
+           qemu_count: int = 0) -> Totals:
+    specs = RESILIENT_TEMPLATES if resilient else TEMPLATES
+    templates = load_templates(tdir, specs)
     totals = Totals()
-    for i, kseed, close in kill_seeds(seed, count, worker_index, workers):
+    for i, kseed, variant in kill_seeds(seed, count, worker_index, workers, qemu_count):
         res = one_kill(kseed, templates, workdir, qemu_sample=i % QEMU_SAMPLE_EVERY == 0,
-                       close=close)
+                       close=variant == "close", resilient=resilient, qemu=variant == "qemu")
         totals.add(res)
         if progress and res.problems:
-            print(f"FAIL kill seed {kseed}{' --close' if close else ''}: {res.problems}",
-                  file=sys.stderr, flush=True)
+            print(f"FAIL {replay_command(asdict(res))}: {res.problems}", file=sys.stderr,
+                  flush=True)
     return totals
 
 
 def run(count: int, seed: int, workers: int = 2, scratch: Path | None = None,
-        progress: bool = False) -> tuple[Totals, float]:
-    """Build the templates, run ``count`` kills over ``workers`` processes; (totals, seconds)."""
+        progress: bool = False, resilient: bool = False,
+        qemu_count: int = 0) -> tuple[Totals, float]:
+    """Build the templates, run ``count`` kills over ``workers`` processes; (totals, seconds).
+    ``resilient``: on the resilient templates, each kill followed by a tracked reopen, plus
+    ``qemu_count`` kills with a QEMU write before the reopen."""
     base = Path(tempfile.mkdtemp(prefix="dirtybits-crash-", dir=scratch or "/var/tmp"))
     try:
         tdir = base / "templates"
         tdir.mkdir()
-        build_templates(tdir)
+        build_templates(tdir, RESILIENT_TEMPLATES if resilient else TEMPLATES)
         start = time.monotonic()
+        extra = ["--resilient", "--qemu-count", str(qemu_count)] if resilient else []
         procs = [subprocess.Popen(
             [sys.executable, __file__, "worker", "--seed", str(seed), "--count", str(count),
              "--worker", str(w), "--workers", str(workers), "--templates", str(tdir),
-             "--dir", str(base), *(["--progress"] if progress else [])],
+             "--dir", str(base), *(["--progress"] if progress else []), *extra],
             stdout=subprocess.PIPE, text=True)
             for w in range(min(workers, count))]
         totals = Totals()
@@ -660,13 +864,17 @@ def run(count: int, seed: int, workers: int = 2, scratch: Path | None = None,
         shutil.rmtree(base, ignore_errors=True)
 
 
-def replay(kill_seed: int, close: bool = False, scratch: Path | None = None) -> KillResult:
+def replay(kill_seed: int, close: bool = False, scratch: Path | None = None,
+           resilient: bool = False, qemu: bool = False) -> KillResult:
     """Run one kill again by its seed (printed with every failure)."""
     base = Path(tempfile.mkdtemp(prefix="dirtybits-replay-", dir=scratch or "/var/tmp"))
+    specs = RESILIENT_TEMPLATES if resilient else TEMPLATES
     try:
-        build_templates(base)
-        print(KillPlan.from_seed(kill_seed, close=close), file=sys.stderr)
-        return one_kill(kill_seed, load_templates(base), base, qemu_sample=True, close=close)
+        build_templates(base, specs)
+        print(KillPlan.from_seed(kill_seed, close=close, resilient=resilient, qemu=qemu),
+              file=sys.stderr)
+        return one_kill(kill_seed, load_templates(base, specs), base, qemu_sample=True,
+                        close=close, resilient=resilient, qemu=qemu)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -682,16 +890,21 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--templates", type=Path, required=True)
     w.add_argument("--dir", type=Path, required=True)
     w.add_argument("--progress", action="store_true")
+    w.add_argument("--resilient", action="store_true")
+    w.add_argument("--qemu-count", type=int, default=0)
     r = sub.add_parser("replay")
     r.add_argument("kill_seed", type=int)
     r.add_argument("--close", action="store_true")
+    r.add_argument("--resilient", action="store_true")
+    r.add_argument("--qemu", action="store_true", help="a QEMU write before the reopen "
+                   "(with --resilient)")
     args = ap.parse_args(argv)
     if args.cmd == "worker":
         totals = worker(args.seed, args.count, args.worker, args.workers, args.templates,
-                        args.dir, args.progress)
+                        args.dir, args.progress, args.resilient, args.qemu_count)
         print(json.dumps(asdict(totals)))
         return 0
-    res = replay(args.kill_seed, args.close)
+    res = replay(args.kill_seed, args.close, resilient=args.resilient, qemu=args.qemu)
     print(json.dumps(asdict(res), indent=1))
     return 1 if res.problems else 0
 
