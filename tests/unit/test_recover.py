@@ -325,3 +325,35 @@ def test_cli_argument_checks() -> None:
         check_arguments(argparse.Namespace(reference="x", reference_format=None), {"clear"})
     with pytest.raises(UsageError, match="--reference-format"):
         check_arguments(argparse.Namespace(reference=None, reference_format="raw"), set())
+
+
+class _WithReadInto:
+    """A driver offering ``read_into`` (the buffer-reusing read path of the compare)."""
+
+    def __init__(self, inner: object):
+        self._inner = inner
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        self.calls += 1
+        view[:] = self._inner.read(offset, len(view))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("granularity", [512, 64 * KiB, 2 * MiB])
+@pytest.mark.parametrize("size", [SIZE, MiB + 3])  # an unaligned end: the last read is odd
+def test_read_into_path_exact(tmp_path: Path, granularity: int, size: int) -> None:
+    rnd = random.Random(size + granularity)
+    ref = raw(tmp_path / "ref.raw", size)
+    apply_writes(ref, random_writes(rnd, size, 10))
+    img = tmp_path / "img.raw"
+    shutil.copy(ref, img)
+    apply_writes(img, [*random_writes(rnd, size, 6), ("data", size - 1, 1, 1)])
+    with open_image(str(img), readonly=True) as a, open_image(str(ref), readonly=True) as b:
+        wa, wb = _WithReadInto(a), _WithReadInto(b)
+        got = DataCompare(wa, wb, granularity, chunk=64 * KiB).run().bitmap  # type: ignore[arg-type]
+        assert wa.calls and wb.calls
+    assert got == oracle(img, ref, granularity)
+    assert got.get(size - 1)

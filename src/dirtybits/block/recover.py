@@ -21,7 +21,7 @@ interrupted run changes nothing and can simply be rerun.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +35,7 @@ _ZEROS = bytes(CHUNK)
 
 Progress = Callable[[int], None]
 Runs = list[tuple[int, int]]
+Buffer = bytes | bytearray | memoryview
 
 
 def data_runs(img: ImageDriver, end: int) -> Runs:
@@ -68,20 +69,35 @@ def _union(a: Runs, b: Runs, unit: int, end: int) -> Runs:
 
 
 class _Side:
-    """One image of the pair: where it has data, and reads that skip its zero chunks."""
+    """One image of the pair: where it has data, and reads that skip its zero chunks.
 
-    def __init__(self, img: ImageDriver, runs: Runs):
+    A driver with ``read_into(offset, view)`` is read into one reused buffer (no allocation,
+    zero-fill or copy per chunk: at page-cache speed those cost more than the read itself);
+    otherwise ``read`` is used.
+    """
+
+    def __init__(self, img: ImageDriver, runs: Runs, chunk: int):
         self.img = img
         self.starts = [s for s, _ in runs]
         self.ends = [e for _, e in runs]
+        self._into: Callable[[int, memoryview], object] | None = getattr(img, "read_into",
+                                                                          None)
+        self._buf = memoryview(bytearray(chunk)) if self._into is not None else None
 
     def has_data(self, start: int, end: int) -> bool:
         i = bisect_left(self.ends, start + 1)  # first run ending after ``start``
         return i < len(self.starts) and self.starts[i] < end
 
-    def read(self, start: int, end: int) -> bytes | None:
-        """The bytes of ``[start, end)``, or None when they are known to be zeros."""
-        return self.img.read(start, end - start) if self.has_data(start, end) else None
+    def read(self, start: int, end: int) -> Buffer | None:
+        """The bytes of ``[start, end)`` (valid until the next read), or None when they are
+        known to be zeros."""
+        if not self.has_data(start, end):
+            return None
+        if self._into is None or self._buf is None:
+            return self.img.read(start, end - start)
+        view = self._buf[:end - start]
+        self._into(start, view)
+        return view
 
 
 @dataclass
@@ -110,43 +126,65 @@ class DataCompare:
         self.unit = min(granularity, chunk)
         self.chunk = chunk
         a, b = data_runs(img, self.common), data_runs(ref, self.common)
-        self._a, self._b = _Side(img, a), _Side(ref, b)
+        self._a, self._b = _Side(img, a, chunk), _Side(ref, b, chunk)
         self.runs = _union(a, b, self.unit, self.common)
         self.total = sum(e - s for s, e in self.runs)
 
-    def run(self, progress: Progress | None = None) -> CompareResult:
-        bm = DirtyBitmap(self.size, self.granularity)
-        unit, chunk = self.unit, self.chunk
-        skip_marked = self.granularity > chunk  # a marked granule needs no more reading
+    def _chunks(self, bm: DirtyBitmap) -> Iterator[tuple[int, int, bool]]:
+        """(start, end, needed) of every chunk to compare, in order; not needed: inside a
+        granule larger than a chunk that is already marked."""
+        chunk = self.chunk
+        skip_marked = self.granularity > chunk
         for start, end in self.runs:
             pos = start
             while pos < end:
                 stop = min(end, (pos // chunk + 1) * chunk)
-                if not (skip_marked and bm.get(pos)):
-                    self._compare(bm, pos, stop, unit)
-                if progress is not None:
-                    progress(stop - pos)
+                yield pos, stop, not (skip_marked and bm.get(pos))
                 pos = stop
+
+    def run(self, progress: Progress | None = None) -> CompareResult:
+        bm = DirtyBitmap(self.size, self.granularity)
+        for start, end, needed in self._chunks(bm):
+            if needed:
+                self._compare(bm, start, end, self._a.read(start, end),
+                              self._b.read(start, end))
+            if progress is not None:
+                progress(end - start)
         if self.size > self.common:  # the image grew past the reference: all of it is new
             bm.set(self.common, self.size - self.common)
         return CompareResult(bm, self.total, self.common - self.total)
 
-    def _compare(self, bm: DirtyBitmap, start: int, end: int, unit: int) -> None:
-        a = self._a.read(start, end)
-        b = self._b.read(start, end)
+    def _compare(self, bm: DirtyBitmap, start: int, end: int, a: Buffer | None,
+                 b: Buffer | None) -> None:
         if a is None and b is None:
             return
         n = end - start
         if a is None or b is None:
-            if (a if b is None else b) == _ZEROS[:n]:  # a full chunk compares with _ZEROS itself
+            other = a if b is None else b
+            assert other is not None
+            if _is_zero(other, n):
                 return
-        elif a == b:
+        elif _equal(a, b, n):
             return
-        for s, length in _differing(a, b, n, unit):
+        for s, length in _differing(a, b, n, self.unit):
             bm.set(start + s, min(length, self.size - start - s))
 
 
-def _words(data: bytes | None, n: int, unit: int) -> np.ndarray | None:
+def _equal(a: Buffer, b: Buffer, n: int) -> bool:
+    if isinstance(a, bytes) and isinstance(b, bytes):
+        return a == b  # memcmp
+    if n % 8:
+        return bytes(a) == bytes(b)
+    return bool(np.array_equal(np.frombuffer(a, np.uint64), np.frombuffer(b, np.uint64)))
+
+
+def _is_zero(a: Buffer, n: int) -> bool:
+    if isinstance(a, bytes):
+        return a == _ZEROS[:n]  # a full chunk compares with _ZEROS itself, no copy
+    return not np.frombuffer(a, np.uint8).any()
+
+
+def _words(data: Buffer | None, n: int, unit: int) -> np.ndarray | None:
     """``data`` as rows of 64-bit words, one row per ``unit`` (the tail padded with zeros)."""
     if data is None:
         return None
@@ -159,7 +197,7 @@ def _words(data: bytes | None, n: int, unit: int) -> np.ndarray | None:
     return arr.view(np.uint64).reshape(-1, unit // 8)
 
 
-def _differing(a: bytes | None, b: bytes | None, n: int, unit: int) -> list[tuple[int, int]]:
+def _differing(a: Buffer | None, b: Buffer | None, n: int, unit: int) -> list[tuple[int, int]]:
     """(offset, length) runs of whole units where ``a`` and ``b`` differ (None: zeros)."""
     wa, wb = _words(a, n, unit), _words(b, n, unit)
     if wa is None:
