@@ -266,3 +266,22 @@ def test_create_over_an_image_in_use(qemu_tools: dict[str, str], workdir: Path,
         assert d.returncode == q.returncode
         assert d.stderr.replace("dirtybits create:", "qemu-img:") == q.stderr
         assert sha(img) == before
+
+
+def test_info_and_check_respect_a_writer(qemu_tools: dict[str, str], workdir: Path) -> None:
+    """info and check take qemu-img's locks: refused while qemu-io writes, -U reads past."""
+    name, (img,) = make(qemu_tools, workdir, "qcow2")
+    qio, qimg = qemu_tools["qemu-io"], qemu_tools["qemu-img"]
+    with holding([qio, name], workdir):
+        before = sha(img)
+        for cmd in (["info", name], ["check", name], ["check", "-r", "leaks", name]):
+            q = run([qimg, *cmd], workdir)
+            d = run(ours(*cmd), workdir)
+            assert d.returncode == q.returncode != 0, (cmd, d.stderr)
+            same_refusal(q, d, "qemu-img", f"dirtybits {cmd[0]}")
+        for cmd in (["info", "-U", name], ["check", "-U", name]):
+            d = run(ours(*cmd), workdir)
+            assert d.returncode == 0, (cmd, d.stderr)
+        assert sha(img) == before
+    d = run(ours("check", "-r", "all", name), workdir)  # the writer is gone: allowed again
+    assert d.returncode == 0, d.stderr

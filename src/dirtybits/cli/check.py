@@ -93,8 +93,12 @@ def run(args: argparse.Namespace) -> int:
     if args.repair and args.force_share:
         print("dirtybits check: --repair is incompatible with --force-share", file=sys.stderr)
         return EXIT_FAILED
+    from dirtybits.filelock import command_lock
+
     try:
-        check = check_image(args.filename, args.repair, fmt=args.fmt)
+        with command_lock(args.filename, args.fmt, readonly=not args.repair,
+                          force_share=args.force_share):
+            check = check_image(args.filename, args.repair, fmt=args.fmt)
     except CheckNotSupportedError as exc:
         print(f"dirtybits check: {exc}", file=sys.stderr)
         return EXIT_NOT_SUPPORTED

@@ -203,20 +203,24 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--backing-chain", action="store_true",
                    help="also show every image of the backing chain")
     p.add_argument("-U", "--force-share", action="store_true",
-                   help="accepted for qemu-img compatibility (info never writes or locks)")
+                   help="read an image another process holds for writing (no locks taken)")
     p.add_argument("--dirty", action="store_true",
                    help="also show each bitmap's dirty bytes and percentage (reads its data)")
     p.add_argument("filename", metavar="FILE")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.backing_chain:
-        chain = backing_chain_info(args.filename, args.fmt, dirty=args.dirty)
-        if args.output == "json":
-            sys.stdout.write(qemu_json(chain) + "\n")
-        else:
-            sys.stdout.write("\n".join(dump_human(i) for i in chain))
-        return 0
-    info = image_info(args.filename, args.fmt, dirty=args.dirty)
+    from dirtybits.filelock import command_lock
+
+    # qemu-img info's locks: refused while a writer holds the image, unless -U
+    with command_lock(args.filename, args.fmt, info=True, force_share=args.force_share):
+        if args.backing_chain:
+            chain = backing_chain_info(args.filename, args.fmt, dirty=args.dirty)
+            if args.output == "json":
+                sys.stdout.write(qemu_json(chain) + "\n")
+            else:
+                sys.stdout.write("\n".join(dump_human(i) for i in chain))
+            return 0
+        info = image_info(args.filename, args.fmt, dirty=args.dirty)
     sys.stdout.write(qemu_json(info) + "\n" if args.output == "json" else dump_human(info))
     return 0

@@ -162,6 +162,7 @@ class Qcow2Image:
         self._dfa = OFLAG_COPIED if hc.data_file is not None else 0
         self._direct: dict[int, int] = {}  # buffered fd -> O_DIRECT fd of the same file
         self._abuf: mmap.mmap | None = None
+        self._growing_to = 0  # resize in progress: the allocation bound counts the new size
 
     @classmethod
     def open(cls, path: str, *, readonly: bool = False, open_backing: bool = True,
@@ -741,7 +742,8 @@ class Qcow2Image:
         metadata, twice over for copy-on-write structures) past what the file already holds.
         A scan beyond it means damaged refcounts; refusing beats filling the filesystem.
         """
-        data = (self.hc.header.size + self._cmask) >> self.cluster_bits
+        size = max(self.hc.header.size, self._growing_to)
+        data = (size + self._cmask) >> self.cluster_bits
         meta = data // max(1, min(self.l2_entries, self._rb_entries)) + 1
         start = (self._file_end_at_open + self._cmask) >> self.cluster_bits
         return start + 2 * (data + meta) + len(self._meta) + 4096
@@ -1415,7 +1417,11 @@ class Qcow2Image:
             new_clusters = (need * 8 + cs - 1) // cs
             old_off, old_len = h.l1_table_offset, len(self._l1)
             old_clusters = (old_len * 8 + cs - 1) // cs
-            new_off = self._alloc_clusters(new_clusters)
+            self._growing_to = new_size  # the new L1 and its refblocks are sane allocations
+            try:
+                new_off = self._alloc_clusters(new_clusters)
+            finally:
+                self._growing_to = 0
             for i in range(new_clusters):
                 self._meta[(new_off >> self.cluster_bits) + i] = "active L1 table"
             l1 = self._l1 + [0] * (need - old_len)
