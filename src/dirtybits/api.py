@@ -17,7 +17,7 @@ from dirtybits.errors import UsageError
 def open(path: str, fmt: str | None = None, *, readonly: bool = False,
          bitmaps: str = "auto", checkpoint: CheckpointPolicy | None = None,
          cache: str = "writeback", open_backing: bool = True,
-         bitmap_file: str | None = None) -> BlockNode:
+         bitmap_file: str | None = None, force_share: bool = False) -> BlockNode:
     """Open a disk image (format probed when ``fmt`` is None) as a ``BlockNode``.
 
     ``bitmaps="auto"`` loads the image's persistent bitmaps and records writes in the enabled
@@ -26,6 +26,7 @@ def open(path: str, fmt: str | None = None, *, readonly: bool = False,
     flush (default ``CheckpointPolicy()``).
     ``bitmap_file`` names a container (``dirtybits container``) that ``path``, a raw drive, is
     attached to: the drive's bitmaps there record the writes (identity and size checked).
+    Images are locked as QEMU locks them; ``force_share`` (read-only only) is qemu's -U.
     """
     if bitmap_file is not None:
         from dirtybits.block.container import open_drive
@@ -35,7 +36,8 @@ def open(path: str, fmt: str | None = None, *, readonly: bool = False,
         return open_drive(bitmap_file, path, readonly=readonly, checkpoint=checkpoint,
                           bitmaps=bitmaps)
     node = open_image(path, fmt, readonly=readonly, open_backing=open_backing, cache=cache,
-                      bitmaps=bitmaps, checkpoint=checkpoint, always_node=True)
+                      bitmaps=bitmaps, checkpoint=checkpoint, always_node=True,
+                      force_share=force_share)
     assert isinstance(node, BlockNode)
     return node
 

@@ -86,8 +86,11 @@ def run(args: argparse.Namespace) -> int:
             try:
                 _apply(store, action, value, name, gran, args, sys.stdout)
             except DirtybitsError as exc:
-                print(f"dirtybits bitmap: Operation {action} on bitmap {name} failed: {exc}",
-                      file=sys.stderr)
+                if str(exc).startswith("Could not open '"):  # qemu-img: opening -b, no prefix
+                    print(f"dirtybits bitmap: {exc}", file=sys.stderr)
+                else:
+                    print(f"dirtybits bitmap: Operation {action} on bitmap {name} failed: "
+                          f"{exc}", file=sys.stderr)
                 return 1
     return 0
 
@@ -126,9 +129,14 @@ def _merge_source(store: Any, source: str, args: argparse.Namespace) -> Any:
     if args.source_format not in (None, "qcow2"):
         raise UsageError(f"Format driver '{args.source_format}' does not support bitmaps")
     from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
+    from dirtybits.errors import LockError
     from dirtybits.qcow2.image import Qcow2Image
 
-    with Qcow2Image.open(args.source_file, readonly=True, open_backing=False) as src:
+    try:
+        src = Qcow2Image.open(args.source_file, readonly=True, open_backing=False)
+    except LockError as exc:  # e.g. the source is the image being changed: qemu-img's words
+        raise LockError(f"Could not open '{args.source_file}': {exc}") from None
+    with src:
         return Qcow2BitmapStore(src).load(source)
 
 
