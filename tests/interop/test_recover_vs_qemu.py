@@ -167,3 +167,16 @@ def test_qemu_continues_a_recovered_bitmap(tmp_path: Path) -> None:
     sh("qemu-io", "-c", "write 3M 4k", img)
     assert nbd_dirty(img, "b") == [(0, 65536), (3 * M, 65536)]
     sh("qemu-img", "check", img)
+
+
+def test_recover_bench_quick_runs_and_checks_pass(tmp_path: Path) -> None:
+    """bench/recover_bench.py end to end on a tiny disk: its checks pass (no timing asserted)."""
+    bench = Path(__file__).resolve().parents[2] / "bench" / "recover_bench.py"
+    out = tmp_path / "recover.json"
+    proc = subprocess.run([sys.executable, str(bench), "--quick", "--size", "64M", "--dir",
+                           str(tmp_path), "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    assert results["ok"] is True and results["problems"] == []
+    assert [p.name for p in tmp_path.iterdir()] == ["recover.json"]  # scratch cleaned up
