@@ -180,3 +180,31 @@ def test_recover_bench_quick_runs_and_checks_pass(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     assert results["ok"] is True and results["problems"] == []
     assert [p.name for p in tmp_path.iterdir()] == ["recover.json"]  # scratch cleaned up
+
+
+def test_cli_recover(tmp_path: Path) -> None:
+    """``dirtybits bitmap --recover`` end to end, in command-line order with other actions."""
+    img = tmp_path / "d.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", img, "8M")
+    sh("qemu-img", "bitmap", "--add", "-g", "4k", img, "b")
+    ref = tmp_path / "backup.raw"
+    sh("qemu-img", "convert", "-O", "raw", img, ref)
+    killed = subprocess.Popen(["qemu-io", "-f", "qcow2", str(img)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert killed.stdin is not None and killed.stdout is not None
+    killed.stdin.write("write -P 7 5M 10k\n")
+    killed.stdin.flush()
+    while "wrote" not in (line := killed.stdout.readline()):
+        assert line
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    db = [sys.executable, "-m", "dirtybits.cli.main", "bitmap"]
+    usage = subprocess.run([*db, "--recover", str(img), "b"], capture_output=True, text=True)
+    assert usage.returncode != 0 and "--reference" in usage.stderr
+    done = sh(*db, "--recover", "--reference", ref, "--reference-format", "raw", "--dump",
+              img, "b")
+    assert done.stdout.startswith("Bitmap 'b' rebuilt: 3 granules of 4096 bytes differ")
+    assert "   5242880       12288    1  dirty" in done.stdout
+    assert nbd_dirty(img, "b") == [(5 * M, 12288)]
+    assert [b["flags"] for b in qemu_bitmaps(img)] == [["auto"]]
+    sh("qemu-img", "check", img)

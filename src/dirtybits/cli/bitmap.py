@@ -15,7 +15,8 @@ from typing import Any, TextIO
 
 from dirtybits.errors import DirtybitsError, UsageError
 
-WRITE_ACTIONS = ("add", "remove", "clear", "enable", "disable", "merge", "rename", "copy")
+WRITE_ACTIONS = ("add", "remove", "clear", "enable", "disable", "merge", "rename", "copy",
+                 "recover")
 READ_ACTIONS = ("dump", "sha256", "png")
 
 
@@ -45,6 +46,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-f", dest="fmt")
     p.add_argument("--json", action="store_true", help="--dump as nbdinfo --json")
     p.add_argument("--totals", action="store_true", help="--dump as nbdinfo --totals")
+    from dirtybits.cli.bitmap_recover import add_arguments as add_recover_arguments
+
+    add_recover_arguments(p)  # --recover --reference FILE [--reference-format FMT] [-p]
     p.add_argument("filename")
     p.add_argument("bitmap")
     p.set_defaults(actions=None)
@@ -63,12 +67,15 @@ def run(args: argparse.Namespace) -> int:
     actions: list[tuple[str, Any]] = args.actions or []
     if not actions:
         raise UsageError("Need at least one of --add, --remove, --clear, --enable, --disable, "
-                         "--merge, --rename, --copy, --dump, --sha256 or --png")
+                         "--merge, --rename, --copy, --recover, --dump, --sha256 or --png")
     kinds = {a for a, _ in actions}
     if args.granularity is not None and "add" not in kinds:
         raise UsageError("granularity only supported with --add")
     if args.source_format and not args.source_file:
         raise UsageError("-F only supported with -b")
+    from dirtybits.cli.bitmap_recover import check_arguments as check_recover_arguments
+
+    check_recover_arguments(args, kinds)
     if args.source_file and "merge" not in kinds:
         raise UsageError("Merge bitmap source file only supported with --merge")
     if args.fmt not in (None, "qcow2"):
@@ -117,6 +124,10 @@ def _apply(store: Any, action: str, value: Any, name: str, gran: int | None,
         from dirtybits.cli.bitmap_png import render_png
 
         render_png(store.load(name), value, title=f"{args.filename}: bitmap '{name}'")
+    elif action == "recover":
+        from dirtybits.cli.bitmap_recover import apply_recover
+
+        apply_recover(store, name, args, out)
     elif action == "dump":
         bm = store.load(name)
         size = store.disk_size & ~511  # an NBD export is the disk size aligned down to 512
