@@ -1232,9 +1232,6 @@ def l2_entry_slot(base: Base, guest_cluster: int) -> Slot:
     return Slot(f"L2[{guest_cluster}]", l2 + 8 * guest_cluster, 8)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "engine: a NUL byte in the external data file name reaches os.open (ValueError) in "
-    "Qcow2Image._open_data_file"))
 def test_regression_engine_data_file_name_with_nul(bases: dict[str, Base],
                                                    tmp_path: Path) -> None:
     base = bases["qemu64k"]
@@ -1244,9 +1241,6 @@ def test_regression_engine_data_file_name_with_nul(bases: dict[str, Base],
         Qcow2Image.open(str(path), readonly=True).close()
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "engine: a NUL byte in the backing file name reaches open() (ValueError) via "
-    "Qcow2Image._open_backing -> block.open.probe_format"))
 def test_regression_engine_backing_name_with_nul(bases: dict[str, Base],
                                                  tmp_path: Path) -> None:
     base = bases["backing"]
@@ -1256,9 +1250,6 @@ def test_regression_engine_backing_name_with_nul(bases: dict[str, Base],
         Qcow2Image.open(str(path), readonly=True).close()
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "info: a NUL byte in the backing file name reaches os.path.realpath (ValueError) in "
-    "backing_chain_info"))
 def test_regression_info_chain_backing_name_with_nul(bases: dict[str, Base],
                                                      tmp_path: Path) -> None:
     base = bases["backing"]

@@ -205,7 +205,7 @@ class Qcow2Image:
             img._load_tables()
             if hc.data_file is not None:
                 img._open_data_file()
-            if open_backing and hc.backing_file:
+            if open_backing and hc.backing_name:
                 img._open_backing(_depth)
             if cache in ("none", "directsync"):
                 img._enable_direct_io()
@@ -356,7 +356,7 @@ class Qcow2Image:
     def _open_backing(self, depth: int) -> None:
         if depth >= MAX_BACKING_DEPTH:
             raise ImageError(f"backing chain of '{self.path}' is too deep (loop?)")
-        name = self.hc.backing_file or ""
+        name = self.hc.backing_name or ""
         path = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
         fmt = self.hc.backing_format
         if fmt is None:
@@ -1307,7 +1307,7 @@ class Qcow2Image:
         cb = self.cluster_bits
         l2b = self.l2_bits
         l2mask = self.l2_entries - 1
-        has_backing = self.backing is not None or bool(self.hc.backing_file)
+        has_backing = self.backing is not None or bool(self.hc.backing_name)
         v3 = self.hc.header.version >= 3
         goff = offset
         end = offset + length
@@ -1352,7 +1352,7 @@ class Qcow2Image:
         """Drop whole clusters (they read as zeros afterwards); partial clusters are kept."""
         self._check_writable()
         self._check_request(offset, length)
-        if self.hc.header.version < 3 and (self.backing is not None or self.hc.backing_file):
+        if self.hc.header.version < 3 and (self.backing is not None or self.hc.backing_name):
             return  # v2 cannot hide backing data without a zero flag
         cs = self.cluster_size
         start = (offset + cs - 1) & ~(cs - 1)

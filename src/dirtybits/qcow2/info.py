@@ -136,9 +136,9 @@ def image_info(path: str, fmt: str | None = None, *, dirty: bool = False) -> Ima
     }
     if hdr.crypt_method:
         info["encrypted"] = True
-    if hc.backing_file:
-        info["backing-filename"] = hc.backing_file
-        info["full-backing-filename"] = full_backing_filename(path, hc.backing_file)
+    if hc.backing_name:
+        info["backing-filename"] = hc.backing_name
+        info["full-backing-filename"] = full_backing_filename(path, hc.backing_name or "")
         if hc.backing_format:
             info["backing-filename-format"] = hc.backing_format
     if hdr.nb_snapshots:

@@ -361,8 +361,19 @@ class HeaderCluster:
         return None
 
     def extension_string(self, ext_type: int) -> str | None:
+        """An extension holding a name, as QEMU reads it: a C string, cut at the first NUL."""
         ext = self.extension(ext_type)
-        return None if ext is None else ext.data.decode("utf-8", errors="surrogateescape")
+        if ext is None:
+            return None
+        return ext.data.split(b"\0", 1)[0].decode("utf-8", errors="surrogateescape")
+
+    @property
+    def backing_name(self) -> str | None:
+        """The backing file name as QEMU uses it (a C string: cut at the first NUL);
+        ``backing_file`` keeps the stored bytes for rewriting."""
+        if self.backing_file is None:
+            return None
+        return self.backing_file.split("\0", 1)[0]
 
     @property
     def backing_format(self) -> str | None:
