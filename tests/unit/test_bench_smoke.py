@@ -86,3 +86,27 @@ def test_tracking_bench_quick_runs_and_checks_pass(qemu_tools: dict[str, str],
     # QEMU rewrites all 8 bitmaps at close: 8 x 16 KiB of bitmap data at least
     assert results["results"][6]["median_wchar"]["qemu"] >= 8 * 16 * 1024
     assert [p.name for p in tmp_path.iterdir()] == ["tracking.json"]
+
+
+@pytest.mark.interop
+def test_resilient_bench_quick_runs_and_checks_pass(qemu_tools: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    """Plain, resilient and qemu-io runs pass the bench's checks (images identical, the bitmap
+    the same and consistent in all three, the map valid), and the sync counts see the map:
+    resilient mode syncs a region's bit before its first write, so it syncs more than plain."""
+    out = tmp_path / "resilient.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "resilient_bench.py"), "--quick", "--size", "1M",
+         "--random-ops", "50", "--random-span", "16M", "--dir", str(tmp_path),
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAIL" not in proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    assert results["ok"] is True
+    assert [r["workload"] for r in results["results"]] == ["seq 64k", "seq 1M", "random 4k"]
+    for r in results["results"]:
+        assert set(r["median_seconds"]) == {"qemu", "plain", "resilient"}
+        assert r["syncs"]["resilient"] > r["syncs"]["plain"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["resilient.json"]
