@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = run_workload(wl, tools, args, scratch, method)
             secs = {t: median(out.seconds[t]) for t in tools if out.seconds[t]}
             gib = wl.nbytes / GiB
-            per_gib = {t: (None if out.syncs.get(t) is None else out.syncs[t] / gib)
+            per_gib = {t: (None if (n := out.syncs.get(t)) is None else n / gib)
                        for t in tools}
             cells = [wl.name, *(fmt_num(secs.get(t)) for t in tools)]
             ratios: dict[str, float | None] = {}
