@@ -1298,11 +1298,6 @@ def test_regression_check_refcount_block_offset_past_2_63(bases: dict[str, Base]
         check_image(str(path))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine: once a read (or block_status) has cached an L2 table, a write through the same "
-    "L1 entry reuses it without checking COPIED: an L2 table shared with a snapshot (COPIED "
-    "clear) is written in place, where without the read the write is refused (QEMU copies "
-    "the table first)"))
 def test_regression_engine_shared_l2_written_after_read(bases: dict[str, Base],
                                                         tmp_path: Path) -> None:
     base = bases["qemu64k"]
@@ -1323,11 +1318,6 @@ def test_regression_engine_shared_l2_written_after_read(bases: dict[str, Base],
         "the shared L2 table was modified in place")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine: a write to a cluster whose L2 entry has COPIED and an unaligned host offset "
-    "writes at that offset (in the middle of another cluster), while a read of the cluster "
-    "raises CorruptImageError; QEMU refuses the write ('Data cluster offset 0x58000 "
-    "unaligned') and marks the image corrupt"))
 def test_regression_engine_write_to_unaligned_host_offset(bases: dict[str, Base],
                                                           tmp_path: Path) -> None:
     base = bases["qemu64k"]

@@ -140,6 +140,15 @@ class BlockNode:
         with self._lock:
             return self.driver.read(offset, length)
 
+    def read_into(self, offset: int, buf: Buffer) -> None:
+        with self._lock:
+            reader = getattr(self.driver, "read_into", None)
+            if reader is not None:
+                reader(offset, buf)
+            else:
+                view = memoryview(buf).cast("B")
+                view[:] = self.driver.read(offset, len(view))
+
     def _before_write(self, offset: int, length: int) -> None:
         """Mark the bitmaps, then make sure they are in_use on disk (and, in resilient mode,
         the write's regions marked): all durable before the driver runs."""

@@ -92,6 +92,21 @@ class RawImage:
             data += b"\0" * (length - len(data))
         return data
 
+    def read_into(self, offset: int, buf: Buffer) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf`` (past the end of file: zeros)."""
+        view = memoryview(buf).cast("B")
+        self._check_range(offset, len(view))
+        done = 0
+        try:
+            while done < len(view):
+                got = os.preadv(self._fd, [view[done:]], offset + done)
+                if got == 0:
+                    view[done:] = bytes(len(view) - done)
+                    break
+                done += got
+        except OSError as exc:
+            raise ImageIOError(f"read failed at {offset}: {exc.strerror}", errno=exc.errno) from exc
+
     def write(self, offset: int, data: Buffer) -> None:
         self._check_writable()
         self._check_range(offset, len(data))

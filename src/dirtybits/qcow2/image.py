@@ -884,7 +884,8 @@ class Qcow2Image:
 
     # ------------------------------------------------------------------ L1 / L2
     def _l2_table(self, l1_index: int, *, allocate: bool) -> bytearray | None:
-        if l1_index == self._last_l2_key:
+        if l1_index == self._last_l2_key and (
+                not allocate or self._l1[l1_index] & OFLAG_COPIED):
             return self._last_l2
         if l1_index >= len(self._l1):
             raise ImageError(f"guest offset beyond the L1 table (index {l1_index})")
@@ -954,6 +955,15 @@ class Qcow2Image:
         view = memoryview(out)
         self._read_into(offset, view)
         return bytes(out)
+
+    def read_into(self, offset: int, buf: Buffer) -> None:
+        """Read ``len(buf)`` guest bytes at ``offset`` into ``buf`` (no allocation: the hot
+        path of scans that reuse one buffer)."""
+        view = memoryview(buf).cast("B")
+        self._check_request(offset, len(view))
+        if self._closed:
+            raise ImageError("image is closed")
+        self._read_into(offset, view)
 
     def _read_into(self, offset: int, view: memoryview) -> None:
         cb = self.cluster_bits
@@ -1112,6 +1122,9 @@ class Qcow2Image:
                 host = ent & L2E_OFFSET_MASK
                 if (ent & (OFLAG_COPIED | OFLAG_COMPRESSED | OFLAG_ZERO)) == OFLAG_COPIED \
                         and (host or self._dfa):
+                    if host & cmask:  # QEMU refuses (and reads refuse it too)
+                        self._signal_or_raise(f"Data cluster offset {host:#x} unaligned "
+                                              f"(guest offset: {goff & ~cmask:#x})")
                     n = min(cs - in_cluster, stop - pos)
                     # extend over following in-place clusters that are physically contiguous
                     nidx = idx + 1
@@ -1494,34 +1507,71 @@ class Qcow2Image:
             yield pending
 
     def _raw_status(self, offset: int, end: int) -> Iterator[MapExtent]:
+        """Runs of clusters with the same state, one L2 table at a time: a table that is not
+        allocated is one run, an allocated one is unpacked at once and walked for run breaks
+        (state change, or host offsets that stop being contiguous)."""
         cb = self.cluster_bits
-        cs = self.cluster_size
-        goff = offset
+        span_bits = cb + self.l2_bits
         fname = self._data_file_path or self.path
+        dfa = self._dfa
+        goff = offset
         while goff < end:
-            n = min(cs - (goff & (cs - 1)), end - goff)
-            ent = self._entry(goff)
-            if ent & OFLAG_COMPRESSED:
-                yield MapExtent(goff, n, 0, True, False, True, None, self.path, compressed=True)
-            elif ent & OFLAG_ZERO:
+            span_end = min(end, ((goff >> span_bits) + 1) << span_bits)
+            tbl = self._l2_table(goff >> span_bits, allocate=False)
+            if tbl is None:
+                yield from self._unallocated_status(goff, span_end - goff)
+                goff = span_end
+                continue
+            first = (goff >> cb) & (self.l2_entries - 1)
+            count = ((span_end - 1) >> cb) - (goff >> cb) + 1
+            ents = struct.unpack_from(f">{count}Q", tbl, first * 8)
+            run_kind, run_host, run_start, run_i = -1, 0, goff, 0
+            base_ci = goff >> cb
+            for i, ent in enumerate(ents):
                 host = ent & L2E_OFFSET_MASK
-                yield MapExtent(goff, n, 0, True, True, False,
-                                (host + (goff & (cs - 1))) if host else None,
-                                fname if host else None)
-            elif ent & (L2E_OFFSET_MASK | self._dfa):
-                host = (ent & L2E_OFFSET_MASK) + (goff & (cs - 1))
-                yield MapExtent(goff, n, 0, True, False, True, host, fname)
-            elif self.backing is not None and goff < self.backing.size:
-                m = min(n, self.backing.size - goff)
-                for b in self.backing.block_status(goff, m):
-                    yield replace(b, depth=b.depth + 1)
-                if m < n:
-                    yield MapExtent(goff + m, n - m, 1, False, True, False)
-            else:
-                depth = 1 if self.backing is not None else 0
-                yield MapExtent(goff, n, depth, False, True, False)
-            goff += n
-        del cb
+                if ent & OFLAG_COMPRESSED:
+                    kind = 3
+                elif ent & OFLAG_ZERO:
+                    kind = 4 if host else 2
+                elif host or ent & dfa:
+                    kind = 1
+                else:
+                    kind = 0
+                if kind != run_kind or (kind in (1, 4)
+                                        and host != run_host + ((i - run_i) << cb)):
+                    cstart = goff if i == 0 else (base_ci + i) << cb
+                    if run_kind >= 0:
+                        yield from self._run_extent(run_kind, run_start, cstart - run_start,
+                                                    run_host, fname)
+                    run_kind, run_host, run_start, run_i = kind, host, cstart, i
+            yield from self._run_extent(run_kind, run_start, span_end - run_start, run_host,
+                                        fname)
+            goff = span_end
+
+    def _run_extent(self, kind: int, start: int, n: int, host: int,
+                    fname: str) -> Iterator[MapExtent]:
+        """One run from _raw_status; ``host`` is the run's first cluster's host offset."""
+        within = start & (self.cluster_size - 1)
+        if kind == 3:
+            yield MapExtent(start, n, 0, True, False, True, None, self.path, compressed=True)
+        elif kind == 2:
+            yield MapExtent(start, n, 0, True, True, False)
+        elif kind == 4:
+            yield MapExtent(start, n, 0, True, True, False, host + within, fname)
+        elif kind == 1:
+            yield MapExtent(start, n, 0, True, False, True, host + within, fname)
+        else:
+            yield from self._unallocated_status(start, n)
+
+    def _unallocated_status(self, goff: int, n: int) -> Iterator[MapExtent]:
+        if self.backing is not None and goff < self.backing.size:
+            m = min(n, self.backing.size - goff)
+            for b in self.backing.block_status(goff, m):
+                yield replace(b, depth=b.depth + 1)
+            if m < n:
+                yield MapExtent(goff + m, n - m, 1, False, True, False)
+        else:
+            yield MapExtent(goff, n, 1 if self.backing is not None else 0, False, True, False)
 
     # ------------------------------------------------------------------ close
     def close(self) -> None:
