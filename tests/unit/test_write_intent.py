@@ -17,6 +17,7 @@ import dirtybits
 from dirtybits.block import write_intent
 from dirtybits.block.checkpoint import CheckpointPolicy
 from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
+from dirtybits.block.write_intent import MARK_AHEAD
 from dirtybits.errors import FormatError
 from dirtybits.format.qcow2.write_intent import (
     SECTOR,
@@ -65,7 +66,7 @@ def test_record_round_trip_and_alignment() -> None:
         assert (data_off + rec.map_start) % SECTOR == 0
         assert len(rec.map) % SECTOR == 0 and rec.nb_regions == 1 << 15
         assert WriteIntentExtension.unpack(rec.pack()) == rec
-    assert default_region_bits(1 << 30) == 20  # 1 GiB: 1 MiB regions
+    assert default_region_bits(1 << 30) == 24  # 1 GiB: 16 MiB regions
     assert default_region_bits(16 << 40) == 29  # 16 TiB: 512 MiB regions, a 4 KiB map
     good = WriteIntentExtension.new(1 << 30, 20, 112).pack()
     for bad in (good[:10], b"\0\0\0\2" + good[4:], good[:-1], good[:4] + b"\0\0\0\1" + good[8:]):
@@ -108,9 +109,11 @@ def test_crash_is_recovered_as_a_superset(tmp_path: Path) -> None:
                40 * MiB // 512}
     got_b = granules(crashed, "b")
     assert truth_b <= got_b
-    # bounded by the marked regions: 7, 39, 40, and 0 (written in the previous epoch, so
-    # still marked: hot regions are cleared one checkpoint late)
-    allowed = {g for r in (0, 7, 39, 40) for g in range(r * 2048, (r + 1) * 2048)}
+    # bounded by the marked regions: 7, 39, 40 and the regions 40 marked ahead of itself (it
+    # continued a run), and 0 (written in the previous epoch, so still marked: hot regions are
+    # cleared one checkpoint late)
+    marked = (0, 7, 39, *range(40, 40 + MARK_AHEAD))
+    allowed = {g for r in marked for g in range(r * 2048, (r + 1) * 2048)}
     assert got_b <= allowed
     assert {0, (7 * MiB + 65536) // 65536, (40 * MiB - 1) // 65536} <= granules(crashed, "a")
 
@@ -187,7 +190,22 @@ def test_recovery_is_always_a_superset(tmp_path_factory: pytest.TempPathFactory,
     assert state(target)[0] == {"g": False}
     got = granules(target, "g")
     truth = {g for off, n in written for g in range(off // 512, (off + n - 1) // 512 + 1)}
+    # written regions, and those a sequential run marked ahead of itself
     regions = {g for off, n in written
-               for r in range(off >> 16, ((off + n - 1) >> 16) + 1)
+               for r in range(off >> 16, ((off + n - 1) >> 16) + MARK_AHEAD)
                for g in range(r * 128, (r + 1) * 128)}
     assert truth <= got <= regions
+
+
+def test_sequential_writes_mark_ahead(tmp_path: Path) -> None:
+    """A stream pays one sync per MARK_AHEAD regions, not one per region."""
+    path = make(tmp_path / "d.qcow2", 64 * MiB, region=1 << 16, bitmaps=(("g", 65536),))
+    with dirtybits.open(path, checkpoint=NO_TIMERS) as disk:
+        assert disk._intent is not None
+        for off in range(0, 4 * MiB, 65536):
+            disk.write(off, b"s" * 65536)
+        syncs = disk._intent.syncs
+        assert syncs <= 64 // MARK_AHEAD + 2, syncs
+        disk.write(40 * MiB, b"r")  # not a continuation: marks its own region only
+        regions = state(path)[1].regions()  # type: ignore[union-attr]
+    assert 40 * 16 in regions and 40 * 16 + 1 not in regions

@@ -38,13 +38,13 @@ SECTOR = 512
 MIN_REGION_BITS = 16  # 64 KiB
 MAX_REGION_BITS = 40  # 1 TiB
 DEFAULT_MAX_REGIONS = 32768  # a 4 KiB map
-DEFAULT_MIN_REGION_BITS = 20  # 1 MiB
+DEFAULT_MIN_REGION_BITS = 24  # 16 MiB: few syncs per GiB written; the over-report is cheap
 MAX_EXCLUDED = 1024
 _FIXED = struct.Struct(">IIIIII")
 
 
 def default_region_bits(disk_size: int, max_regions: int = DEFAULT_MAX_REGIONS) -> int:
-    """The smallest region (>= 1 MiB) that keeps the map at ``max_regions`` bits or fewer."""
+    """The smallest region (>= 16 MiB) that keeps the map at ``max_regions`` bits or fewer."""
     bits = DEFAULT_MIN_REGION_BITS
     while (disk_size + (1 << bits) - 1) >> bits > max_regions and bits < MAX_REGION_BITS:
         bits += 1
