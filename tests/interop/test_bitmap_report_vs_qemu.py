@@ -11,13 +11,9 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import struct
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,44 +21,10 @@ import pytest
 from dirtybits.format.qcow2.bitmaps import BitmapsExtension
 from dirtybits.format.qcow2.header import EXT_BITMAPS, HeaderCluster
 
+sys.path.insert(0, str(Path(__file__).parent))
+from peers import db, nbd_dirty_bytes, qemu_bitmaps, sh
+
 pytestmark = pytest.mark.interop
-Arg = str | os.PathLike[str]
-Done = subprocess.CompletedProcess[str]
-
-
-def sh(*cmd: Arg, ok: tuple[int, ...] = (0,)) -> Done:
-    proc = subprocess.run([os.fspath(c) for c in cmd], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode in ok, (cmd, proc.returncode, proc.stdout, proc.stderr)
-    return proc
-
-
-def db(*args: Arg, ok: tuple[int, ...] = (0,)) -> Done:
-    return sh(sys.executable, "-m", "dirtybits.cli.main", *args, ok=ok)
-
-
-def nbd_dirty_bytes(path: Path, bitmap: str) -> int:
-    """Sum of the dirty extents nbdinfo reports through ``qemu-nbd -B``."""
-    sock = path.parent / f"nbd-{os.getpid()}.sock"
-    proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-k", str(sock), "-f", "qcow2", "-B",
-                             bitmap, str(path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        for _ in range(200):
-            if sock.exists():
-                break
-            time.sleep(0.05)
-        out = sh("nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{bitmap}",
-                 f"nbd+unix:///?socket={sock}").stdout
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
-    return sum(e["length"] for e in json.loads(out) if e["type"] == 1)
-
-
-def qemu_bitmaps(path: Path) -> list[dict[str, object]]:
-    info = json.loads(sh("qemu-img", "info", "--output=json", path).stdout)
-    return list(info["format-specific"]["data"].get("bitmaps", []))
 
 
 def our_bitmaps(path: Path, *extra: str) -> list[dict[str, object]]:

@@ -3,52 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
+from peers import db, nbd_map, qemu_bitmaps, sh
+
 pytestmark = pytest.mark.interop
-Arg = str | os.PathLike[str]
-Done = subprocess.CompletedProcess[str]
-
-
-def sh(*cmd: Arg, ok: tuple[int, ...] = (0,)) -> Done:
-    proc = subprocess.run([os.fspath(c) for c in cmd], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode in ok, (cmd, proc.stdout, proc.stderr)
-    return proc
-
-
-def db(*args: Arg, ok: tuple[int, ...] = (0,)) -> Done:
-    return sh(sys.executable, "-m", "dirtybits.cli.main", *args, ok=ok)
-
-
-def nbd_map(path: Path, bitmap: str, *extra: str) -> str:
-    sock = path.parent / f"nbd-{os.getpid()}.sock"
-    proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-k", str(sock), "-f", "qcow2", "-B",
-                             bitmap, str(path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        for _ in range(100):
-            if sock.exists():
-                break
-            time.sleep(0.05)
-        out = sh("nbdinfo", f"--map=qemu:dirty-bitmap:{bitmap}", *extra,
-                 f"nbd+unix:///?socket={sock}")
-        return out.stdout
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
-
-
-def qemu_bitmaps(path: Path) -> list[dict[str, object]]:
-    info = json.loads(sh("qemu-img", "info", "--output=json", path).stdout)
-    return list(info["format-specific"]["data"].get("bitmaps", []))
 
 
 @pytest.mark.parametrize("size,cluster,gran", [

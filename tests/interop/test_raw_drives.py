@@ -13,51 +13,17 @@ import contextlib
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
+from peers import Arg, db, nbd_map, sh
+
 pytestmark = pytest.mark.interop
-Arg = str | os.PathLike[str]
-Done = subprocess.CompletedProcess[str]
 MiB = 1 << 20
-
-
-def sh(*cmd: Arg, ok: tuple[int, ...] = (0,)) -> Done:
-    proc = subprocess.run([os.fspath(c) for c in cmd], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode in ok, (cmd, proc.stdout, proc.stderr)
-    return proc
-
-
-def db(*args: Arg, ok: tuple[int, ...] = (0,)) -> Done:
-    return sh(sys.executable, "-m", "dirtybits.cli.main", *args, ok=ok)
-
-
-def nbd_map(path: Path, bitmap: str) -> str:
-    sock = path.parent / f"nbd-{os.getpid()}.sock"
-    proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-k", str(sock), "-f", "qcow2", "-B",
-                             bitmap, str(path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        for _ in range(200):  # the socket exists a moment before qemu-nbd listens on it
-            if sock.exists():
-                done = sh("nbdinfo", f"--map=qemu:dirty-bitmap:{bitmap}",
-                          f"nbd+unix:///?socket={sock}", ok=(0, 1))
-                if done.returncode == 0:
-                    return done.stdout
-                assert "Connection refused" in done.stderr, done.stderr
-            time.sleep(0.05)
-        proc.kill()
-        _, err = proc.communicate()
-        raise AssertionError(f"qemu-nbd did not come up: {proc.returncode} {err!r}")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
 
 
 def runs(text: str) -> list[tuple[int, int, int]]:
