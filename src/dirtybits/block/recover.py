@@ -82,20 +82,22 @@ class _Side:
         self.ends = [e for _, e in runs]
         self._into: Callable[[int, memoryview], object] | None = getattr(img, "read_into",
                                                                           None)
-        self._buf = memoryview(bytearray(chunk)) if self._into is not None else None
+        # two buffers: the next chunk is read into one while the other is compared
+        self._bufs = ([memoryview(bytearray(chunk)) for _ in range(2)]
+                      if self._into is not None else None)
 
     def has_data(self, start: int, end: int) -> bool:
         i = bisect_left(self.ends, start + 1)  # first run ending after ``start``
         return i < len(self.starts) and self.starts[i] < end
 
-    def read(self, start: int, end: int) -> Buffer | None:
-        """The bytes of ``[start, end)`` (valid until the next read), or None when they are
-        known to be zeros."""
+    def read(self, start: int, end: int, slot: int = 0) -> Buffer | None:
+        """The bytes of ``[start, end)`` (valid until the next read into ``slot``), or None
+        when they are known to be zeros."""
         if not self.has_data(start, end):
             return None
-        if self._into is None or self._buf is None:
+        if self._into is None or self._bufs is None:
             return self.img.read(start, end - start)
-        view = self._buf[:end - start]
+        view = self._bufs[slot][:end - start]
         self._into(start, view)
         return view
 
@@ -143,13 +145,33 @@ class DataCompare:
                 pos = stop
 
     def run(self, progress: Progress | None = None) -> CompareResult:
+        """Compare chunk by chunk; both sides' next chunk is read (two threads, one per image,
+        so each image is only ever used by one thread at a time) while this one is compared."""
+        from concurrent.futures import Future, ThreadPoolExecutor
+
         bm = DirtyBitmap(self.size, self.granularity)
-        for start, end, needed in self._chunks(bm):
-            if needed:
-                self._compare(bm, start, end, self._a.read(start, end),
-                              self._b.read(start, end))
-            if progress is not None:
-                progress(end - start)
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="recover-read") as pool:
+
+            def fetch(start: int, end: int, slot: int) -> tuple[Future[Buffer | None], ...]:
+                return (pool.submit(self._a.read, start, end, slot),
+                        pool.submit(self._b.read, start, end, slot))
+
+            chunks = self._chunks(bm)
+            current = next(chunks, None)
+            slot = 0
+            pending = fetch(*current[:2], slot) if current and current[2] else None
+            while current is not None:
+                start, end, _ = current
+                got = [f.result() for f in pending] if pending is not None else None
+                # the next chunk's "needed" is judged before this compare marks anything:
+                # at worst one read that a larger granule made unnecessary
+                current = next(chunks, None)
+                slot ^= 1
+                pending = fetch(*current[:2], slot) if current and current[2] else None
+                if got is not None:
+                    self._compare(bm, start, end, got[0], got[1])
+                if progress is not None:
+                    progress(end - start)
         if self.size > self.common:  # the image grew past the reference: all of it is new
             bm.set(self.common, self.size - self.common)
         return CompareResult(bm, self.total, self.common - self.total)
