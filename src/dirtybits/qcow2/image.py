@@ -143,6 +143,7 @@ class Qcow2Image:
         # metadata state
         self._l1: list[int] = []
         self._l1_dirty = False
+        self._l1_dirty_idx: set[int] = set()  # entries changed since the last flush
         self._l2_cache: dict[int, bytearray] = {}
         self._l2_dirty: set[int] = set()
         self._reftable: list[int] = []
@@ -730,9 +731,10 @@ class Qcow2Image:
                 continue
             for idx in range(start, end):
                 self._update_refcount(idx, 1)
-            if n == 1 or start == self._free_hint:
-                # the scan proved [hint, start) holds no free cluster
-                self._free_hint = end
+            # as QEMU's free_cluster_index: past the run, even over holes too small for it
+            # (they are found again once a free moves the hint back); rescanning them on
+            # every allocation is quadratic
+            self._free_hint = end
             return start << self.cluster_bits
 
     def _alloc_limit(self) -> int:
@@ -934,6 +936,7 @@ class Qcow2Image:
         self._l2_dirty.add(off)
         self._l1[l1_index] = off | OFLAG_COPIED
         self._l1_dirty = True
+        self._l1_dirty_idx.add(l1_index)
         self._last_l2_key = l1_index
         self._last_l2 = tbl
         return tbl
@@ -1403,10 +1406,22 @@ class Qcow2Image:
             self._l2_dirty.clear()
             self._sync()
         if self._l1_dirty:
-            h = self.hc.header
-            raw = struct.pack(f">{len(self._l1)}Q", *self._l1)
-            self._pwrite_meta(h.l1_table_offset, raw, "active L1 table")
+            # only the 512-byte sectors holding changed entries, as QEMU's qcow2_write_l1_entry
+            # (a 16 TiB disk has a 256 KiB L1 table; one new L2 table changes 8 bytes of it)
+            base = self.hc.header.l1_table_offset
+            per = 512 // 8
+            sectors = sorted({i // per for i in self._l1_dirty_idx})
+            run_start = 0
+            for k, sec in enumerate(sectors):
+                if k + 1 < len(sectors) and sectors[k + 1] == sec + 1:
+                    continue
+                a = sectors[run_start] * per
+                b = min(len(self._l1), (sec + 1) * per)
+                self._pwrite_meta(base + a * 8, struct.pack(f">{b - a}Q", *self._l1[a:b]),
+                                  "active L1 table")
+                run_start = k + 1
             self._l1_dirty = False
+            self._l1_dirty_idx.clear()
             self._sync()
         # 3. decrements for clusters no longer referenced by anything on disk
         if self._pending_frees:
@@ -1441,6 +1456,7 @@ class Qcow2Image:
             self._pwrite_meta(new_off, struct.pack(f">{need}Q", *l1), "active L1 table")
             self._l1 = l1
             self._l1_dirty = False
+            self._l1_dirty_idx.clear()
             self.flush()  # refcounts (incl. the new L1) and tables durable first
             for i in range(old_clusters):
                 self._meta.pop((old_off >> self.cluster_bits) + i, None)
