@@ -1,10 +1,24 @@
 """Dirty bitmap engine: pure in-memory bitmaps with QEMU's semantics and on-disk bit order.
 
-Importing this package imports numpy; nothing in ``dirtybits/__init__`` or the CLI's start-up
-path imports it, so commands that need no bitmap do not pay for numpy.
+The engine (``DirtyBitmap``, ``ChangeTracker``) is numpy; it is imported on first use of those
+names, so that ``serialized_runs`` (numpy-free) and commands that need no bitmap do not pay for
+numpy at start-up.
 """
 
-from dirtybits.bitmap.dirty_bitmap import BitmapError, DirtyBitmap
-from dirtybits.bitmap.meta import ChangeTracker
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["BitmapError", "ChangeTracker", "DirtyBitmap"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("BitmapError", "DirtyBitmap"):
+        from dirtybits.bitmap import dirty_bitmap
+
+        return getattr(dirty_bitmap, name)
+    if name == "ChangeTracker":
+        from dirtybits.bitmap.meta import ChangeTracker
+
+        return ChangeTracker
+    raise AttributeError(f"module 'dirtybits.bitmap' has no attribute {name!r}")

@@ -129,9 +129,8 @@ def _apply(store: Any, action: str, value: Any, name: str, gran: int | None,
 
         apply_recover(store, name, args, out)
     elif action == "dump":
-        bm = store.load(name)
         size = store.disk_size & ~511  # an NBD export is the disk size aligned down to 512
-        write_map(out, bm.extents(0, size), size, json_out=args.json, totals=args.totals)
+        write_map(out, store.extents(name, size), size, json_out=args.json, totals=args.totals)
 
 
 def _merge_source(store: Any, source: str, args: argparse.Namespace) -> Any:
