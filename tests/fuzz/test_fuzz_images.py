@@ -1259,9 +1259,6 @@ def test_regression_info_chain_backing_name_with_nul(bases: dict[str, Base],
         backing_chain_info(str(path))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine: a data-file extension without the external-data-file incompatible bit is used "
-    "anyway (QEMU ignores it): guest reads come from, and writes go to, the named file"))
 def test_regression_engine_data_file_extension_without_bit(bases: dict[str, Base],
                                                            tmp_path: Path) -> None:
     base = bases["qemu64k"]
@@ -1285,9 +1282,6 @@ def test_regression_engine_data_file_is_the_image(bases: dict[str, Base],
     assert path.read_bytes()[:4] == b"QFI\xfb", "the write destroyed the image's header"
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=(
-    "check: a refcount table entry with bit 63 set reaches os.pread (OverflowError) in "
-    "_Checker._pread via _load_stored"))
 def test_regression_check_refcount_block_offset_past_2_63(bases: dict[str, Base],
                                                           tmp_path: Path) -> None:
     base = bases["qemu64k"]
@@ -1370,9 +1364,6 @@ except BaseException as exc:
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "info: read_snapshots reads extra_data_size (u32) bytes without QEMU's 1024-byte limit "
-    "(QEMU: 'Too much extra metadata in snapshot table entry 0'); 4 GiB -> MemoryError"))
 def test_regression_info_snapshot_extra_data_is_bounded(bases: dict[str, Base],
                                                         tmp_path: Path) -> None:
     base = bases["snapshot"]

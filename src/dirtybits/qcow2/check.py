@@ -291,7 +291,10 @@ class _Checker:
 
     # ----------------------------------------------------------------- reading the image
     def _pread(self, offset: int, length: int) -> bytes:
-        """Read like QEMU's block layer: bytes past the end of the file read as zeros."""
+        """Read like QEMU's block layer: bytes past the end of the file read as zeros (so do
+        offsets no file can reach, e.g. a table entry with bit 63 set)."""
+        if offset + length > 1 << 63:
+            return bytes(length)
         try:
             data = os.pread(self.fd, length, offset)
         except OSError as exc:

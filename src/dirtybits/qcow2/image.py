@@ -160,7 +160,10 @@ class Qcow2Image:
         self._header_len_on_disk = len(hc.pack())
         self._corrupt_reason: str | None = None
         # with an external data file, COPIED marks an allocated cluster even at host offset 0
-        self._dfa = OFLAG_COPIED if hc.data_file is not None else 0
+        # QEMU uses a data-file name only with the external-data-file incompatible bit
+        self._uses_data_file = bool(hc.data_file is not None
+                                    and hc.header.incompatible_features & INCOMPAT_DATA_FILE)
+        self._dfa = OFLAG_COPIED if self._uses_data_file else 0
         self._direct: dict[int, int] = {}  # buffered fd -> O_DIRECT fd of the same file
         self._abuf: mmap.mmap | None = None
         self._growing_to = 0  # resize in progress: the allocation bound counts the new size
@@ -204,7 +207,7 @@ class Qcow2Image:
             img._file_end = img._file_end_at_open = st.st_size
             img._validate_features()
             img._load_tables()
-            if hc.data_file is not None:
+            if img._uses_data_file:
                 img._open_data_file()
             if open_backing and hc.backing_name:
                 img._open_backing(_depth)
@@ -406,7 +409,7 @@ class Qcow2Image:
 
     @property
     def has_data_file(self) -> bool:
-        return self.hc.data_file is not None
+        return self._uses_data_file
 
     def fileno(self) -> int:
         return self._fd

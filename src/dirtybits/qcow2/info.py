@@ -269,6 +269,9 @@ def dirty_percent(dirty: int, size: int) -> Decimal:
     return min(max(pct, Decimal("0.01")), Decimal("99.99"))
 
 
+QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024  # QEMU's limit (block/qcow2.h)
+
+
 def read_snapshots(path: str, offset: int, count: int) -> list[dict[str, Any]]:
     """SnapshotInfo records in table order (``icount`` only when the entry stores one)."""
     if count > QCOW_MAX_SNAPSHOTS:
@@ -281,6 +284,9 @@ def read_snapshots(path: str, offset: int, count: int) -> list[dict[str, Any]]:
             raise FormatError("snapshot table truncated", structure="snapshot table", offset=pos)
         (_l1_off, _l1_size, id_size, name_size, date_sec, date_nsec, vm_clock_nsec,
          vm_state_size, extra_size) = _SNAPSHOT_HEADER.unpack(head)
+        if extra_size > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
+            raise FormatError(f"Too much extra metadata in snapshot table entry {len(out)}",
+                              structure="snapshot table", offset=pos)
         rest = _pread_file(path, pos + _SNAPSHOT_HEADER.size, extra_size + id_size + name_size)
         extra = rest[:extra_size]
         id_str = rest[extra_size:extra_size + id_size].decode("utf-8", errors="replace")
