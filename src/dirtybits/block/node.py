@@ -76,7 +76,8 @@ class BlockNode:
         self.policy = policy if policy is not None else CheckpointPolicy()
         self.stats = NodeStats()
         self._lock = threading.RLock()
-        self._recorders: list[_Recorder] = []
+        self._recorders: list[_Recorder] = []  # made at the first write (numpy is not cheap)
+        self._plan: dict[int, list[str]] = {}  # granularity -> tracked bitmaps
         self._tracked: list[str] = []  # in_use while the node is "open" between checkpoints
         self._untracked: list[str] = []  # bitmaps=no: marked in_use once, never cleared
         self._untracked_intent = False  # bitmaps=no: invalidate the write-intent map first
@@ -93,8 +94,6 @@ class BlockNode:
 
     def _setup(self, store: Qcow2BitmapStore, track: bool,
                only: Collection[str] | None) -> None:
-        from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
-
         intent = self._intent
         if track and intent is not None:
             self.recovered = intent.recover(store)
@@ -105,15 +104,8 @@ class BlockNode:
             if intent is not None and intent.valid:
                 self._untracked_intent = True
             return
-        by_gran: dict[int, _Recorder] = {}
         for sb in enabled:
-            gran = sb.entry.granularity
-            rec = by_gran.get(gran)
-            if rec is None:
-                rec = by_gran[gran] = _Recorder(DirtyBitmap(store.disk_size, gran),
-                                                store.cluster_size)
-                self._recorders.append(rec)
-            rec.names.append(sb.name)
+            self._plan.setdefault(sb.entry.granularity, []).append(sb.name)
         self._tracked = [sb.name for sb in enabled]
         if self._tracked and self.policy.timed:
             self._timer = CheckpointTimer(self.policy, self._due, self._timed_checkpoint)
@@ -153,6 +145,8 @@ class BlockNode:
         """Mark the bitmaps, then make sure they are in_use on disk (and, in resilient mode,
         the write's regions marked): all durable before the driver runs."""
         self._check_background_error()
+        if self._plan and not self._recorders:
+            self._make_recorders()
         for rec in self._recorders:
             rec.bits.set(offset, length)
         store = self.store
@@ -182,6 +176,16 @@ class BlockNode:
             store.set_in_use(self._untracked, True)
             self._untracked = []
         self._last_write = time.monotonic()
+
+    def _make_recorders(self) -> None:
+        from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
+
+        store = self.store
+        assert store is not None
+        for gran, names in self._plan.items():
+            rec = _Recorder(DirtyBitmap(store.disk_size, gran), store.cluster_size)
+            rec.names.extend(names)
+            self._recorders.append(rec)
 
     def _inconsistent_tables(self) -> list[int]:
         """Bitmaps inconsistent before this node wrote anything: a new map cannot cover them."""

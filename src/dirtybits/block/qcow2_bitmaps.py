@@ -289,17 +289,27 @@ class Qcow2BitmapStore:
                              len(self.bitmaps), dir_size)
         except FormatError as exc:
             raise BitmapOperationError(exc.reason) from exc
-        from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
+        table_off, n, table = self._write_empty_table(gran)
+        self._commit_new(name, gran, table_off, n, table, auto=not disabled)
 
-        bm = DirtyBitmap(self.disk_size, gran)
-        self._add_bitmap(name, bm, auto=not disabled)
+    def _write_empty_table(self, granularity: int) -> tuple[int, int, list[int]]:
+        """A clean bitmap is a table of zeros: no data clusters, no bitmap engine (numpy)."""
+        n = bitmap_table_size(self.disk_size, granularity, self.cluster_size)
+        table = [0] * n
+        table_off = self.img.allocate_metadata(n * 8, "bitmap table")
+        self.img.write_metadata(table_off, pack_table(table), "bitmap table")
+        return table_off, n, table
 
-    def _add_bitmap(self, name: str, bm: DirtyBitmap, *, auto: bool) -> None:
-        table_off, n, table = self._write_bitmap(bm)
-        entry = BitmapDirectoryEntry.new(name, granularity=bm.granularity,
+    def _commit_new(self, name: str, granularity: int, table_off: int, n: int,
+                    table: list[int], *, auto: bool) -> None:
+        entry = BitmapDirectoryEntry.new(name, granularity=granularity,
                                          bitmap_table_offset=table_off, bitmap_table_size=n,
                                          flags=BME_FLAG_AUTO if auto else 0)
         self._commit([*self.bitmaps, StoredBitmap(entry, [], table)], [])
+
+    def _add_bitmap(self, name: str, bm: DirtyBitmap, *, auto: bool) -> None:
+        table_off, n, table = self._write_bitmap(bm)
+        self._commit_new(name, bm.granularity, table_off, n, table, auto=auto)
 
     def remove(self, name: str) -> None:
         sb = self._get(name)
@@ -308,9 +318,9 @@ class Qcow2BitmapStore:
     def clear(self, name: str) -> None:
         sb = self._get(name)
         self._require_usable(sb)
-        from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
-
-        self.store(name, DirtyBitmap(self.disk_size, sb.entry.granularity))
+        table_off, n, table = self._write_empty_table(sb.entry.granularity)
+        entry = _with(sb.entry, bitmap_table_offset=table_off, bitmap_table_size=n)
+        self._replace(sb, StoredBitmap(entry, [], table), release_old=True)
 
     def store(self, name: str, bm: DirtyBitmap) -> None:
         """Replace a bitmap's bits (copy-on-write)."""
