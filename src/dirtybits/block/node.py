@@ -151,7 +151,6 @@ class BlockNode:
             rec.bits.set(offset, length)
         store = self.store
         assert store is not None
-        need_sync = False
         intent = self._intent
         if self._tracked:
             if intent is not None and not intent.valid:
@@ -160,15 +159,12 @@ class BlockNode:
                 # from here on some flag may be set on disk: close must checkpoint
                 self._clean = False
                 self._flags_unknown = True
-                store.set_in_use(self._tracked, True, sync=False, force=True)
+                store.set_in_use(self._tracked, True, force=True)  # durable on return
+                self._flags_unknown = False
                 self._in_use_since = time.monotonic()
                 self.stats.in_use_marks += 1
-                need_sync = True
             if intent is not None:
-                need_sync |= intent.mark(offset, length)
-            if need_sync:
-                store.img.sync()
-                self._flags_unknown = False
+                intent.mark(offset, length)  # durable on return
         if self._untracked_intent and intent is not None:
             intent.invalidate()
             self._untracked_intent = False

@@ -417,46 +417,51 @@ class Qcow2BitmapStore:
         """Set or clear ``in_use`` on these bitmaps in place, then sync (unless the caller
         syncs, after writing more that must be durable before the same guest write).
 
-        Only the 4-byte flags field of each entry is written: an aligned 4-byte field never
-        straddles a sector, so a crash leaves each entry wholly old or wholly new, and every
-        other byte of the directory is untouched. (QEMU rewrites the whole directory in place
+        Only flags change: an aligned 4-byte field never straddles a sector, so a crash
+        leaves each entry's flags wholly old or wholly new, and every other byte written
+        holds what it held. (QEMU rewrites the whole directory in place
         behind a cleared autoclear bit; with nothing but flags changing that dance is not
         needed.) Setting is only allowed on consistent bitmaps; clearing only on ours.
         ``force`` writes every named flag whatever memory says: after a failed call the disk
-        may hold any mix of old and new flags.
+        may hold any mix of old and new flags. With ``sync`` the flags go out in one
+        ``O_DSYNC`` write (durable without writing back the guest data fdatasync would).
         """
         if self._ext is None:
             return
         base = self._ext.bitmap_directory_offset
         pos = 0
-        changed = False
+        flag_at: list[tuple[int, int]] = []  # (offset in the directory, new flags)
         new_list: list[StoredBitmap] = []
-        try:
-            for sb in self.bitmaps:
-                entry = sb.entry
-                if sb.name in names and not sb.problems:
-                    if in_use and (force or not entry.in_use):
-                        entry = _with(entry, flags=entry.flags | BME_FLAG_IN_USE)
-                        self.ours.add(sb.name)
-                    elif not in_use and (entry.in_use or force) and sb.name in self.ours:
-                        entry = _with(entry, flags=entry.flags & ~BME_FLAG_IN_USE)
-                    if entry is not sb.entry:
-                        self.img.write_metadata(base + pos + FLAGS_FIELD_OFFSET,
-                                                struct.pack(">I", entry.flags),
-                                                "bitmap directory")
-                        sb = StoredBitmap(entry, sb.problems, sb.table)
-                        changed = True
-                new_list.append(sb)
-                pos += sb.entry.entry_size
-            if changed and sync:
-                self.img.sync()
-        except BaseException:
-            # memory keeps the old flags; the caller must assume any mix is on disk
-            raise
-        if changed:
-            self.bitmaps = new_list
-            if not in_use:
-                self.ours.difference_update(names)
+        for sb in self.bitmaps:
+            entry = sb.entry
+            if sb.name in names and not sb.problems:
+                if in_use and (force or not entry.in_use):
+                    entry = _with(entry, flags=entry.flags | BME_FLAG_IN_USE)
+                    self.ours.add(sb.name)
+                elif not in_use and (entry.in_use or force) and sb.name in self.ours:
+                    entry = _with(entry, flags=entry.flags & ~BME_FLAG_IN_USE)
+                if entry is not sb.entry:
+                    flag_at.append((pos + FLAGS_FIELD_OFFSET, entry.flags))
+                    sb = StoredBitmap(entry, sb.problems, sb.table)
+            new_list.append(sb)
+            pos += sb.entry.entry_size
+        if not flag_at:
+            return
+        # on failure memory keeps the old flags; the caller must assume any mix is on disk
+        if sync:
+            # one durable write of the span holding every changed flag: the bytes between
+            # are rewritten with what they already hold, so a torn write changes only flags
+            lo, hi = flag_at[0][0], flag_at[-1][0] + 4
+            span = bytearray(self.img.read_metadata(base + lo, hi - lo, "bitmap directory"))
+            for at, flags in flag_at:
+                struct.pack_into(">I", span, at - lo, flags)
+            self.img.write_metadata_durable(base + lo, span, "bitmap directory")
+        else:
+            for at, flags in flag_at:
+                self.img.write_metadata(base + at, struct.pack(">I", flags), "bitmap directory")
+        self.bitmaps = new_list
+        if not in_use:
+            self.ours.difference_update(names)
 
     def write_changes(self, name: str, bits: DirtyBitmap, chunks: list[int]) -> int:
         """OR the serialized chunks ``chunks`` of ``bits`` into the stored bitmap, in place.

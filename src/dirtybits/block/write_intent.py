@@ -170,7 +170,8 @@ class WriteIntentMap:
             self.valid = False
 
     def mark(self, offset: int, length: int) -> bool:
-        """Record a write's regions; True when the map was written and needs a sync."""
+        """Record a write's regions; True when the map was written (durably: on return the
+        new marks are on stable storage)."""
         rec = self.rec
         assert rec is not None and self.valid
         r0 = offset >> rec.region_bits
@@ -190,7 +191,7 @@ class WriteIntentMap:
             hi = max(hi, (min(r + ahead, rec.nb_regions) - 1) >> 3)
         if lo < 0:
             return False
-        self._write(lo, hi + 1)
+        self._write(lo, hi + 1, durable=True)
         self.syncs += 1
         return True
 
@@ -204,8 +205,9 @@ class WriteIntentMap:
         self._epoch = bytearray(len(self._map))
         self._write(diff[0], diff[-1] + 1)  # no sync: a clear that is lost over-reports
 
-    def _write(self, lo: int, hi: int) -> None:
-        """Write map bytes [lo, hi) rounded out to sectors, in place in cluster 0."""
+    def _write(self, lo: int, hi: int, *, durable: bool = False) -> None:
+        """Write map bytes [lo, hi) rounded out to sectors, in place in cluster 0
+        (``durable``: an O_DSYNC write, which syncs these sectors and nothing else)."""
         rec = self.rec
         assert rec is not None
         data_off = _data_offset(self.img, EXT_WRITE_INTENT)
@@ -213,7 +215,8 @@ class WriteIntentMap:
         map_off = data_off + rec.map_start
         a = max(0, ((map_off + lo) // SECTOR) * SECTOR - map_off)
         b = min(len(self._map), -(-(map_off + hi) // SECTOR) * SECTOR - map_off)
-        self.img.write_metadata(map_off + a, bytes(self._map[a:b]), "header")
+        write = self.img.write_metadata_durable if durable else self.img.write_metadata
+        write(map_off + a, bytes(self._map[a:b]), "header")
         # keep the header the engine holds in step, or its next rewrite would undo this
         data = bytes(self.img.hc.extension(EXT_WRITE_INTENT).data)  # type: ignore[union-attr]
         data = data[:rec.map_start] + bytes(self._map)

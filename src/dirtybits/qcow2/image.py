@@ -138,6 +138,7 @@ class Qcow2Image:
         self.force_share = False
         self._lock: FileLock | None = None  # QEMU's lock bytes on the image / data file
         self._data_lock: FileLock | None = None
+        self._dsync_fd: int | None = None  # O_DSYNC twin of _fd, for write_metadata_durable
         self._file_end = os.fstat(fd).st_size
         self._file_end_at_open = self._file_end
         # metadata state
@@ -443,6 +444,23 @@ class Qcow2Image:
         self._check_writable()
         self._pwrite_meta(offset, data, role)
 
+    def write_metadata_durable(self, offset: int, data: Buffer, role: str) -> None:
+        """Write metadata in place and return once just these bytes are durable.
+
+        Through a second descriptor opened ``O_DSYNC``: the kernel syncs the written range
+        only, where ``fdatasync`` would first write back every dirty page of the image (all
+        guest data written since the last sync). The lock stays on the main descriptor (OFD
+        locks belong to the open file description, so this one neither takes nor drops any).
+        """
+        self._check_writable()
+        if self._dsync_fd is None:
+            try:
+                self._dsync_fd = os.open(self.path, os.O_RDWR | os.O_DSYNC
+                                         | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                raise _io_error("opening for synchronous metadata writes", exc) from exc
+        self._pwrite_meta(offset, data, role, fd=self._dsync_fd)
+
     def read_metadata(self, offset: int, length: int, what: str) -> bytes:
         return self._read_exact(self._fd, offset, length, what)
 
@@ -570,7 +588,8 @@ class Qcow2Image:
         except OSError as exc:
             raise _io_error("fdatasync", exc) from exc
 
-    def _pwrite_meta(self, offset: int, data: Buffer, role: str) -> None:
+    def _pwrite_meta(self, offset: int, data: Buffer, role: str, *,
+                     fd: int | None = None) -> None:
         """Write metadata after the overlap check QEMU does (refuse + mark corrupt)."""
         cb = self.cluster_bits
         first = offset >> cb
@@ -580,7 +599,7 @@ class Qcow2Image:
             if have is not None and have != role:
                 self._signal_corruption(
                     f"Preventing invalid write on metadata (overlaps with {have})")
-        self._pwrite(self._fd, offset, data)
+        self._pwrite(self._fd if fd is None else fd, offset, data)
 
     def _pwrite(self, fd: int, offset: int, data: Buffer) -> None:
         if self.readonly:
@@ -1612,6 +1631,9 @@ class Qcow2Image:
                 self._data_lock.release()
             if self._data_fd != self._fd:
                 os.close(self._data_fd)
+            if self._dsync_fd is not None:
+                os.close(self._dsync_fd)
+                self._dsync_fd = None
             if self._lock is not None:
                 self._lock.release()
             os.close(self._fd)
