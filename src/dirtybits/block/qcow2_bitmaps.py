@@ -412,10 +412,8 @@ class Qcow2BitmapStore:
         """Consistent, or in_use only because this store set it (its bits are ours)."""
         return not sb.problems and (not sb.in_use or sb.name in self.ours)
 
-    def set_in_use(self, names: list[str], in_use: bool, *, sync: bool = True,
-                   force: bool = False) -> None:
-        """Set or clear ``in_use`` on these bitmaps in place, then sync (unless the caller
-        syncs, after writing more that must be durable before the same guest write).
+    def set_in_use(self, names: list[str], in_use: bool, *, force: bool = False) -> None:
+        """Set or clear ``in_use`` on these bitmaps in place, durable on return.
 
         Only flags change: an aligned 4-byte field never straddles a sector, so a crash
         leaves each entry's flags wholly old or wholly new, and every other byte written
@@ -423,8 +421,8 @@ class Qcow2BitmapStore:
         behind a cleared autoclear bit; with nothing but flags changing that dance is not
         needed.) Setting is only allowed on consistent bitmaps; clearing only on ours.
         ``force`` writes every named flag whatever memory says: after a failed call the disk
-        may hold any mix of old and new flags. With ``sync`` the flags go out in one
-        ``O_DSYNC`` write (durable without writing back the guest data fdatasync would).
+        may hold any mix of old and new flags. The flags go out in one ``O_DSYNC`` write
+        (durable without writing back the guest data an fdatasync would).
         """
         if self._ext is None:
             return
@@ -447,18 +445,14 @@ class Qcow2BitmapStore:
             pos += sb.entry.entry_size
         if not flag_at:
             return
-        # on failure memory keeps the old flags; the caller must assume any mix is on disk
-        if sync:
-            # one durable write of the span holding every changed flag: the bytes between
-            # are rewritten with what they already hold, so a torn write changes only flags
-            lo, hi = flag_at[0][0], flag_at[-1][0] + 4
-            span = bytearray(self.img.read_metadata(base + lo, hi - lo, "bitmap directory"))
-            for at, flags in flag_at:
-                struct.pack_into(">I", span, at - lo, flags)
-            self.img.write_metadata_durable(base + lo, span, "bitmap directory")
-        else:
-            for at, flags in flag_at:
-                self.img.write_metadata(base + at, struct.pack(">I", flags), "bitmap directory")
+        # on failure memory keeps the old flags; the caller must assume any mix is on disk.
+        # One durable write of the span holding every changed flag: the bytes between are
+        # rewritten with what they already hold, so a torn write changes only flags.
+        lo, hi = flag_at[0][0], flag_at[-1][0] + 4
+        span = bytearray(self.img.read_metadata(base + lo, hi - lo, "bitmap directory"))
+        for at, flags in flag_at:
+            struct.pack_into(">I", span, at - lo, flags)
+        self.img.write_metadata_durable(base + lo, span, "bitmap directory")
         self.bitmaps = new_list
         if not in_use:
             self.ours.difference_update(names)
