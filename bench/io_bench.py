@@ -54,12 +54,13 @@ from common import (
 # Each tool gets its fast path by default: qemu-io runs -c commands in a tight loop, but reads
 # stdin through its main loop with a prompt per line (7-30% slower on these workloads);
 # dirtybits reads stdin faster than it parses 20,000 -c options. --feed args|stdin feeds every
-# tool the same way. dirtybits without -t is its default (writeback, as qemu-io's).
+# tool the same way. Both tools' default is writethrough (a flush per write): the columns name
+# their cache mode explicitly.
 _DB = [*dirtybits_argv(), "io", "-f", "qcow2"]
 TOOLS: dict[str, tuple[str, list[str], str]] = {
     "dirtybits-none": ("dirtybits -t none", [*_DB, "-t", "none"], "stdin"),
     "qemu-none": ("qemu-io -t none", ["qemu-io", "-f", "qcow2", "-t", "none"], "auto"),
-    "dirtybits": ("dirtybits", _DB, "stdin"),
+    "dirtybits": ("dirtybits -t writeback", [*_DB, "-t", "writeback"], "stdin"),
     "qemu-writeback": (
         "qemu-io -t writeback", ["qemu-io", "-f", "qcow2", "-t", "writeback"], "auto"),
 }

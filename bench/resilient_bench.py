@@ -5,7 +5,8 @@ io_bench's write workloads (its code: sequential 64 KiB and 1 MiB writes over ``
 default 1 GiB; random 4 KiB writes, ``--random-ops`` distinct 4K-aligned offsets in the first
 ``--random-span`` bytes, default 1 GiB) on a fresh sparse qcow2 (``--image-size``, default
 64 GiB, 64 KiB clusters) with one enabled persistent bitmap (64 KiB granularity), one process
-per run with a final ``flush``, default cache mode (writeback), default checkpoint policy:
+per run with a final ``flush``, cache mode writeback for every tool (``-t writeback``; both
+tools default to writethrough), default checkpoint policy:
 
 - ``plain``: ``dirtybits io``, resilient mode off;
 - ``resilient``: ``dirtybits io`` after ``dirtybits amend -o resilient=on`` (default region:
@@ -68,10 +69,11 @@ from io_bench import Result as IoResult
 from io_bench import Workload, random_4k, sequential
 from io_bench import verify as verify_images
 
-_DB = [*dirtybits_argv(), "io", "-f", "qcow2"]
+# both tools in writeback (their default, writethrough, would flush after every write)
+_DB = [*dirtybits_argv(), "io", "-f", "qcow2", "-t", "writeback"]
 # key -> (column title, argv before the commands and the image, preferred feed)
 TOOLS: dict[str, tuple[str, list[str], str]] = {
-    "qemu": ("qemu-io", ["qemu-io", "-f", "qcow2"], "auto"),
+    "qemu": ("qemu-io", ["qemu-io", "-f", "qcow2", "-t", "writeback"], "auto"),
     "plain": ("plain", _DB, "stdin"),
     "resilient": ("resilient", _DB, "stdin"),
 }

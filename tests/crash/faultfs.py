@@ -73,10 +73,10 @@ class OsProxy:
             os.kill(os.getpid(), signal.SIGKILL)
         if f.action == "fail":
             raise OSError(f.errno, os.strerror(f.errno))
-        if f.action == "partial" and name == "pwrite":
-            data = memoryview(args[1])
+        if f.action == "partial" and name in ("pwrite", "pwritev"):
+            data = memoryview(args[1] if name == "pwrite" else b"".join(args[1]))
             if len(data) // 2:
-                fn(args[0], data[:len(data) // 2], args[2])
+                self._real.pwrite(args[0], data[:len(data) // 2], args[2])
             raise OSError(f.errno, os.strerror(f.errno))
         result = fn(*args)
         if f.action == "kill-after":
@@ -84,6 +84,15 @@ class OsProxy:
         if f.action in ("fail-after", "partial"):
             raise OSError(f.errno, os.strerror(f.errno))
         return result
+
+
+def write_length(name: str, args: tuple[Any, ...]) -> int | None:
+    """Bytes a ``pwrite``/``pwritev`` call writes; None for any other call."""
+    if name == "pwrite":
+        return len(args[1])
+    if name == "pwritev":
+        return sum(len(b) for b in args[1])
+    return None
 
 
 @contextlib.contextmanager

@@ -265,10 +265,11 @@ def test_every_write_and_sync_fails_in_turn(template: harness.Template, tmp_path
 
 
 def is_flag_write(name: str, args: tuple[Any, ...]) -> bool:
-    """The in-place write of the bitmap directory's flags (set/clear in_use): one O_DSYNC
-    write of the span from the first changed flags field to the last (a few dozen bytes;
-    guest data, tables and the write-intent map are whole sectors)."""
-    return name == "pwrite" and len(args[1]) % 4 == 0 and len(args[1]) < 512
+    """The in-place write of the bitmap directory's flags (set/clear in_use): one RWF_DSYNC
+    ``pwritev`` of the span from the first changed flags field to the last (a few dozen
+    bytes; guest data, tables and the write-intent map are whole sectors)."""
+    n = faultfs.write_length(name, args)
+    return n is not None and n % 4 == 0 and n < 512
 
 
 def in_child(fn: Callable[[], None]) -> None:

@@ -591,7 +591,7 @@ class Container:
     # ------------------------------------------------------------------ tracking
     def open_drive(self, raw_path: str, *, readonly: bool = False,
                    checkpoint: CheckpointPolicy | None = None, track: bool = True,
-                   owns_container: bool = False) -> DriveNode:
+                   owns_container: bool = False, cache: str = "writeback") -> DriveNode:
         """A node writing ``raw_path`` and recording into its drive's enabled bitmaps.
 
         One drive at a time: nodes would share the bitmap store, each with its own lock and
@@ -603,7 +603,7 @@ class Container:
             raise ContainerError(f"drive '{self.node.drive_id}' of {self.path} is open; "
                                  "close it first (one drive at a time per container)")
         rec = self.find_drive(raw_path)
-        raw = RawImage(raw_path, readonly=readonly)
+        raw = RawImage(raw_path, readonly=readonly, cache=cache)
         try:
             if raw.size != rec.size:  # changed between the check and the open
                 raise DriveMismatchError(f"'{raw_path}': size changed to {raw.size} bytes, "
@@ -678,7 +678,8 @@ class DriveNode(BlockNode):
 
 
 def open_drive(container_path: str, raw_path: str, *, readonly: bool = False,
-               checkpoint: CheckpointPolicy | None = None, bitmaps: str = "auto") -> DriveNode:
+               checkpoint: CheckpointPolicy | None = None, bitmaps: str = "auto",
+               cache: str = "writeback") -> DriveNode:
     """Open raw drive ``raw_path`` with its bitmaps from container ``container_path``.
 
     The drive's identity and size are checked against its record; its enabled bitmaps record
@@ -689,7 +690,8 @@ def open_drive(container_path: str, raw_path: str, *, readonly: bool = False,
     container = Container.open(container_path, readonly=readonly)
     try:
         return container.open_drive(raw_path, readonly=readonly, checkpoint=checkpoint,
-                                    track=bitmaps == "auto", owns_container=True)
+                                    track=bitmaps == "auto", owns_container=True,
+                                    cache=cache)
     except BaseException:
         container.close()
         raise

@@ -32,7 +32,9 @@ def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
                always_node: bool = False, force_share: bool = False) -> ImageDriver:
     """Open ``path`` as ``fmt`` (probed when None) and return its driver.
 
-    ``cache`` takes qemu's cache modes; ``none``/``directsync`` use O_DIRECT for data. A
+    ``cache`` takes qemu's cache modes (``dirtybits.osfile.CACHE_MODES``): ``none`` and
+    ``directsync`` use O_DIRECT for data, ``writethrough`` and ``directsync`` flush after
+    every write and write-zeroes, ``unsafe`` ignores flushes. A
     writable qcow2 with persistent bitmaps comes back as a ``BlockNode`` whose enabled bitmaps
     record every write, as with qemu-io, checkpointed per ``checkpoint``. ``bitmaps="no"``
     loads none: the enabled ones are then marked in_use (inconsistent) before the first write,
@@ -76,7 +78,7 @@ def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
 
         if not os.path.exists(path):
             raise ImageIOError(f"Could not open '{path}': No such file or directory")
-        raw = RawImage(path, readonly=readonly, force_share=force_share)
+        raw = RawImage(path, readonly=readonly, force_share=force_share, cache=cache)
         return _node(raw, None, checkpoint, True) if always_node else raw
     raise UsageError(f"Unknown file format '{fmt}'")
 

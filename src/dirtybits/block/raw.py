@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import mmap
 import os
 from collections.abc import Iterator
 from types import TracebackType
 
 from dirtybits.block.driver import Buffer
-from dirtybits.errors import ImageError, ImageIOError, ReadOnlyError
+from dirtybits.errors import ImageError, ImageIOError, ReadOnlyError, UsageError
 from dirtybits.filelock import (
     CREATE,
     PERM_RESIZE,
@@ -19,6 +21,7 @@ from dirtybits.filelock import (
     check_force_share,
     lock_fd,
 )
+from dirtybits.osfile import CACHE_MODES, DIRECT_ALIGN, reopen_same_file
 from dirtybits.osfile import punch_hole as _punch_hole
 from dirtybits.qcow2.extent import MapExtent
 
@@ -29,13 +32,27 @@ SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 class RawImage:
     format_name = "raw"
 
-    def __init__(self, path: str, *, readonly: bool = False, force_share: bool = False):
+    def __init__(self, path: str, *, readonly: bool = False, force_share: bool = False,
+                 cache: str = "writeback"):
         """Open and lock as qemu-io/qemu-img lock a raw image: a reader holds "consistent
         read", a writer also "write"; both share everything (QEMU 7.2's raw format node
-        unshares nothing), so only a qcow2 or data-file user elsewhere can refuse us."""
+        unshares nothing), so only a qcow2 or data-file user elsewhere can refuse us.
+
+        ``cache`` is QEMU's cache mode (``CACHE_MODES``): ``none``/``directsync`` move
+        aligned I/O to an O_DIRECT descriptor, ``writethrough``/``directsync`` flush after
+        every write, ``unsafe`` ignores flushes. Raises ``UsageError``, ``ImageIOError``,
+        ``LockError``.
+        """
+        if cache not in CACHE_MODES:
+            raise UsageError(f"Invalid cache option: {cache}")
         check_force_share(readonly, force_share)
         self.path = path
         self.readonly = readonly
+        self.cache = cache
+        self._unsafe = cache == "unsafe"
+        self._writethrough = cache in ("writethrough", "directsync")
+        self._direct_fd: int | None = None
+        self._abuf: mmap.mmap | None = None
         flags = os.O_RDONLY if readonly else os.O_RDWR
         try:
             self._fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
@@ -48,6 +65,11 @@ class RawImage:
             raise
         self._size = os.fstat(self._fd).st_size
         self._closed = False
+        if cache in ("none", "directsync") and hasattr(os, "O_DIRECT"):
+            # a filesystem without O_DIRECT (tmpfs) keeps buffered I/O: still correct
+            with contextlib.suppress(OSError):
+                self._direct_fd = reopen_same_file(self._fd, flags | os.O_DIRECT
+                                                   | getattr(os, "O_CLOEXEC", 0))
 
     @classmethod
     def create(cls, path: str, size: int) -> None:
@@ -107,31 +129,51 @@ class RawImage:
         except OSError as exc:
             raise ImageIOError(f"read failed at {offset}: {exc.strerror}", errno=exc.errno) from exc
 
+    def _direct_view(self, offset: int, view: memoryview) -> tuple[int, memoryview]:
+        """The O_DIRECT descriptor and an aligned copy of ``view``, when both fit."""
+        n = len(view)
+        if self._direct_fd is None or (offset | n) & (DIRECT_ALIGN - 1) or not n:
+            return self._fd, view
+        if self._abuf is None or len(self._abuf) < n:
+            if self._abuf is not None:
+                self._abuf.close()
+            self._abuf = mmap.mmap(-1, max(n, 1 << 20))
+        self._abuf[:n] = view
+        return self._direct_fd, memoryview(self._abuf)[:n]
+
     def write(self, offset: int, data: Buffer) -> None:
         self._check_writable()
         self._check_range(offset, len(data))
-        view = memoryview(data)
+        self._write(offset, memoryview(data).cast("B"))
+        if self._writethrough:
+            self.flush()
+
+    def _write(self, offset: int, data: memoryview) -> None:
+        fd, view = self._direct_view(offset, data)
         try:
             while view:
-                n = os.pwrite(self._fd, view, offset)
+                n = os.pwrite(fd, view, offset)
                 view = view[n:]
                 offset += n
         except OSError as exc:
             raise ImageIOError(f"write failed at {offset}: {exc.strerror}",
                                errno=exc.errno) from exc
+        finally:
+            del view
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         self._check_writable()
         self._check_range(offset, length)
-        if unmap and _punch_hole(self._fd, offset, length):
-            return
-        chunk = 1 << 20
-        zero = bytes(min(chunk, length))
-        end = offset + length
-        while offset < end:
-            n = min(chunk, end - offset)
-            self.write(offset, zero[:n])
-            offset += n
+        if not (unmap and _punch_hole(self._fd, offset, length)):
+            chunk = 1 << 20
+            zero = memoryview(bytes(min(chunk, length)))
+            pos, end = offset, offset + length
+            while pos < end:
+                n = min(chunk, end - pos)
+                self._write(pos, zero[:n])
+                pos += n
+        if self._writethrough:
+            self.flush()
 
     def discard(self, offset: int, length: int) -> None:
         self._check_writable()
@@ -139,7 +181,7 @@ class RawImage:
         _punch_hole(self._fd, offset, length)
 
     def flush(self) -> None:
-        if self.readonly:
+        if self.readonly or self._unsafe:
             return
         try:
             os.fdatasync(self._fd)
@@ -179,11 +221,19 @@ class RawImage:
             pos = hole
 
     def close(self) -> None:
+        """Flush (as QEMU does at close), then release the lock and the descriptors."""
         if not self._closed:
-            self._closed = True
-            if self._lock is not None:
-                self._lock.release()
-            os.close(self._fd)
+            try:
+                self.flush()
+            finally:
+                self._closed = True
+                if self._direct_fd is not None:
+                    os.close(self._direct_fd)
+                if self._abuf is not None:
+                    self._abuf.close()
+                if self._lock is not None:
+                    self._lock.release()
+                os.close(self._fd)
 
     def __enter__(self) -> RawImage:
         return self

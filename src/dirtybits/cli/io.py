@@ -12,9 +12,8 @@ qemu-io 7.2 does, and this module copies:
   starting beyond the end.
 
 Differences, on purpose: with no ``-c``, commands come from stdin without the ``qemu-io>``
-prompt, and blank lines and ``#`` comments are skipped; ``-t none``/``directsync`` move aligned
-qcow2 data I/O to O_DIRECT as qemu does, other cache modes use the page cache; ``truncate -m``
-modes are checked, not applied;
+prompt, and blank lines and ``#`` comments are skipped; ``truncate -m`` modes are checked, not
+applied;
 ``help`` lists only the commands run here (qemu-io's aio, vectored, breakpoint and
 open/close commands are refused by name); ``info`` does not list qcow2 bitmaps.
 """
@@ -36,8 +35,9 @@ if TYPE_CHECKING:
     from dirtybits.block.driver import ImageDriver
 
 PROG = "dirtybits io"
-# qemu's bdrv_parse_cache_mode accepts these.
+# qemu's bdrv_parse_cache_mode accepts these ("off" is "none").
 CACHE_MODES = ("none", "off", "directsync", "writeback", "writethrough", "unsafe")
+DEFAULT_CACHE = "writethrough"  # qemu-io's: every write is durable before the next command
 _EIO = os.strerror(errno.EIO)
 _ENOTSUP = os.strerror(errno.ENOTSUP)
 # Keep at most this many bytes of cached pattern buffers (one per (byte, length) pair).
@@ -55,8 +55,14 @@ options:
   -c, --cmd CMD        run CMD (repeatable, run in order)
   -f, --format FMT     image format (raw, qcow2); probed when omitted
   -r, --read-only      open the image read-only
-  -t, --cache CACHE    cache mode (none, writeback, writethrough, directsync, unsafe);
-                       checked, not applied
+  -t, --cache CACHE    cache mode, as qemu-io's:
+                         writethrough (default) page cache, flushed after every write
+                         writeback      page cache, durable at flush and close
+                         none           O_DIRECT for aligned I/O, durable at flush, close
+                         directsync     O_DIRECT, flushed after every write
+                         unsafe         page cache, flushes ignored (a host crash may lose
+                                        anything; bitmaps stay safe only against a process
+                                        crash)
   -n, --nocache        short for -t none
   -U, --force-share    force shared permissions (needs -r, as in qemu-io)
   --bitmaps=auto|no    auto (default): enabled persistent bitmaps record every write;
@@ -213,7 +219,7 @@ def run_options(opts: IoOptions) -> int:
             driver = _open_with_bitmap_file(opts, policy)
         else:
             driver = open_image(opts.filename, opts.fmt, readonly=opts.read_only,
-                                cache=opts.cache or "writeback", bitmaps=opts.bitmaps,
+                                cache=_cache_mode(opts.cache), bitmaps=opts.bitmaps,
                                 checkpoint=policy, force_share=opts.force_share)
     except DirtybitsError as exc:
         raise ImageError(f"can't open device {opts.filename}: {exc}") from exc
@@ -239,7 +245,13 @@ def _open_with_bitmap_file(opts: IoOptions, policy: Any) -> ImageDriver:
     if fmt != "raw":
         raise UsageError(f"--bitmap-file needs a raw drive, '{opts.filename}' is {fmt}")
     return open_drive(opts.bitmap_file, opts.filename, readonly=opts.read_only,
-                      checkpoint=policy, bitmaps=opts.bitmaps)
+                      checkpoint=policy, bitmaps=opts.bitmaps, cache=_cache_mode(opts.cache))
+
+
+def _cache_mode(option: str | None) -> str:
+    if option is None:
+        return DEFAULT_CACHE
+    return "none" if option == "off" else option
 
 
 def stdin_commands(stream: Iterable[str]) -> Iterator[str]:

@@ -18,6 +18,7 @@ close; sequential I/O touches one cached L2 table per 512 MiB (64 KiB clusters).
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import struct
@@ -86,7 +87,7 @@ from dirtybits.format.qcow2.tables import (
     REFT_OFFSET_MASK,
     compressed_offset_bits,
 )
-from dirtybits.osfile import punch_hole
+from dirtybits.osfile import CACHE_MODES, DIRECT_ALIGN, punch_hole, reopen_same_file
 from dirtybits.qcow2.extent import MapExtent
 
 _Q = struct.Struct(">Q")
@@ -99,8 +100,8 @@ DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
 DEFAULT_REFBLOCK_CACHE_BYTES = 8 * 1024 * 1024
 MAX_PENDING_FREES = 1 << 16
 MAX_BACKING_DEPTH = 64
-CACHE_MODES = ("writeback", "none", "writethrough", "directsync", "unsafe")
-DIRECT_ALIGN = 4096
+_RWF_DSYNC = getattr(os, "RWF_DSYNC", 0)
+_rwf_dsync = bool(_RWF_DSYNC)  # cleared at the first EOPNOTSUPP (a kernel before 4.7)
 
 
 def _io_error(what: str, exc: OSError) -> ImageIOError:
@@ -138,7 +139,9 @@ class Qcow2Image:
         self.force_share = False
         self._lock: FileLock | None = None  # QEMU's lock bytes on the image / data file
         self._data_lock: FileLock | None = None
-        self._dsync_fd: int | None = None  # O_DSYNC twin of _fd, for write_metadata_durable
+        self.cache = "writeback"
+        self._unsafe = False  # cache=unsafe: flushes (fdatasync) are skipped
+        self._writethrough = False  # writethrough/directsync: a flush after every write
         self._file_end = os.fstat(fd).st_size
         self._file_end_at_open = self._file_end
         # metadata state
@@ -212,6 +215,9 @@ class Qcow2Image:
                 img._open_data_file()
             if open_backing and hc.backing_name:
                 img._open_backing(_depth)
+            img.cache = cache
+            img._unsafe = cache == "unsafe"
+            img._writethrough = cache in ("writethrough", "directsync")
             if cache in ("none", "directsync"):
                 img._enable_direct_io()
             if not readonly:
@@ -320,12 +326,12 @@ class Qcow2Image:
         flags = (os.O_RDONLY if self.readonly else os.O_RDWR) | getattr(os, "O_DIRECT", 0)
         if not flags & getattr(os, "O_DIRECT", 0):
             return
-        for fd, path in ((self._fd, self.path), (self._data_fd, self._data_file_path)):
-            if path is None or fd in self._direct:
+        for fd in {self._fd, self._data_fd}:
+            if fd in self._direct:
                 continue
             # a filesystem without O_DIRECT (tmpfs) keeps buffered I/O: still correct
             with contextlib.suppress(OSError):
-                self._direct[fd] = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+                self._direct[fd] = reopen_same_file(fd, flags | getattr(os, "O_CLOEXEC", 0))
 
     def _aligned_buffer(self, size: int) -> mmap.mmap:
         if self._abuf is None or len(self._abuf) < size:
@@ -447,19 +453,17 @@ class Qcow2Image:
     def write_metadata_durable(self, offset: int, data: Buffer, role: str) -> None:
         """Write metadata in place and return once just these bytes are durable.
 
-        Through a second descriptor opened ``O_DSYNC``: the kernel syncs the written range
-        only, where ``fdatasync`` would first write back every dirty page of the image (all
-        guest data written since the last sync). The lock stays on the main descriptor (OFD
-        locks belong to the open file description, so this one neither takes nor drops any).
+        One ``pwritev`` with ``RWF_DSYNC`` on the image's own descriptor (the inode that was
+        opened and locked, whatever has happened to its name since): the kernel syncs the
+        written range only, where ``fdatasync`` would first write back every dirty page of
+        the image (all guest data written since the last sync). Where the kernel lacks
+        ``RWF_DSYNC``, a plain write and an ``fdatasync``. Raises ``ImageIOError``.
         """
         self._check_writable()
-        if self._dsync_fd is None:
-            try:
-                self._dsync_fd = os.open(self.path, os.O_RDWR | os.O_DSYNC
-                                         | getattr(os, "O_CLOEXEC", 0))
-            except OSError as exc:
-                raise _io_error("opening for synchronous metadata writes", exc) from exc
-        self._pwrite_meta(offset, data, role, fd=self._dsync_fd)
+        if self._unsafe:
+            self._pwrite_meta(offset, data, role)
+            return
+        self._pwrite_meta(offset, data, role, dsync=True)
 
     def read_metadata(self, offset: int, length: int, what: str) -> bytes:
         return self._read_exact(self._fd, offset, length, what)
@@ -583,13 +587,15 @@ class Qcow2Image:
         self._sync()
 
     def _sync(self) -> None:
+        if self._unsafe:
+            return
         try:
             os.fdatasync(self._fd)
         except OSError as exc:
             raise _io_error("fdatasync", exc) from exc
 
     def _pwrite_meta(self, offset: int, data: Buffer, role: str, *,
-                     fd: int | None = None) -> None:
+                     dsync: bool = False) -> None:
         """Write metadata after the overlap check QEMU does (refuse + mark corrupt)."""
         cb = self.cluster_bits
         first = offset >> cb
@@ -599,15 +605,32 @@ class Qcow2Image:
             if have is not None and have != role:
                 self._signal_corruption(
                     f"Preventing invalid write on metadata (overlaps with {have})")
-        self._pwrite(self._fd if fd is None else fd, offset, data)
+        if dsync:
+            self._pwrite_dsync(offset, data)
+        else:
+            self._pwrite(self._fd, offset, data)
 
-    def _pwrite(self, fd: int, offset: int, data: Buffer) -> None:
+    def _pwrite_dsync(self, offset: int, data: Buffer) -> None:
+        """``_pwrite`` on the image's descriptor, durable on return (RWF_DSYNC)."""
+        global _rwf_dsync
+        if _rwf_dsync:
+            try:
+                self._pwrite(self._fd, offset, data, flags=_RWF_DSYNC)
+                return
+            except ImageIOError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+                _rwf_dsync = False  # an old kernel: plain write, then fdatasync
+        self._pwrite(self._fd, offset, data)
+        self._sync()
+
+    def _pwrite(self, fd: int, offset: int, data: Buffer, *, flags: int = 0) -> None:
         if self.readonly:
             raise ReadOnlyError(f"{self.path}: image is opened read-only")
         view = memoryview(data)
         length = len(view)
         is_main = fd == self._fd
-        dfd = self._direct.get(fd) if self._direct else None
+        dfd = self._direct.get(fd) if self._direct and not flags else None
         if dfd is not None and not (offset | length) & (DIRECT_ALIGN - 1):
             buf = self._aligned_buffer(length)
             buf[:length] = view
@@ -615,7 +638,8 @@ class Qcow2Image:
             fd = dfd
         try:
             while view:
-                n = os.pwrite(fd, view, offset)
+                n = (os.pwritev(fd, [view], offset, flags) if flags
+                     else os.pwrite(fd, view, offset))
                 offset += n
                 view = view[n:]
         except OSError as exc:
@@ -1165,6 +1189,8 @@ class Qcow2Image:
                     pos += n
                     continue
                 pos = self._write_allocating(tbl, offset, pos, stop, view)
+        if self._writethrough:
+            self.flush()
 
     def _write_data(self, host: int, chunk: Buffer) -> None:
         if self._data_fd == self._fd:
@@ -1286,6 +1312,11 @@ class Qcow2Image:
         self._check_request(offset, length)
         if not length:
             return
+        self._write_zeroes(offset, length, unmap)
+        if self._writethrough:
+            self.flush()
+
+    def _write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         cs = self.cluster_size
         end = offset + length
         first_full = (offset + cs - 1) & ~(cs - 1)
@@ -1413,7 +1444,7 @@ class Qcow2Image:
     def flush(self) -> None:
         if self.readonly or self._closed:
             return
-        if self._data_fd != self._fd:
+        if self._data_fd != self._fd and not self._unsafe:
             try:
                 os.fdatasync(self._data_fd)
             except OSError as exc:
@@ -1631,9 +1662,6 @@ class Qcow2Image:
                 self._data_lock.release()
             if self._data_fd != self._fd:
                 os.close(self._data_fd)
-            if self._dsync_fd is not None:
-                os.close(self._dsync_fd)
-                self._dsync_fd = None
             if self._lock is not None:
                 self._lock.release()
             os.close(self._fd)
