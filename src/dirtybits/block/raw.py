@@ -52,6 +52,7 @@ class RawImage:
         self._unsafe = cache == "unsafe"
         self._writethrough = cache in ("writethrough", "directsync")
         self._direct_fd: int | None = None
+        self._sync_failed: str | None = None
         self._abuf: mmap.mmap | None = None
         flags = os.O_RDONLY if readonly else os.O_RDWR
         try:
@@ -183,9 +184,14 @@ class RawImage:
     def flush(self) -> None:
         if self.readonly or self._unsafe:
             return
+        if self._sync_failed is not None:  # as Qcow2Image._fdatasync: never retried into success
+            raise ImageIOError(f"flush failed: an earlier flush of {self.path} failed "
+                               f"({self._sync_failed}); what it covered may be lost",
+                               errno=errno.EIO)
         try:
             os.fdatasync(self._fd)
         except OSError as exc:
+            self._sync_failed = exc.strerror or str(exc)
             raise ImageIOError(f"flush failed: {exc.strerror}", errno=exc.errno) from exc
 
     def resize(self, new_size: int) -> None:

@@ -142,6 +142,7 @@ class Qcow2Image:
         self.cache = "writeback"
         self._unsafe = False  # cache=unsafe: flushes (fdatasync) are skipped
         self._writethrough = False  # writethrough/directsync: a flush after every write
+        self._sync_failed: str | None = None  # why an fdatasync failed: none succeeds after
         self._file_end = os.fstat(fd).st_size
         self._file_end_at_open = self._file_end
         # metadata state
@@ -587,12 +588,24 @@ class Qcow2Image:
         self._sync()
 
     def _sync(self) -> None:
+        self._fdatasync(self._fd, "fdatasync")
+
+    def _fdatasync(self, fd: int, what: str) -> None:
+        """fdatasync, and after one fails, fail every later one (QEMU's
+        page_cache_inconsistent): Linux drops the dirty pages it could not write and the
+        next fdatasync would succeed without them, so nothing written before the failure
+        may ever be reported durable. Bitmaps then stay in_use: they say so."""
         if self._unsafe:
             return
+        if self._sync_failed is not None:
+            raise ImageIOError(f"{what}: an earlier flush of {self.path} failed "
+                               f"({self._sync_failed}); what it covered may be lost",
+                               errno=errno.EIO)
         try:
-            os.fdatasync(self._fd)
+            os.fdatasync(fd)
         except OSError as exc:
-            raise _io_error("fdatasync", exc) from exc
+            self._sync_failed = exc.strerror or str(exc)
+            raise _io_error(what, exc) from exc
 
     def _pwrite_meta(self, offset: int, data: Buffer, role: str, *,
                      dsync: bool = False) -> None:
@@ -613,12 +626,14 @@ class Qcow2Image:
     def _pwrite_dsync(self, offset: int, data: Buffer) -> None:
         """``_pwrite`` on the image's descriptor, durable on return (RWF_DSYNC)."""
         global _rwf_dsync
-        if _rwf_dsync:
+        if _rwf_dsync and self._sync_failed is None:
             try:
                 self._pwrite(self._fd, offset, data, flags=_RWF_DSYNC)
                 return
             except ImageIOError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    # the write may have landed but not be durable: as a failed sync
+                    self._sync_failed = self._sync_failed or str(exc)
                     raise
                 _rwf_dsync = False  # an old kernel: plain write, then fdatasync
         self._pwrite(self._fd, offset, data)
@@ -1444,11 +1459,8 @@ class Qcow2Image:
     def flush(self) -> None:
         if self.readonly or self._closed:
             return
-        if self._data_fd != self._fd and not self._unsafe:
-            try:
-                os.fdatasync(self._data_fd)
-            except OSError as exc:
-                raise _io_error("fdatasync of the data file", exc) from exc
+        if self._data_fd != self._fd:
+            self._fdatasync(self._data_fd, "fdatasync of the data file")
         # 1. refcount increments (and new refblocks / reftable entries), then data, durable
         self._write_dirty_refblocks()
         self._sync()

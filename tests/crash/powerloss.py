@@ -1,0 +1,879 @@
+"""Power loss: crash states built from a trace of every write and sync the engine issues.
+
+A kill -9 keeps the page cache, so it cannot tell a missing ``fdatasync`` from a present one.
+Here a workload runs to the end with the file calls of the drivers (``dirtybits.qcow2.image``,
+``dirtybits.block.raw``: the only modules that write image files) traced: each ``pwrite`` /
+``pwritev`` (with ``RWF_DSYNC`` or not), ``ftruncate``, hole punch, ``fdatasync``/``fsync``,
+with the engine function that issued it (its *site*). From the trace, the disk a power cut
+could leave at any moment is rebuilt:
+
+- a write is *pending* from its issue until an ``fdatasync`` of its file completes (or, with
+  RWF_DSYNC, until it completes itself); pending writes may or may not be on the disk, in any
+  combination (any subset, so any reordering), and each may be *torn*: any subset of its
+  512-byte sectors. The first 4 KiB of a file (the qcow2 header) lands whole or not at all:
+  the one assumption, true of 4K-sector disks, as for QEMU (see the README);
+- a failed ``fdatasync`` makes nothing durable: Linux drops the dirty pages it could not
+  write, so its writes stay optional forever, even after a later sync succeeds.
+
+Crash points are the moments before each sync (and each RWF_DSYNC write) completes, and the
+end: every crash moment's states are among them. At each point the states tried are: nothing
+pending persisted, everything, all but the writes of one site, only one site's, all but one
+write, only one write, and random subsets with random tears. Identical images are judged once.
+
+Each state is judged as a kill -9 is (``harness.verify``): ``qemu-img check`` finds no
+corruption (leaks allowed), every bitmap that reads as consistent covers every granule whose
+data differs from the pre-image (zero silent misses); resilient images are then reopened and
+must recover every in_use bitmap; and guest data that a completed flush made durable, and that
+no later request touched, is still there.
+
+``drop`` (sites) replays the same workload with those syncs gone, as if the code lacked them
+(an RWF_DSYNC write becomes a plain one): ``test_power_loss.py`` shows that removing any single
+sync or durable flag write of the persistence protocol produces a failing state.
+
+Run longer: ``python tests/crash/powerloss.py --long`` (every workload, more states).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+import harness
+
+KiB, MiB = 1 << 10, 1 << 20
+SECTOR = 512
+ATOMIC_HEAD = 4096  # the header sector of a 4K disk: written whole or not at all
+TRACED = ("dirtybits.qcow2.image", "dirtybits.block.raw")
+# frames that only carry a write or sync down: the site is the first frame above them
+PLUMBING = {"_sync", "_fdatasync", "sync", "_pwrite", "_pwrite_dsync", "_pwrite_meta",
+            "write_metadata_durable", "write_metadata", "_write", "_write_data",
+            "_write_dirty_refblocks", "_set_header", "flush_data", "_punch"}
+_RWF_DSYNC = getattr(os, "RWF_DSYNC", 0)
+
+
+# ---------------------------------------------------------------------------- the trace
+@dataclass
+class Event:
+    kind: str  # write | sync | failed-sync | dropped-sync | trunc | op | flushed
+    file: int = -1
+    offset: int = 0
+    data: bytes = b""
+    length: int = 0
+    dsync: bool = False
+    site: str = ""
+
+
+@dataclass
+class Trace:
+    paths: list[Path] = field(default_factory=list)
+    initial: list[bytes] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    snapshots: list[bytes] = field(default_factory=list)  # guest data at each "flushed"
+    keys: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def sites(self) -> Counter[str]:
+        """Sync sites (a sync, or an RWF_DSYNC write) seen, with how often each ran."""
+        return Counter(e.site for e in self.events
+                       if e.kind == "sync" or (e.kind == "write" and e.dsync))
+
+
+def _site() -> str:
+    f = sys._getframe(2)
+    while f is not None:
+        code = f.f_code
+        if "/dirtybits/" in code.co_filename and code.co_name not in PLUMBING:
+            return f"{Path(code.co_filename).stem}.{code.co_qualname}:{f.f_lineno}"
+        f = f.f_back  # type: ignore[assignment]
+    return "?"
+
+
+class _TracingOs:
+    """Looks like ``os``; records writes and syncs into ``rec`` (and performs them)."""
+
+    def __init__(self, real: Any, rec: Recorder):
+        self._real = real
+        self._rec = rec
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._real, name)
+        rec = self._rec
+        if name == "pwrite":
+            def pwrite(fd: int, data: Any, offset: int) -> int:
+                rec.touch(fd)  # before the call: the file as it was
+                n: int = attr(fd, data, offset)
+                rec.write(fd, offset, bytes(memoryview(data)[:n]), False)
+                return n
+            return pwrite
+        if name == "pwritev":
+            def pwritev(fd: int, bufs: Any, offset: int, flags: int = 0) -> int:
+                data = b"".join(bytes(b) for b in bufs)
+                rec.touch(fd)
+                n: int = attr(fd, bufs, offset, flags)
+                rec.write(fd, offset, data[:n], bool(flags & _RWF_DSYNC))
+                return n
+            return pwritev
+        if name == "ftruncate":
+            def ftruncate(fd: int, length: int) -> None:
+                rec.touch(fd)
+                attr(fd, length)
+                rec.add(Event("trunc", rec.file_of(fd), length=length, site=_site()))
+            return ftruncate
+        if name in ("fdatasync", "fsync"):
+            def sync(fd: int) -> None:
+                rec.sync(fd, attr)
+            return sync
+        return attr
+
+
+class Recorder:
+    """Traces the drivers' file calls while active (``with Recorder(...) as trace``).
+
+    ``drop``: sync sites whose syncs are recorded as never made. ``fail_sync``: the index
+    (among syncs) of one fdatasync that fails with EIO (and makes nothing durable).
+    """
+
+    def __init__(self, drop: set[str] | None = None, fail_sync: int | None = None):
+        self.trace = Trace()
+        self.drop = drop or set()
+        self.fail_sync = fail_sync
+        self._syncs = 0
+        self._real = os
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def __enter__(self) -> Trace:
+        for name in TRACED:
+            mod = importlib.import_module(name)
+            self._saved.append((mod, "os", mod.os))
+            mod.os = _TracingOs(self._real, self)
+            for attr in ("punch_hole", "_punch_hole"):
+                fn = getattr(mod, attr, None)
+                if fn is not None:
+                    self._saved.append((mod, attr, fn))
+                    setattr(mod, attr, self._punch_wrapper(fn))
+        return self.trace
+
+    def __exit__(self, *exc: object) -> None:
+        for mod, attr, value in reversed(self._saved):
+            setattr(mod, attr, value)
+        self._saved.clear()
+
+    def _punch_wrapper(self, fn: Callable[..., bool]) -> Callable[..., bool]:
+        def punch(fd: int, offset: int, length: int) -> bool:
+            self.touch(fd)
+            done = fn(fd, offset, length)
+            if done:  # reads as zeros from now on: a write of zeros, as far as the disk goes
+                self.add(Event("write", self.file_of(fd), offset, bytes(length), site=_site()))
+            return done
+        return punch
+
+    # -- bookkeeping
+    def file_of(self, fd: int) -> int:
+        st = self._real.fstat(fd)
+        return self.trace.keys[(st.st_dev, st.st_ino)]
+
+    def touch(self, fd: int) -> None:
+        """First sight of a file: remember what it held before anything was written."""
+        st = self._real.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        if key not in self.trace.keys:
+            self.trace.keys[key] = len(self.trace.paths)
+            path = Path(self._real.readlink(f"/proc/self/fd/{fd}"))
+            self.trace.paths.append(path)
+            self.trace.initial.append(path.read_bytes())
+
+    def add(self, ev: Event) -> None:
+        self.trace.events.append(ev)
+
+    def write(self, fd: int, offset: int, data: bytes, dsync: bool) -> None:
+        if not data:
+            return
+        site = _site()
+        if dsync and site in self.drop:
+            dsync = False
+        self.add(Event("write", self.file_of(fd), offset, data, dsync=dsync, site=site))
+
+    def sync(self, fd: int, real_sync: Callable[[int], None]) -> None:
+        self.touch(fd)
+        site = _site()
+        index = self._syncs
+        self._syncs += 1
+        if index == self.fail_sync:
+            self.add(Event("failed-sync", self.file_of(fd), site=site))
+            raise OSError(5, os.strerror(5))
+        real_sync(fd)
+        # a dropped sync stays in the trace as a marker without effect
+        self.add(Event("dropped-sync" if site in self.drop else "sync", self.file_of(fd),
+                       site=site))
+
+    # -- markers from the workload
+    def op(self, offset: int, length: int) -> None:
+        """A guest request starts: its range may change from here on."""
+        self.add(Event("op", offset=offset, length=length))
+
+    def flushed(self, guest: bytes) -> None:
+        """A flush returned: ``guest`` (the model's data) is durable."""
+        self.trace.snapshots.append(guest)
+        self.add(Event("flushed", length=len(self.trace.snapshots) - 1))
+
+
+# ---------------------------------------------------------------------------- crash states
+@dataclass
+class Unit:
+    """A piece of a write that reaches the disk whole or not at all."""
+
+    file: int
+    offset: int
+    data: bytes
+    write: int  # index of its write event
+    site: str
+
+
+def _units(ev: Event, index: int) -> list[Unit]:
+    out = []
+    pos, end = ev.offset, ev.offset + len(ev.data)
+    while pos < end:
+        step = ATOMIC_HEAD if pos < ATOMIC_HEAD else SECTOR
+        nxt = min(end, (pos // step + 1) * step)
+        out.append(Unit(ev.file, pos, ev.data[pos - ev.offset:nxt - ev.offset], index, ev.site))
+        pos = nxt
+    return out
+
+
+@dataclass
+class Point:
+    """A crash moment: what is durable, what is pending, and what the guest may expect."""
+
+    index: int  # events before this one completed
+    durable: list[bytearray]
+    sizes: list[int]
+    pending: list[Unit]  # in issue order
+    flushed: int  # snapshot index of the last completed flush (-1: none)
+    touched: list[tuple[int, int]]  # guest ranges requested since that flush
+    # no crash point between the last completed flush and this one (when judged: and the
+    # state is the durable one only, as that flush left it)
+    first_after_flush: bool = False
+
+
+def crash_points(trace: Trace) -> Iterator[Point]:
+    """The state before every sync / RWF_DSYNC write completes, and at the end."""
+    durable = [bytearray(b) for b in trace.initial]
+    sizes = [len(b) for b in trace.initial]
+    pending: list[Unit] = []
+    limbo: list[Unit] = []  # writes a failed sync dropped: optional forever
+    pending_sizes: dict[int, int] = {}
+    flushed, touched, fresh = -1, [], False
+    trace_events = trace.events
+    for i, ev in enumerate(trace_events):
+        if ev.kind == "sync" or (ev.kind == "write" and ev.dsync):
+            extra = _units(ev, i) if ev.kind == "write" else []
+            yield Point(i, durable, sizes, limbo + pending + extra, flushed, list(touched),
+                        fresh)
+            fresh = False
+        if ev.kind == "write":
+            units = _units(ev, i)
+            if ev.dsync:
+                covered = {(u.file, u.offset) for u in units}
+                pending = [u for u in pending if (u.file, u.offset) not in covered]
+                limbo = [u for u in limbo if (u.file, u.offset) not in covered]
+                for u in units:
+                    _apply(durable, sizes, u)
+            else:
+                pending.extend(units)
+        elif ev.kind == "sync":
+            keep = []
+            for u in pending:
+                if u.file == ev.file:
+                    _apply(durable, sizes, u)
+                else:
+                    keep.append(u)
+            pending = keep
+            if ev.file in pending_sizes:
+                _truncate(durable, sizes, ev.file, pending_sizes.pop(ev.file))
+        elif ev.kind == "failed-sync":
+            limbo += [u for u in pending if u.file == ev.file]
+            pending = [u for u in pending if u.file != ev.file]
+        elif ev.kind == "trunc":
+            pending_sizes[ev.file] = ev.length
+        elif ev.kind == "op":
+            touched.append((ev.offset, ev.length))
+        elif ev.kind == "flushed":
+            flushed, touched, fresh = ev.length, [], True
+    yield Point(len(trace_events), durable, sizes, limbo + pending, flushed, list(touched),
+                fresh)
+
+
+def _apply(files: list[bytearray], sizes: list[int], u: Unit) -> None:
+    buf = files[u.file]
+    end = u.offset + len(u.data)
+    if len(buf) < end:
+        buf.extend(bytes(end - len(buf)))
+    buf[u.offset:end] = u.data
+    sizes[u.file] = max(sizes[u.file], end)
+
+
+def _truncate(files: list[bytearray], sizes: list[int], f: int, length: int) -> None:
+    buf = files[f]
+    if len(buf) > length:
+        del buf[length:]
+    else:
+        buf.extend(bytes(length - len(buf)))
+    sizes[f] = length
+
+
+def choices(point: Point, rng: random.Random, randoms: int,
+            exhaustive_writes: int = 12) -> Iterator[tuple[str, list[Unit]]]:
+    """(name, units persisted) for the states tried at one crash point."""
+    pend = point.pending
+    yield "none", []
+    if not pend:
+        return
+    yield "all", pend
+    sites = sorted({u.site for u in pend})
+    if len(sites) > 1:
+        for s in sites:
+            yield f"all-but-site {s}", [u for u in pend if u.site != s]
+            yield f"only-site {s}", [u for u in pend if u.site == s]
+    writes = sorted({u.write for u in pend})
+    if len(writes) > 1:
+        picked = writes if len(writes) <= exhaustive_writes else rng.sample(writes,
+                                                                            exhaustive_writes)
+        for w in picked:
+            yield f"all-but-write {w}", [u for u in pend if u.write != w]
+            yield f"only-write {w}", [u for u in pend if u.write == w]
+    for r in range(randoms):
+        keep, tear = rng.random(), rng.random()
+        fate = {w: rng.random() for w in writes}
+        chosen = []
+        for u in pend:
+            x = fate[u.write]
+            if x < keep * (1 - tear) or (x < keep and rng.random() < 0.5):
+                chosen.append(u)
+        yield f"random {r}", chosen
+
+
+def build(point: Point, units: list[Unit]) -> list[bytearray]:
+    files = [bytearray(b) for b in point.durable]
+    sizes = list(point.sizes)
+    for u in units:  # in issue order: a later write of a sector wins over an earlier one
+        _apply(files, sizes, u)
+    return files
+
+
+# ---------------------------------------------------------------------------- workloads
+@dataclass
+class Workload:
+    """A named run: prepares its files, runs traced, and judges a crash state."""
+
+    name: str
+    template: str | None  # harness template the image starts from
+    run: Callable[[Any, Recorder], None]  # (context, recorder)
+    kind: str = "image"  # image | resilient | recovery | container
+
+
+NO_TIMERS = {"interval": None, "idle": None, "threshold_bits": None}
+
+
+class Guest:
+    """The node under test plus a model of the guest data (the oracle for durability).
+
+    ``carry_on``: a request that fails (a failed sync) is reported to nobody and the steps go
+    on, as a caller that retries would: flushes and checkpoints are then tried again.
+    """
+
+    def __init__(self, node: Any, rec: Recorder, model: bytearray, carry_on: bool = False):
+        self.node, self.rec, self.model = node, rec, model
+        self.carry_on = carry_on
+        self.errors: list[str] = []
+
+    def __getattribute__(self, name: str) -> Any:
+        attr = object.__getattribute__(self, name)
+        if name in ("write", "zero", "discard", "flush", "checkpoint") \
+                and object.__getattribute__(self, "carry_on"):
+            def tolerant(*args: Any, **kw: Any) -> None:
+                from dirtybits.errors import DirtybitsError
+
+                try:
+                    attr(*args, **kw)
+                except DirtybitsError as exc:
+                    self.errors.append(f"{name}: {exc}")
+            return tolerant
+        return attr
+
+    def checkpoint(self) -> None:
+        self.node.checkpoint()
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.rec.op(offset, len(data))
+        self.node.write(offset, data)
+        self.model[offset:offset + len(data)] = data
+
+    def zero(self, offset: int, length: int, unmap: bool = False) -> None:
+        self.rec.op(offset, length)
+        self.node.write_zeroes(offset, length, unmap=unmap)
+        self.model[offset:offset + length] = bytes(length)
+
+    def discard(self, offset: int, length: int) -> None:
+        self.rec.op(offset, length)  # contents after a discard are unspecified
+        self.node.discard(offset, length)
+        self.model[offset:offset + length] = self.node.read(offset, length)
+
+    def flush(self) -> None:
+        self.node.flush()
+        self.rec.flushed(bytes(self.model))
+
+    def close(self) -> None:
+        from dirtybits.errors import DirtybitsError
+
+        try:
+            self.node.close()
+        except DirtybitsError as exc:
+            if not self.carry_on:
+                raise
+            self.errors.append(f"close: {exc}")
+        else:
+            self.rec.flushed(bytes(self.model))
+        if self.errors:
+            raise RuntimeError(f"{len(self.errors)} failed requests, first: {self.errors[0]}")
+
+
+def guest_steps(g: Guest, size: int, seed: int, ops: int) -> None:
+    """The fixed steps every path runs (each kind of request, a checkpoint, a flush), then
+    ``ops`` random requests with flushes and checkpoints among them."""
+    rng = random.Random(seed)
+    g.write(5 * size // 8 + 4096, rng.randbytes(70000))  # allocating, two clusters
+    g.write(100 * KiB, rng.randbytes(8192))  # over pre-image data
+    g.zero(size // 8, 128 * KiB, unmap=True)
+    g.discard(size // 8 + 192 * KiB, 64 * KiB)
+    g.checkpoint()
+    g.write(7 * size // 8, rng.randbytes(1536))
+    g.flush()
+    g.write(3 * size // 8 + 512, rng.randbytes(20480))
+    for _ in range(ops):
+        r = rng.random()
+        length = rng.choice((512, 4096, rng.randrange(1, 40) * 4096))
+        offset = rng.randrange(0, (size - length) // 512) * 512
+        if r < 0.6:
+            g.write(offset, rng.randbytes(length))
+        elif r < 0.7:
+            g.zero(offset, length, unmap=rng.random() < 0.5)
+        elif r < 0.75:
+            g.discard(offset, length)
+        elif r < 0.87:
+            g.checkpoint()
+        else:
+            g.flush()
+    g.write(size // 2, rng.randbytes(65536))
+    g.close()
+
+
+def _image_run(ctx: Any, rec: Recorder) -> None:
+    import dirtybits
+
+    model = bytearray(ctx.tpl.pre.tobytes())
+    node = dirtybits.open(str(ctx.image), checkpoint=dirtybits.CheckpointPolicy(**NO_TIMERS))
+    guest_steps(Guest(node, rec, model, rec.fail_sync is not None), ctx.tpl.spec.size,
+                ctx.seed, ctx.ops)
+
+
+def _untracked_run(ctx: Any, rec: Recorder) -> None:
+    """``bitmaps="no"``: the enabled bitmaps are marked in_use once, and only the engine's
+    own ordering and syncs keep the image sound."""
+    import dirtybits
+
+    model = bytearray(ctx.tpl.pre.tobytes())
+    node = dirtybits.open(str(ctx.image), bitmaps="no",
+                          checkpoint=dirtybits.CheckpointPolicy(**NO_TIMERS))
+    guest_steps(Guest(node, rec, model), ctx.tpl.spec.size, ctx.seed, ctx.ops)
+
+
+def _recovery_run(ctx: Any, rec: Recorder) -> None:
+    """Rebuild the bitmaps a killed writer left in_use, by comparing with the backup."""
+    from dirtybits.block.open import open_image
+    from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
+    from dirtybits.block.recover import recover_bitmap
+    from dirtybits.qcow2.image import Qcow2Image
+
+    with Qcow2Image.open(str(ctx.image), keep_bitmaps=True) as img:
+        store = Qcow2BitmapStore(img)
+        ref = open_image(str(ctx.backup), "raw", readonly=True)
+        try:
+            for name in ctx.enabled:
+                recover_bitmap(store, name, ref)
+        finally:
+            ref.close()
+
+
+def _container_run(ctx: Any, rec: Recorder) -> None:
+    import dirtybits
+    from dirtybits.block.container import open_drive
+
+    model = bytearray(ctx.pre_raw)
+    node = open_drive(str(ctx.container), str(ctx.raw),
+                      checkpoint=dirtybits.CheckpointPolicy(**NO_TIMERS))
+    guest_steps(Guest(node, rec, model), len(model), ctx.seed, ctx.ops)
+
+
+WORKLOADS = {
+    "tracking-c64k": Workload("tracking-c64k", "c64k", _image_run),
+    "tracking-c4k": Workload("tracking-c4k", "c4k", _image_run),
+    "resilient-r1m": Workload("resilient-r1m", "r1m", _image_run, "resilient"),
+    "resilient-r64k": Workload("resilient-r64k", "r64k", _image_run, "resilient"),
+    "untracked-c4k": Workload("untracked-c4k", "c4k", _untracked_run),
+    "recovery": Workload("recovery", "c64k", _recovery_run, "recovery"),
+    "container": Workload("container", None, _container_run, "container"),
+}
+
+
+@dataclass
+class Context:
+    """Files of one workload (in ``work``) and what its judge needs."""
+
+    workload: Workload
+    work: Path
+    seed: int
+    ops: int
+    tpl: Any = None
+    image: Path = Path()
+    backup: Path = Path()
+    enabled: tuple[str, ...] = ()
+    container: Path = Path()
+    raw: Path = Path()
+    pre_raw: bytes = b""
+    pre_container: bytes = b""
+    originals: dict[Path, bytes] = field(default_factory=dict)
+
+
+def prepare(w: Workload, templates: dict[str, Any], work: Path, seed: int,
+            ops: int) -> Context:
+    """Fresh files for one traced run of ``w``."""
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    ctx = Context(w, work, seed, ops)
+    if w.template is not None:
+        ctx.tpl = templates[w.template]
+        ctx.image = work / "disk.qcow2"
+        shutil.copyfile(ctx.tpl.qcow2, ctx.image)
+        ctx.enabled = tuple(n for n in ctx.tpl.spec.bitmaps
+                            if n not in (harness.FROZEN, harness.STALE))
+    if w.kind == "recovery":
+        # the backup is the pre-image; then a writer is killed: its bitmaps stay in_use
+        ctx.backup = work / "backup.raw"
+        shutil.copyfile(ctx.tpl.qcow2.with_suffix(".raw"), ctx.backup)
+        harness.sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 192k",
+                   "-c", "write -P 0x5b 6M 4k", "-c", "sigraise 9", str(ctx.image),
+                   ok=(-9, 137))
+    if w.kind == "container":
+        from dirtybits.block.container import Container
+
+        ctx.raw = work / "drive.raw"
+        rng = random.Random(seed)
+        data = bytearray(8 * MiB)
+        data[0:1 * MiB] = rng.randbytes(1 * MiB)
+        data[4 * MiB:5 * MiB] = rng.randbytes(1 * MiB)
+        ctx.raw.write_bytes(bytes(data))
+        ctx.pre_raw = bytes(data)
+        ctx.container = work / "bitmaps.qcow2"
+        Container.create(str(ctx.container), 16 * MiB)
+        with Container.open(str(ctx.container)) as c:
+            c.attach(str(ctx.raw), "d1")
+            c.add_bitmap("d1", "g64k", 64 * KiB)
+            c.add_bitmap("d1", "g4k", 4 * KiB)
+            c.add_bitmap("d1", "off", 64 * KiB, disabled=True)
+        ctx.enabled = ("d1/g64k", "d1/g4k")
+    return ctx
+
+
+def trace_run(ctx: Context, drop: set[str] | None = None,
+              fail_sync: int | None = None) -> tuple[Trace, str | None]:
+    """Run the workload traced; (trace, the error it ended with, if any)."""
+    rec = Recorder(drop, fail_sync)
+    error = None
+    with rec as trace:
+        try:
+            ctx.workload.run(ctx, rec)
+        except Exception as exc:  # a failed sync surfaces here: judge what it left
+            error = f"{type(exc).__name__}: {exc}"
+    return trace, error
+
+
+# ---------------------------------------------------------------------------- judging
+def judge(ctx: Context, trace: Trace, point: Point, files: list[bytearray],
+          scratch: Path) -> list[str]:
+    """Problems of one crash state (empty: it passes)."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    names = {}
+    for i, p in enumerate(trace.paths):
+        target = scratch / p.name
+        target.write_bytes(files[i])
+        names[p] = target
+    w = ctx.workload
+    problems: list[str] = []
+    try:
+        if w.kind in ("image", "resilient"):
+            res = harness.KillResult(seed=ctx.seed, template=ctx.tpl.spec.name, mode="power")
+            image = names.get(ctx.image, scratch / ctx.image.name)
+            if ctx.image not in names:
+                shutil.copyfile(ctx.image, image)
+            harness.verify(image, ctx.tpl, res, quiet=False, qemu_sample=False)
+            problems += res.problems
+            if point.first_after_flush and res.leaks:  # (only with nothing persisted since)
+                problems.append(f"{res.leaks} leaked clusters right after a completed flush")
+            if not problems:
+                problems += _durability(trace, point, _guest_qcow2(image, ctx.tpl.spec.size))
+            if not problems and w.kind == "resilient":
+                plan = harness.KillPlan(seed=ctx.seed, template=ctx.tpl.spec.name,
+                                        policy=0, mode="power", max_ops=0, resilient=True)
+                res2 = harness.KillResult(seed=ctx.seed, template=ctx.tpl.spec.name,
+                                          mode="power", in_use=list(res.in_use))
+                harness.reopen_and_verify(image, ctx.tpl, plan, res2)
+                problems += res2.problems
+        elif w.kind == "recovery":
+            problems += _judge_recovery(ctx, names.get(ctx.image, ctx.image))
+        else:
+            problems += _judge_container(ctx, trace, point, names)
+    except Exception as exc:
+        problems.append(f"judge failed: {type(exc).__name__}: {exc}")
+    return problems
+
+
+def _guest_qcow2(image: Path, size: int) -> bytes:
+    from dirtybits.qcow2.image import Qcow2Image
+
+    with Qcow2Image.open(str(image), readonly=True) as img:
+        return img.read(0, size)
+
+
+def _durability(trace: Trace, point: Point, guest: bytes) -> list[str]:
+    """Data a completed flush made durable, untouched by any later request, is there."""
+    if point.flushed < 0:
+        return []
+    snap = np.frombuffer(trace.snapshots[point.flushed], dtype=np.uint8)
+    now = np.frombuffer(guest[:len(snap)], dtype=np.uint8)
+    differ = (snap.reshape(-1, SECTOR) != now.reshape(-1, SECTOR)).any(axis=1)
+    for off, length in point.touched:
+        differ[off // SECTOR:-(-(off + length) // SECTOR)] = False
+    if differ.any():
+        first = int(np.flatnonzero(differ)[0]) * SECTOR
+        return [f"{int(differ.sum())} flushed sectors lost (first at {first:#x})"]
+    return []
+
+
+def _check(path: Path) -> list[str]:
+    proc = harness.sh("qemu-img", "check", "--output=json", str(path), ok=(0, 2, 3))
+    report = json.loads(proc.stdout) if proc.stdout.strip() else {}
+    if proc.returncode == 2 or report.get("corruptions") or report.get("check-errors"):
+        return [f"qemu-img check {path.name}: corruptions={report.get('corruptions')} "
+                f"check-errors={report.get('check-errors')} rc={proc.returncode}"]
+    return []
+
+
+def _covers(store: Any, name: str, data: bytes, pre: bytes, what: str) -> list[str]:
+    """A consistent bitmap ``name`` covers every granule where ``data`` differs from ``pre``."""
+    sb = store.find(name)
+    if sb is None:
+        return [f"bitmap {name} vanished"]
+    if sb.problems:
+        return [f"bitmap {name} damaged: {sb.problems}"]
+    if sb.in_use:
+        return []
+    bits = harness.bits_of(store.load(name))
+    a = np.frombuffer(data, dtype=np.uint8)
+    b = np.frombuffer(pre, dtype=np.uint8)[:len(a)]
+    changed512 = (a.reshape(-1, SECTOR) != b.reshape(-1, SECTOR)).any(axis=1)
+    changed = harness.changed_granules(changed512, sb.entry.granularity, len(bits))
+    missed = int((changed & ~bits).sum())
+    return [f"bitmap {name} consistent but misses {missed} changed granules ({what})"] \
+        if missed else []
+
+
+def _judge_recovery(ctx: Context, image: Path) -> list[str]:
+    from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
+    from dirtybits.qcow2.image import Qcow2Image
+
+    problems = _check(image)
+    with Qcow2Image.open(str(image), readonly=True) as img:
+        store = Qcow2BitmapStore(img)
+        data = img.read(0, ctx.tpl.spec.size)
+        backup = ctx.backup.read_bytes()
+        for name in ctx.enabled:
+            problems += _covers(store, name, data, backup, "vs the backup")
+    return problems
+
+
+def _judge_container(ctx: Context, trace: Trace, point: Point,
+                     names: dict[Path, Path]) -> list[str]:
+    from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
+    from dirtybits.qcow2.image import Qcow2Image
+
+    container = names.get(ctx.container)
+    if container is None:  # never written: as created
+        return []
+    problems = _check(container)
+    raw = names[ctx.raw].read_bytes() if ctx.raw in names else ctx.pre_raw
+    raw = raw[:len(ctx.pre_raw)].ljust(len(ctx.pre_raw), b"\0")
+    with Qcow2Image.open(str(container), readonly=True) as img:
+        store = Qcow2BitmapStore(img)
+        for name in ctx.enabled:
+            problems += _covers(store, name, raw, ctx.pre_raw, "vs the drive's pre-image")
+        off = store.find("d1/off")
+        if off is None or off.in_use or off.entry.auto:
+            problems.append("disabled bitmap d1/off changed state")
+    if not problems:
+        problems += _durability(trace, point, raw)
+    return problems
+
+
+# ---------------------------------------------------------------------------- exploring
+@dataclass
+class Report:
+    workload: str
+    events: int = 0
+    points: int = 0
+    states: int = 0  # crash states built
+    judged: int = 0  # distinct images judged
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None  # how the traced run ended (a failed sync raises)
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        return (f"{self.workload}: {self.events} events, {self.points} crash points, "
+                f"{self.states} states, {self.judged} judged, {len(self.failures)} failing"
+                f" ({self.seconds:.1f} s)")
+
+
+def explore(ctx: Context, trace: Trace, *, randoms: int, max_states: int, seed: int,
+            stop_at_first: bool = False, points_filter: Callable[[Point], bool] | None = None,
+            error: str | None = None) -> Report:
+    """Build and judge crash states of ``trace``: at most ``max_states`` distinct images."""
+    rep = Report(ctx.workload.name, events=len(trace.events), error=error)
+    start = time.monotonic()
+    rng = random.Random(seed)
+    seen: set[bytes] = set()
+    scratch = ctx.work / "state"
+    # a point's files change as the trace goes on: plan first (the choices at each point
+    # are drawn from a generator seeded by the point), then build and judge in one more pass
+    deterministic: list[tuple[int, str]] = []
+    randomized: list[tuple[int, str]] = []
+    for p in crash_points(trace):
+        if points_filter is not None and not points_filter(p):
+            continue
+        rep.points += 1
+        for name, _units in choices(p, random.Random(seed * 1000003 + p.index), randoms):
+            (randomized if name.startswith("random") else deterministic).append((p.index,
+                                                                                 name))
+    rng.shuffle(deterministic)
+    rng.shuffle(randomized)
+    order = {plan: i for i, plan in enumerate(deterministic + randomized)}
+    # distinct images are judged; plan a margin of duplicates
+    chosen = {plan for plan, i in order.items() if i < 3 * max_states}
+    todo: list[tuple[int, Point, str, list[bytearray]]] = []
+    for p in crash_points(trace):
+        if points_filter is not None and not points_filter(p):
+            continue
+        for name, units in choices(p, random.Random(seed * 1000003 + p.index), randoms):
+            if (p.index, name) not in chosen:
+                continue
+            files = build(p, units)
+            rep.states += 1
+            key = hashlib.sha256(b"".join(hashlib.sha256(f).digest() for f in files)).digest()
+            if key in seen:
+                continue
+            seen.add(key)
+            snap = Point(p.index, [], [], p.pending, p.flushed, p.touched,
+                         p.first_after_flush and name == "none")
+            todo.append((order[(p.index, name)], snap, name, files))
+            if len(todo) > 4 * max_states:  # bounded memory: keep the best-ranked
+                todo.sort(key=lambda t: t[0])
+                del todo[max_states:]
+    todo.sort(key=lambda t: t[0])
+    for _rank, p, name, files in todo[:max_states]:
+        rep.judged += 1
+        problems = judge(ctx, trace, p, files, scratch)
+        if problems:
+            rep.failures.append({"point": p.index, "state": name,
+                                 "pending": len(p.pending), "problems": problems[:3]})
+            if stop_at_first:
+                break
+    rep.seconds = time.monotonic() - start
+    return rep
+
+
+def near(trace: Trace, sites: set[str], window: int = 3) -> Callable[[Point], bool]:
+    """Crash points among the first ``window`` sync points after each sync of ``sites``
+    (where a sync that is missing shows)."""
+    marks = [i for i, e in enumerate(trace.events) if e.site in sites
+             and e.kind in ("sync", "dropped-sync", "write")]
+    sync_points = [i for i, e in enumerate(trace.events)
+                   if e.kind == "sync" or (e.kind == "write" and e.dsync)]
+    wanted: set[int] = set()
+    for m in marks:
+        after = [i for i in sync_points if i >= m][:window]
+        wanted.update(after)
+    wanted.add(len(trace.events))
+
+    def keep(p: Point) -> bool:
+        return p.index in wanted
+    return keep
+
+
+def templates_in(directory: Path, names: set[str]) -> dict[str, Any]:
+    specs = tuple(s for s in harness.ALL_TEMPLATES if s.name in names)
+    harness.build_templates(directory, specs)
+    return harness.load_templates(directory, specs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="power-loss crash states of each workload")
+    ap.add_argument("--long", action="store_true", help="more operations and states")
+    ap.add_argument("--workload", action="append", choices=sorted(WORKLOADS))
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--states", type=int, default=None, help="distinct states per workload")
+    args = ap.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.SystemRandom().getrandbits(32)
+    names = args.workload or sorted(WORKLOADS)
+    ops, states, randoms = (120, 3000, 6) if args.long else (30, 300, 2)
+    states = args.states or states
+    base = Path(tempfile.mkdtemp(prefix="dirtybits-powerloss-", dir="/var/tmp"))
+    total_judged = total_failures = 0
+    try:
+        tnames = {WORKLOADS[n].template for n in names} - {None}
+        (base / "templates").mkdir()
+        tpls = templates_in(base / "templates", {t for t in tnames if t})
+        print(f"power-loss seed {seed} (--seed {seed} replays)")
+        for n in names:
+            ctx = prepare(WORKLOADS[n], tpls, base / n, seed, ops)
+            trace, err = trace_run(ctx)
+            rep = explore(ctx, trace, randoms=randoms, max_states=states, seed=seed,
+                          error=err)
+            print(rep.line(), flush=True)
+            for f in rep.failures[:5]:
+                print(f"  FAILED {f}")
+            total_judged += rep.judged
+            total_failures += len(rep.failures)
+        print(f"total: {total_judged} crash states judged, {total_failures} failing")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return 1 if total_failures else 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())
