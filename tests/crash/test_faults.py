@@ -307,8 +307,10 @@ def test_failed_in_use_clear_then_write_is_not_silently_missed(
     def crash() -> None:
         disk = dirtybits.open(str(path), checkpoint=no_timers())
         disk.write(5 * MiB, b"\xc1" * 4096)  # in_use set on g64k and g4k
-        # the checkpoint's flag write is torn: g64k's cleared flag lands, g4k's does not
-        with faultfs.inject(faultfs.Fault(at=0, action="partial", match=is_flag_write)) as f:
+        # the checkpoint's flag write is torn: g64k's cleared flag lands, g4k's does not (a
+        # short write, then ENOSPC: a write error; an EIO there counts as a failed sync)
+        with faultfs.inject(faultfs.Fault(at=0, action="partial", errno=errno.ENOSPC,
+                                          match=is_flag_write)) as f:
             with pytest.raises(ImageIOError):
                 disk.checkpoint()
             assert f.fired
@@ -329,7 +331,8 @@ def test_close_after_failed_in_use_mark_leaves_bitmaps_consistent(
     path = tmp_path / "d.qcow2"
     shutil.copyfile(template.qcow2, path)
     disk = dirtybits.open(str(path), checkpoint=no_timers())
-    with faultfs.inject(faultfs.Fault(at=0, action="partial", match=is_flag_write)) as f:
+    with faultfs.inject(faultfs.Fault(at=0, action="partial", errno=errno.ENOSPC,
+                                      match=is_flag_write)) as f:
         with pytest.raises(ImageIOError):
             disk.write(5 * MiB, b"\xc1" * 4096)  # torn: g64k's in_use lands, g4k's not
         assert f.fired
@@ -342,7 +345,10 @@ def test_close_after_failed_in_use_mark_leaves_bitmaps_consistent(
 @pytest.mark.interop
 def test_background_checkpoint_error_reaches_the_caller(
         template: harness.Template, tmp_path: Path, qemu_tools: dict[str, str]) -> None:
-    """An idle checkpoint in the timer thread fails: the next request raises that error."""
+    """An idle checkpoint in the timer thread fails: the next request raises that error.
+
+    It was an fdatasync: what it covered may be lost, so nothing is retried into success
+    (every later flush fails, close too) and the bitmaps stay in_use on disk."""
     import time
 
     import dirtybits
@@ -363,9 +369,14 @@ def test_background_checkpoint_error_reaches_the_caller(
         assert fault.fired, "the idle checkpoint never ran"
         with pytest.raises(ImageIOError):
             disk.write(6 * MiB, b"\xd2" * 4096)
-        disk.write(6 * MiB, b"\xd2" * 4096)  # reported once; the node carries on
+        disk.write(6 * MiB, b"\xd2" * 4096)  # reported once; writes carry on
+        with pytest.raises(ImageIOError, match="earlier flush"):
+            disk.flush()
     finally:
-        disk.close()
+        with pytest.raises(ImageIOError, match="earlier flush"):
+            disk.close()
     res = harness.KillResult(seed=0, template=SPEC.name, mode="background")
-    harness.verify(path, template, res, quiet=True, qemu_sample=False)
+    harness.verify(path, template, res, quiet=False, qemu_sample=False)
+    assert res.problems == [], res.problems
+    assert sorted(res.in_use) == ["g4k", "g64k"]
     assert res.problems == [], res.problems

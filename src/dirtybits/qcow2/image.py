@@ -631,10 +631,12 @@ class Qcow2Image:
                 self._pwrite(self._fd, offset, data, flags=_RWF_DSYNC)
                 return
             except ImageIOError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                    # the write may have landed but not be durable: as a failed sync
+                if exc.errno == errno.EIO:
+                    # the write-back of this range failed: as a failed fdatasync
                     self._sync_failed = self._sync_failed or str(exc)
                     raise
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise  # ENOSPC and the like: the write failed, nothing was lost
                 _rwf_dsync = False  # an old kernel: plain write, then fdatasync
         self._pwrite(self._fd, offset, data)
         self._sync()
