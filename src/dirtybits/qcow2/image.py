@@ -1145,11 +1145,14 @@ class Qcow2Image:
                 ent = _unpack_q(tbl, idx * 8)[0]
                 in_cluster = goff & cmask
                 host = ent & L2E_OFFSET_MASK
-                if (ent & (OFLAG_COPIED | OFLAG_COMPRESSED | OFLAG_ZERO)) == OFLAG_COPIED \
-                        and (host or self._dfa):
+                if self._in_place(ent):
                     if host & cmask:  # QEMU refuses (and reads refuse it too)
-                        self._signal_or_raise(f"Data cluster offset {host:#x} unaligned "
+                        kind = "Preallocated zero" if ent & OFLAG_ZERO else "Data"
+                        self._signal_or_raise(f"{kind} cluster offset {host:#x} unaligned "
                                               f"(guest offset: {goff & ~cmask:#x})")
+                    if ent & OFLAG_ZERO:
+                        pos = self._write_zero_alloc(tbl, l1i, idx, host, offset, pos, stop, view)
+                        continue
                     n = min(cs - in_cluster, stop - pos)
                     # extend over following in-place clusters that are physically contiguous
                     nidx = idx + 1
@@ -1165,6 +1168,39 @@ class Qcow2Image:
                     pos += n
                     continue
                 pos = self._write_allocating(tbl, offset, pos, stop, view)
+
+    def _in_place(self, ent: int) -> bool:
+        """Whether a write goes to the entry's own host cluster (QEMU's handle_copied): an
+        allocated cluster with refcount 1 (COPIED), plain or preallocated zero."""
+        return (ent & (OFLAG_COPIED | OFLAG_COMPRESSED)) == OFLAG_COPIED and bool(
+            ent & L2E_OFFSET_MASK or self._dfa)
+
+    def _write_zero_alloc(self, tbl: bytearray, l1i: int, idx: int, host: int, offset: int,
+                          pos: int, stop: int, view: memoryview) -> int:
+        """Write into a preallocated zero cluster where it lies, as QEMU does.
+
+        Its refcount is 1 (COPIED), so no allocation and no free: the cluster is written
+        whole (the data and zeros around it, since its old bytes are stale), and only then
+        does the entry lose its zero flag, at the next flush. A crash before that leaves it
+        reading as zeros. Reallocating instead would drop the old cluster's refcount, to 0
+        while in use when a damaged image shares it.
+        """
+        cs = self.cluster_size
+        goff = offset + pos
+        in_cluster = goff & (cs - 1)
+        n = min(cs - in_cluster, stop - pos)
+        whole = cs
+        if self.has_data_file:  # never grow the data file past the disk
+            whole = min(cs, self.hc.header.size - (goff - in_cluster))
+        if n == whole:
+            buf: Buffer = view[pos:pos + n]
+        else:
+            buf = bytearray(whole)
+            buf[in_cluster:in_cluster + n] = view[pos:pos + n]
+        self._write_data(host, buf)
+        _pack_q(tbl, idx * 8, host | OFLAG_COPIED)
+        self._l2_dirty.add(self._l2_offset_of(l1i))
+        return pos + n
 
     def _write_data(self, host: int, chunk: Buffer) -> None:
         if self._data_fd == self._fd:
@@ -1193,8 +1229,7 @@ class Qcow2Image:
         olds: list[int] = []
         for i in range(first_idx, last_idx_excl):
             ent = _unpack_q(tbl, i * 8)[0]
-            if (ent & (OFLAG_COPIED | OFLAG_COMPRESSED | OFLAG_ZERO)) == OFLAG_COPIED and \
-                    (ent & L2E_OFFSET_MASK or self._dfa):
+            if self._in_place(ent):
                 break
             olds.append(ent)
             count += 1
