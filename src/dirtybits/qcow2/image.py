@@ -152,6 +152,8 @@ class Qcow2Image:
         self._rb_cache: dict[int, bytearray] = {}
         self._rb_dirty: set[int] = set()
         self._pending_frees: list[int] = []  # host cluster indices to decrement at flush
+        self._pending_count: dict[int, int] = {}  # queued decrements per cluster
+        self._pending_punch: set[int] = set()  # freed by a guest discard: punch at 0
         self._free_hint = 0
         self._meta: dict[int, str] = {}  # host cluster index -> metadata role
         self._last_l2_key = -1
@@ -684,7 +686,7 @@ class Qcow2Image:
             return 0
         return rc.get_refcount(blk, cluster_index & (self._rb_entries - 1), self._rc_order)
 
-    def _update_refcount(self, cluster_index: int, delta: int) -> None:
+    def _update_refcount(self, cluster_index: int, delta: int) -> int:
         rt_index = cluster_index >> self._rb_entries_bits
         blk = self._refblock(rt_index, create=True)
         assert blk is not None
@@ -701,6 +703,7 @@ class Qcow2Image:
             self._meta.pop(cluster_index, None)
             if cluster_index < self._free_hint:
                 self._free_hint = cluster_index
+        return new
 
     def _new_refblock(self, rt_index: int) -> bytearray:
         """Create the refcount block of group ``rt_index``.
@@ -1265,9 +1268,10 @@ class Qcow2Image:
         self._write_data(wstart, buf)
         for i in range(count):
             _pack_q(tbl, (first_idx + i) * 8, (host + (i << cb)) | OFLAG_COPIED)
-            self._release_entry(olds[i])
-        l2off = self._l2_offset_of(goff >> (cb + self.l2_bits))
-        self._l2_dirty.add(l2off)
+        # dirty before the releases: a flush they trigger must write the table first
+        self._l2_dirty.add(self._l2_offset_of(goff >> (cb + self.l2_bits)))
+        for old in olds:
+            self._release_entry(old)
         return pos + data_len
 
     def _old_content(self, ent: int, goff: int, length: int, fresh: bool) -> Buffer | None:
@@ -1293,26 +1297,89 @@ class Qcow2Image:
             return out
         return None if fresh else bytes(length)
 
-    def _release_entry(self, ent: int) -> None:
-        """Queue the host clusters an L2 entry owned for freeing once the new entry is durable."""
-        if not ent or self.has_data_file:
+    def _release_entry(self, ent: int, *, discard: bool = False) -> None:
+        """Queue the host clusters an L2 entry owned for freeing once the new entry is durable.
+
+        ``discard``: the entry goes because the guest discarded or unmapped it (QEMU's
+        QCOW2_DISCARD_REQUEST, passed down by default): clusters whose refcount reaches 0 are
+        then punched out of the file. Clusters freed by copy-on-write are not (QEMU's
+        DISCARD_NEVER: the next allocation reuses them anyway).
+
+        A free is dropped (the cluster leaks, which ``check -r leaks`` repairs) where it could
+        release something still in use: a damaged entry naming metadata, an unaligned host
+        offset (QEMU: "Cannot free unaligned cluster"), a cluster whose refcount is already
+        spent, or a compressed descriptor that is garbage (see _compressed_frees).
+        """
+        if not ent:
             return
         cb = self.cluster_bits
+        if self.has_data_file:
+            # guest offsets map 1:1 and nothing is refcounted: QEMU discards the range in the
+            # data file at once. Safe at any time: the cluster is not reallocated (a later
+            # write lands after the punch), and until the new entry is durable the old one
+            # reads the punched range as zeros, which is what the guest asked for.
+            # A raw data file was punched by discard() already.
+            if discard and not ent & OFLAG_COMPRESSED and not self.data_file_raw and (
+                    ent & L2E_OFFSET_MASK or ent & self._dfa):
+                host = ent & L2E_OFFSET_MASK
+                punch_hole(self._data_fd, host, min(self.cluster_size,
+                                                     max(0, self.hc.header.size - host)))
+            return
         if ent & OFLAG_COMPRESSED:
-            x = compressed_offset_bits(cb)
-            host = ent & ((1 << x) - 1)
-            sectors = ((ent >> x) & ((1 << (cb - 8)) - 1)) + 1
-            end = (host & ~511) + sectors * 512
-            for c in range(host >> cb, ((end - 1) >> cb) + 1):
-                self._queue_free(c)
+            for c in self._compressed_frees(ent):
+                self._queue_free(c, punch=discard)
             self._decomp_key = -1
             return
         host = ent & L2E_OFFSET_MASK
-        if host:
-            self._queue_free(host >> cb)
+        if host and not host & self._cmask and self._may_free((host >> cb,)):
+            self._queue_free(host >> cb, punch=discard)
 
-    def _queue_free(self, cluster_index: int) -> None:
+    def _may_free(self, clusters: range | tuple[int, ...]) -> bool:
+        """Whether one more decrement of each cluster is safe: none is metadata (an L2 entry
+        pointing there is damage) and each keeps a refcount of at least 0 after the
+        decrements already queued (QEMU's update_refcount refuses the whole range then)."""
+        meta = self._meta
+        pending = self._pending_count
+        for c in clusters:
+            if c in meta or self.get_refcount(c) - pending.get(c, 0) < 1:
+                return False
+        return True
+
+    def _compressed_frees(self, ent: int) -> range:
+        """Host clusters a compressed descriptor's bytes touch, or none when it is garbage.
+
+        QEMU frees the descriptor's byte range without a look (qcow2_free_any_cluster), so a
+        descriptor pointing at an L2 table, a refcount block or another guest cluster's data
+        drops their refcounts while they are in use. Here the range must lie inside the
+        file, clear of metadata, and refcounted (_may_free); and where a decrement would
+        bring a cluster to 0 (so it could be reused), the bytes must decompress to a whole
+        cluster, as every real compressed cluster does. That costs one decompression per
+        host cluster of a compressed image that is overwritten or discarded, which a shared
+        host cluster's earlier frees (refcount > 1) do not pay.
+        """
+        cb = self.cluster_bits
+        x = compressed_offset_bits(cb)
+        host = ent & ((1 << x) - 1)
+        sectors = ((ent >> x) & ((1 << (cb - 8)) - 1)) + 1
+        end = (host & ~511) + sectors * 512
+        clusters = range(host >> cb, ((end - 1) >> cb) + 1)
+        if end > self._file_end or not self._may_free(clusters):
+            return range(0)
+        pending = self._pending_count
+        if any(self.get_refcount(c) - pending.get(c, 0) == 1 for c in clusters):
+            try:
+                self._decompress(ent, -1)
+            except CorruptImageError:
+                return range(0)
+            except UnsupportedFeatureError:
+                pass  # zstd without its module: the structural checks have to do
+        return clusters
+
+    def _queue_free(self, cluster_index: int, *, punch: bool = False) -> None:
         self._pending_frees.append(cluster_index)
+        self._pending_count[cluster_index] = self._pending_count.get(cluster_index, 0) + 1
+        if punch:
+            self._pending_punch.add(cluster_index)
         if len(self._pending_frees) > MAX_PENDING_FREES:
             self.flush()
 
@@ -1414,9 +1481,11 @@ class Qcow2Image:
                     new = ent | OFLAG_ZERO
                 if new != ent:
                     _pack_q(tbl, idx * 8, new)
-                    changed = True
                     if release:
-                        self._release_entry(release)
+                        # dirty first: a flush the release triggers must write the table
+                        self._l2_dirty.add(self._l2_offset_of(l1i))
+                        self._release_entry(release, discard=True)
+                    changed = True
                 goff += 1 << cb
             if changed:
                 self._l2_dirty.add(self._l2_offset_of(l1i))
@@ -1482,11 +1551,41 @@ class Qcow2Image:
             self._sync()
         # 3. decrements for clusters no longer referenced by anything on disk
         if self._pending_frees:
-            frees, self._pending_frees = self._pending_frees, []
-            for idx in frees:
-                self._update_refcount(idx, -1)
-            self._write_dirty_refblocks()
-            self._sync()
+            self._process_frees()
+
+    def _process_frees(self) -> None:
+        """Apply the queued decrements, punch what a guest discard freed, write them back.
+
+        Called once the L2/L1 entries that stopped using the clusters are durable (flush,
+        steps 1-2), so no metadata on disk names a cluster any more. A cluster freed by a
+        discard is punched when its refcount reaches 0 (QEMU's update_refcount with discard
+        passthrough), before anything can allocate it again: nothing allocates between the
+        decrement and the punch, so the punch never lands on reused data, and a shared
+        cluster (refcount still > 0) is never punched. Punching before a crash-safe L2
+        update would be the danger: an entry still on disk naming a hole that a later
+        allocation refills. A crash after the punch and before the refcount block is
+        written leaves a leaked hole: allocated on disk, used by nothing.
+        """
+        frees, self._pending_frees = self._pending_frees, []
+        punch, self._pending_punch = self._pending_punch, set()
+        self._pending_count.clear()
+        holes: list[int] = []
+        for idx in frees:
+            if self._update_refcount(idx, -1) == 0 and idx in punch:
+                holes.append(idx)
+        cb = self.cluster_bits
+        holes.sort()
+        i = 0
+        while i < len(holes):
+            j = i + 1
+            while j < len(holes) and holes[j] == holes[j - 1] + 1:
+                j += 1
+            # no punch support (tmpfs of old kernels, other systems): the space stays, as
+            # in QEMU where discard is advisory
+            punch_hole(self._fd, holes[i] << cb, (j - i) << cb)
+            i = j
+        self._write_dirty_refblocks()
+        self._sync()
 
     def resize(self, new_size: int) -> None:
         """Grow the virtual disk (shrinking is refused: it would drop guest data)."""
