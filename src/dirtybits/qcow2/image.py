@@ -6,6 +6,9 @@ Crash-safety rules (the order QEMU keeps, made explicit):
 * refcount increments reach the file before the L2/L1 entries that use the clusters;
 * refcount decrements are held back until the L2/L1 entries that stopped using the clusters
   are on disk, so a freed cluster is never reused while old metadata still names it.
+* a cluster a guest discard frees is punched out of the file at that same point, once its
+  refcount is 0 and before anything can allocate it again (never while an entry on disk
+  names it, never after it is reused).
 
 A process killed at any moment therefore leaves at worst leaked clusters, never a cluster that
 is referenced with a refcount too low. ``flush`` adds ``fdatasync`` between the steps so the
