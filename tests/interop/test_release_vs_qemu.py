@@ -151,6 +151,22 @@ def test_discard_of_a_shared_cluster_punches_nothing(tmp_path: Path) -> None:
     assert check(ours) == check(ref)
 
 
+def test_discard_gives_data_file_space_back(tmp_path: Path) -> None:
+    """With an external data file QEMU discards the range there at once (nothing is
+    refcounted; guest offsets map 1:1)."""
+    cmds = ["write -P 0x5a 0 1M", "discard 0 512k", "write -z -u 512k 256k"]
+    for tool in ("qemu", "ours"):
+        create(tmp_path / f"{tool}.qcow2", "4M", "-o", f"data_file={tmp_path / tool}.data")
+    args = [a for c in cmds for a in ("-c", c)]
+    sh("qemu-io", *args, tmp_path / "qemu.qcow2")
+    db("io", *args, tmp_path / "ours.qcow2")
+    assert allocated(tmp_path / "ours.data") <= allocated(tmp_path / "qemu.data")
+    assert allocated(tmp_path / "ours.data") < 1024 * KiB
+    assert qmap(tmp_path / "ours.qcow2") == qmap(tmp_path / "qemu.qcow2")
+    assert check(tmp_path / "ours.qcow2") == (0, 0)
+    sh("qemu-img", "compare", tmp_path / "qemu.qcow2", tmp_path / "ours.qcow2")
+
+
 # --------------------------------------------------------------------------- zero, allocated
 ZERO_ALLOC_CASES = {
     # write -z keeps the allocation (zero flag + host offset); the writes go there, and one
