@@ -1339,8 +1339,8 @@ class Qcow2Image:
 
     def _may_free(self, clusters: range | tuple[int, ...]) -> bool:
         """Whether one more decrement of each cluster is safe: none is metadata (an L2 entry
-        pointing there is damage) and each keeps a refcount of at least 0 after the
-        decrements already queued (QEMU's update_refcount refuses the whole range then)."""
+        pointing there is damage) and each has a reference left to give once the decrements
+        already queued are applied (QEMU's update_refcount refuses the whole range then)."""
         meta = self._meta
         pending = self._pending_count
         for c in clusters:
@@ -1559,15 +1559,13 @@ class Qcow2Image:
     def _process_frees(self) -> None:
         """Apply the queued decrements, punch what a guest discard freed, write them back.
 
-        Called once the L2/L1 entries that stopped using the clusters are durable (flush,
-        steps 1-2), so no metadata on disk names a cluster any more. A cluster freed by a
-        discard is punched when its refcount reaches 0 (QEMU's update_refcount with discard
-        passthrough), before anything can allocate it again: nothing allocates between the
-        decrement and the punch, so the punch never lands on reused data, and a shared
-        cluster (refcount still > 0) is never punched. Punching before a crash-safe L2
-        update would be the danger: an entry still on disk naming a hole that a later
-        allocation refills. A crash after the punch and before the refcount block is
-        written leaves a leaked hole: allocated on disk, used by nothing.
+        A cluster freed by a discard is punched when its refcount reaches 0 (QEMU's
+        update_refcount with discard passthrough), here and nowhere else because:
+        only now is it known to reach 0 (a cluster still shared keeps its data); the
+        entries that stopped naming it are durable (flush, steps 1-2), so no crash state
+        reads a hole through old metadata; and nothing allocates between the decrement and
+        the punch, so the punch never lands on data written into a reused cluster. A crash
+        after the punch, before the refcount block is written, leaves a leaked hole.
         """
         frees, self._pending_frees = self._pending_frees, []
         punch, self._pending_punch = self._pending_punch, set()
