@@ -642,11 +642,6 @@ class KnownBug:
 KNOWN_BUGS: tuple[KnownBug, ...] = ()
 
 
-# Writing a preallocated zero cluster (ZERO flag + host offset + COPIED) makes the engine
-# allocate a new cluster and drop the old one's refcount; QEMU writes such a cluster in place.
-# When the old cluster is also referenced elsewhere, its refcount falls to 0 while in use.
-ZERO_ALLOC_WRITE_BUG = "engine-zero-alloc-write-frees-cluster"
-
 
 def _dirtybits_frames(exc: BaseException) -> list[tuple[str, str]]:
     frames = traceback.extract_tb(exc.__traceback__)
@@ -918,13 +913,10 @@ def _check_writable(path: Path, before: bytes, tools: dict[str, str], where: flo
     length = min(cs, size - offset)
     data = bytes([pattern]) * length
     wrote = False
-    zero_alloc = False  # the target is a preallocated zero cluster (ZERO_ALLOC_WRITE_BUG)
     try:
         with time_limit(TIME_LIMIT):
             try:
                 if length:
-                    zero_alloc = any(e.zero and e.present and e.offset is not None
-                                     for e in img.block_status(offset, length))
                     img.write(offset, data)
                 wrote = True
             finally:
@@ -938,7 +930,7 @@ def _check_writable(path: Path, before: bytes, tools: dict[str, str], where: flo
     assert wrote
     if not length:
         return "empty disk"
-    return _judge_write(path, before, tools, offset, length, pattern, qemu_before, zero_alloc)
+    return _judge_write(path, before, tools, offset, length, pattern, qemu_before)
 
 
 def unchanged(path: Path, before: bytes) -> bool:
@@ -946,7 +938,7 @@ def unchanged(path: Path, before: bytes) -> bool:
 
 
 def _judge_write(path: Path, before: bytes, tools: dict[str, str], offset: int, length: int,
-                 pattern: int, qemu_before: dict[str, Any] | None, zero_alloc: bool) -> str:
+                 pattern: int, qemu_before: dict[str, Any] | None) -> str:
     """After a successful write: no worse than QEMU's same write, and the data reads back."""
     data = bytes([pattern]) * length
     grown = path.stat().st_size
@@ -978,8 +970,6 @@ def _judge_write(path: Path, before: bytes, tools: dict[str, str], offset: int, 
             if bad_qemu == QEMU_OVERLAP:
                 return f"written; more corruptions, as {QEMU_OVERLAP}"
             if not isinstance(bad_qemu, int) or bad_after > bad_qemu:
-                if zero_alloc:
-                    return f"write: known bug {ZERO_ALLOC_WRITE_BUG}"
                 raise AssertionError(
                     f"qemu-img check: {bad_before} corruptions before our write, {bad_after} "
                     f"after; after the same write by qemu-io: {bad_qemu}")
@@ -1273,13 +1263,12 @@ def test_regression_info_snapshot_extra_data_is_bounded(bases: dict[str, Base],
     assert proc.stdout.startswith("DirtybitsError"), proc.stdout + proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine: writing a preallocated zero cluster (ZERO flag, COPIED, host offset) allocates a "
-    "new cluster and frees the old one (QEMU writes it in place); when the old cluster is "
-    "also referenced elsewhere its refcount drops to 0 while in use: qemu-img check goes "
-    "from 1 corruption to 2"))
 def test_regression_engine_zero_alloc_write(bases: dict[str, Base], tmp_path: Path,
                                             qemu_tools: dict[str, str]) -> None:
+    """A preallocated zero cluster (ZERO flag, COPIED, host offset) is written in place, as
+    QEMU does. The engine used to allocate a new cluster and free the old one: when that one
+    is also used elsewhere (here: another guest cluster's data) its refcount fell to 0 while
+    in use, and qemu-img check went from 1 corruption to 2."""
     base = bases["qemu64k"]
     shared = base.data_clusters[-1]  # a data cluster that guest cluster 3 will share
     entry = l2_entry_slot(base, 3)
@@ -1287,10 +1276,17 @@ def test_regression_engine_zero_alloc_write(bases: dict[str, Base], tmp_path: Pa
         ("set", entry.offset, struct.pack(">Q", OFLAG_COPIED | OFLAG_ZERO | shared))])
     before = qemu_check(path, qemu_tools)
     assert before is not None and corruptions(before) == 1
+    size = path.stat().st_size
     with Qcow2Image.open(str(path)) as img:
         img.write(3 << 16, b"\xc5" * (1 << 16))
     after = qemu_check(path, qemu_tools)
     assert after is not None and corruptions(after) <= corruptions(before)
+    assert path.stat().st_size == size, "the write allocated instead of writing in place"
+    with path.open("rb") as f:
+        f.seek(entry.offset)
+        assert struct.unpack(">Q", f.read(8))[0] == OFLAG_COPIED | shared
+        f.seek(shared)
+        assert f.read(1 << 16) == b"\xc5" * (1 << 16)
 
 
 def test_snapshot_count_is_bounded(bases: dict[str, Base], tmp_path: Path) -> None:

@@ -6,6 +6,9 @@ Crash-safety rules (the order QEMU keeps, made explicit):
 * refcount increments reach the file before the L2/L1 entries that use the clusters;
 * refcount decrements are held back until the L2/L1 entries that stopped using the clusters
   are on disk, so a freed cluster is never reused while old metadata still names it.
+* a cluster a guest discard frees is punched out of the file at that same point, once its
+  refcount is 0 and before anything can allocate it again (never while an entry on disk
+  names it, never after it is reused).
 
 A process killed at any moment therefore leaves at worst leaked clusters, never a cluster that
 is referenced with a refcount too low. ``flush`` adds ``fdatasync`` between the steps so the
@@ -156,6 +159,8 @@ class Qcow2Image:
         self._rb_cache: dict[int, bytearray] = {}
         self._rb_dirty: set[int] = set()
         self._pending_frees: list[int] = []  # host cluster indices to decrement at flush
+        self._pending_count: dict[int, int] = {}  # queued decrements per cluster
+        self._pending_punch: set[int] = set()  # freed by a guest discard: punch at 0
         self._free_hint = 0
         self._meta: dict[int, str] = {}  # host cluster index -> metadata role
         self._last_l2_key = -1
@@ -725,7 +730,7 @@ class Qcow2Image:
             return 0
         return rc.get_refcount(blk, cluster_index & (self._rb_entries - 1), self._rc_order)
 
-    def _update_refcount(self, cluster_index: int, delta: int) -> None:
+    def _update_refcount(self, cluster_index: int, delta: int) -> int:
         rt_index = cluster_index >> self._rb_entries_bits
         blk = self._refblock(rt_index, create=True)
         assert blk is not None
@@ -742,6 +747,7 @@ class Qcow2Image:
             self._meta.pop(cluster_index, None)
             if cluster_index < self._free_hint:
                 self._free_hint = cluster_index
+        return new
 
     def _new_refblock(self, rt_index: int) -> bytearray:
         """Create the refcount block of group ``rt_index``.
@@ -1186,11 +1192,14 @@ class Qcow2Image:
                 ent = _unpack_q(tbl, idx * 8)[0]
                 in_cluster = goff & cmask
                 host = ent & L2E_OFFSET_MASK
-                if (ent & (OFLAG_COPIED | OFLAG_COMPRESSED | OFLAG_ZERO)) == OFLAG_COPIED \
-                        and (host or self._dfa):
+                if self._in_place(ent):
                     if host & cmask:  # QEMU refuses (and reads refuse it too)
-                        self._signal_or_raise(f"Data cluster offset {host:#x} unaligned "
+                        kind = "Preallocated zero" if ent & OFLAG_ZERO else "Data"
+                        self._signal_or_raise(f"{kind} cluster offset {host:#x} unaligned "
                                               f"(guest offset: {goff & ~cmask:#x})")
+                    if ent & OFLAG_ZERO:
+                        pos = self._write_zero_alloc(tbl, l1i, idx, host, offset, pos, stop, view)
+                        continue
                     n = min(cs - in_cluster, stop - pos)
                     # extend over following in-place clusters that are physically contiguous
                     nidx = idx + 1
@@ -1208,6 +1217,39 @@ class Qcow2Image:
                 pos = self._write_allocating(tbl, offset, pos, stop, view)
         if self._writethrough:
             self.flush()
+
+    def _in_place(self, ent: int) -> bool:
+        """Whether a write goes to the entry's own host cluster (QEMU's handle_copied): an
+        allocated cluster with refcount 1 (COPIED), plain or preallocated zero."""
+        return (ent & (OFLAG_COPIED | OFLAG_COMPRESSED)) == OFLAG_COPIED and bool(
+            ent & L2E_OFFSET_MASK or self._dfa)
+
+    def _write_zero_alloc(self, tbl: bytearray, l1i: int, idx: int, host: int, offset: int,
+                          pos: int, stop: int, view: memoryview) -> int:
+        """Write into a preallocated zero cluster where it lies, as QEMU does.
+
+        Its refcount is 1 (COPIED), so no allocation and no free: the cluster is written
+        whole (the data and zeros around it, since its old bytes are stale), and only then
+        does the entry lose its zero flag, at the next flush. A crash before that leaves it
+        reading as zeros. Reallocating instead would drop the old cluster's refcount, to 0
+        while in use when a damaged image shares it.
+        """
+        cs = self.cluster_size
+        goff = offset + pos
+        in_cluster = goff & (cs - 1)
+        n = min(cs - in_cluster, stop - pos)
+        whole = cs
+        if self.has_data_file:  # never grow the data file past the disk
+            whole = min(cs, self.hc.header.size - (goff - in_cluster))
+        if n == whole:
+            buf: Buffer = view[pos:pos + n]
+        else:
+            buf = bytearray(whole)
+            buf[in_cluster:in_cluster + n] = view[pos:pos + n]
+        self._write_data(host, buf)
+        _pack_q(tbl, idx * 8, host | OFLAG_COPIED)
+        self._l2_dirty.add(self._l2_offset_of(l1i))
+        return pos + n
 
     def _write_data(self, host: int, chunk: Buffer) -> None:
         if self._data_fd == self._fd:
@@ -1236,8 +1278,7 @@ class Qcow2Image:
         olds: list[int] = []
         for i in range(first_idx, last_idx_excl):
             ent = _unpack_q(tbl, i * 8)[0]
-            if (ent & (OFLAG_COPIED | OFLAG_COMPRESSED | OFLAG_ZERO)) == OFLAG_COPIED and \
-                    (ent & L2E_OFFSET_MASK or self._dfa):
+            if self._in_place(ent):
                 break
             olds.append(ent)
             count += 1
@@ -1273,9 +1314,10 @@ class Qcow2Image:
         self._write_data(wstart, buf)
         for i in range(count):
             _pack_q(tbl, (first_idx + i) * 8, (host + (i << cb)) | OFLAG_COPIED)
-            self._release_entry(olds[i])
-        l2off = self._l2_offset_of(goff >> (cb + self.l2_bits))
-        self._l2_dirty.add(l2off)
+        # dirty before the releases: a flush they trigger must write the table first
+        self._l2_dirty.add(self._l2_offset_of(goff >> (cb + self.l2_bits)))
+        for old in olds:
+            self._release_entry(old)
         return pos + data_len
 
     def _old_content(self, ent: int, goff: int, length: int, fresh: bool) -> Buffer | None:
@@ -1301,26 +1343,89 @@ class Qcow2Image:
             return out
         return None if fresh else bytes(length)
 
-    def _release_entry(self, ent: int) -> None:
-        """Queue the host clusters an L2 entry owned for freeing once the new entry is durable."""
-        if not ent or self.has_data_file:
+    def _release_entry(self, ent: int, *, discard: bool = False) -> None:
+        """Queue the host clusters an L2 entry owned for freeing once the new entry is durable.
+
+        ``discard``: the entry goes because the guest discarded or unmapped it (QEMU's
+        QCOW2_DISCARD_REQUEST, passed down by default): clusters whose refcount reaches 0 are
+        then punched out of the file. Clusters freed by copy-on-write are not (QEMU's
+        DISCARD_NEVER: the next allocation reuses them anyway).
+
+        A free is dropped (the cluster leaks, which ``check -r leaks`` repairs) where it could
+        release something still in use: a damaged entry naming metadata, an unaligned host
+        offset (QEMU: "Cannot free unaligned cluster"), a cluster whose refcount is already
+        spent, or a compressed descriptor that is garbage (see _compressed_frees).
+        """
+        if not ent:
             return
         cb = self.cluster_bits
+        if self.has_data_file:
+            # guest offsets map 1:1 and nothing is refcounted: QEMU discards the range in the
+            # data file at once. Safe at any time: the cluster is not reallocated (a later
+            # write lands after the punch), and until the new entry is durable the old one
+            # reads the punched range as zeros, which is what the guest asked for.
+            # A raw data file was punched by discard() already.
+            if discard and not ent & OFLAG_COMPRESSED and not self.data_file_raw and (
+                    ent & L2E_OFFSET_MASK or ent & self._dfa):
+                host = ent & L2E_OFFSET_MASK
+                punch_hole(self._data_fd, host, min(self.cluster_size,
+                                                     max(0, self.hc.header.size - host)))
+            return
         if ent & OFLAG_COMPRESSED:
-            x = compressed_offset_bits(cb)
-            host = ent & ((1 << x) - 1)
-            sectors = ((ent >> x) & ((1 << (cb - 8)) - 1)) + 1
-            end = (host & ~511) + sectors * 512
-            for c in range(host >> cb, ((end - 1) >> cb) + 1):
-                self._queue_free(c)
+            for c in self._compressed_frees(ent):
+                self._queue_free(c, punch=discard)
             self._decomp_key = -1
             return
         host = ent & L2E_OFFSET_MASK
-        if host:
-            self._queue_free(host >> cb)
+        if host and not host & self._cmask and self._may_free((host >> cb,)):
+            self._queue_free(host >> cb, punch=discard)
 
-    def _queue_free(self, cluster_index: int) -> None:
+    def _may_free(self, clusters: range | tuple[int, ...]) -> bool:
+        """Whether one more decrement of each cluster is safe: none is metadata (an L2 entry
+        pointing there is damage) and each has a reference left to give once the decrements
+        already queued are applied (QEMU's update_refcount refuses the whole range then)."""
+        meta = self._meta
+        pending = self._pending_count
+        for c in clusters:
+            if c in meta or self.get_refcount(c) - pending.get(c, 0) < 1:
+                return False
+        return True
+
+    def _compressed_frees(self, ent: int) -> range:
+        """Host clusters a compressed descriptor's bytes touch, or none when it is garbage.
+
+        QEMU frees the descriptor's byte range without a look (qcow2_free_any_cluster), so a
+        descriptor pointing at an L2 table, a refcount block or another guest cluster's data
+        drops their refcounts while they are in use. Here the range must lie inside the
+        file, clear of metadata, and refcounted (_may_free); and where a decrement would
+        bring a cluster to 0 (so it could be reused), the bytes must decompress to a whole
+        cluster, as every real compressed cluster does. That costs one decompression per
+        host cluster of a compressed image that is overwritten or discarded, which a shared
+        host cluster's earlier frees (refcount > 1) do not pay.
+        """
+        cb = self.cluster_bits
+        x = compressed_offset_bits(cb)
+        host = ent & ((1 << x) - 1)
+        sectors = ((ent >> x) & ((1 << (cb - 8)) - 1)) + 1
+        end = (host & ~511) + sectors * 512
+        clusters = range(host >> cb, ((end - 1) >> cb) + 1)
+        if end > self._file_end or not self._may_free(clusters):
+            return range(0)
+        pending = self._pending_count
+        if any(self.get_refcount(c) - pending.get(c, 0) == 1 for c in clusters):
+            try:
+                self._decompress(ent, -1)
+            except CorruptImageError:
+                return range(0)
+            except UnsupportedFeatureError:
+                pass  # zstd without its module: the structural checks have to do
+        return clusters
+
+    def _queue_free(self, cluster_index: int, *, punch: bool = False) -> None:
         self._pending_frees.append(cluster_index)
+        self._pending_count[cluster_index] = self._pending_count.get(cluster_index, 0) + 1
+        if punch:
+            self._pending_punch.add(cluster_index)
         if len(self._pending_frees) > MAX_PENDING_FREES:
             self.flush()
 
@@ -1427,9 +1532,11 @@ class Qcow2Image:
                     new = ent | OFLAG_ZERO
                 if new != ent:
                     _pack_q(tbl, idx * 8, new)
-                    changed = True
                     if release:
-                        self._release_entry(release)
+                        # dirty first: a flush the release triggers must write the table
+                        self._l2_dirty.add(self._l2_offset_of(l1i))
+                        self._release_entry(release, discard=True)
+                    changed = True
                 goff += 1 << cb
             if changed:
                 self._l2_dirty.add(self._l2_offset_of(l1i))
@@ -1492,11 +1599,39 @@ class Qcow2Image:
             self._sync()
         # 3. decrements for clusters no longer referenced by anything on disk
         if self._pending_frees:
-            frees, self._pending_frees = self._pending_frees, []
-            for idx in frees:
-                self._update_refcount(idx, -1)
-            self._write_dirty_refblocks()
-            self._sync()
+            self._process_frees()
+
+    def _process_frees(self) -> None:
+        """Apply the queued decrements, punch what a guest discard freed, write them back.
+
+        A cluster freed by a discard is punched when its refcount reaches 0 (QEMU's
+        update_refcount with discard passthrough), here and nowhere else because:
+        only now is it known to reach 0 (a cluster still shared keeps its data); the
+        entries that stopped naming it are durable (flush, steps 1-2), so no crash state
+        reads a hole through old metadata; and nothing allocates between the decrement and
+        the punch, so the punch never lands on data written into a reused cluster. A crash
+        after the punch, before the refcount block is written, leaves a leaked hole.
+        """
+        frees, self._pending_frees = self._pending_frees, []
+        punch, self._pending_punch = self._pending_punch, set()
+        self._pending_count.clear()
+        holes: list[int] = []
+        for idx in frees:
+            if self._update_refcount(idx, -1) == 0 and idx in punch:
+                holes.append(idx)
+        cb = self.cluster_bits
+        holes.sort()
+        i = 0
+        while i < len(holes):
+            j = i + 1
+            while j < len(holes) and holes[j] == holes[j - 1] + 1:
+                j += 1
+            # no punch support (tmpfs of old kernels, other systems): the space stays, as
+            # in QEMU where discard is advisory
+            punch_hole(self._fd, holes[i] << cb, (j - i) << cb)
+            i = j
+        self._write_dirty_refblocks()
+        self._sync()
 
     def resize(self, new_size: int) -> None:
         """Grow the virtual disk (shrinking is refused: it would drop guest data)."""
