@@ -215,6 +215,8 @@ class Qcow2Image:
             if cache in ("none", "directsync"):
                 img._enable_direct_io()
             if not readonly:
+                if keep_bitmaps:
+                    img._refuse_unreadable_bitmaps()
                 img._on_writable_open(keep_bitmaps)
             return img
         except FormatError as exc:
@@ -382,6 +384,17 @@ class Qcow2Image:
         except LockError as exc:
             raise LockError(f"Could not open backing file: {exc}") from None
 
+    def _refuse_unreadable_bitmaps(self) -> None:
+        """A caller keeping the bitmaps cannot keep them when their directory is unreadable:
+        refuse with QEMU's message before anything is written (QEMU refuses every open)."""
+        from dirtybits.qcow2.bitmap_scan import directory_refusal, scan_bitmaps
+
+        scan = scan_bitmaps(self.hc, lambda off, n: self.read_metadata(off, n, "bitmap "
+                                                                       "directory"),
+                            self._file_end, tables=False)
+        if scan is not None and scan.directory_error is not None:
+            raise CorruptImageError(directory_refusal(scan))
+
     def _on_writable_open(self, keep_bitmaps: bool) -> None:
         """Clear autoclear bits nobody keeps up to date, as the spec requires of writers.
 
@@ -432,6 +445,10 @@ class Qcow2Image:
         first = offset >> self.cluster_bits
         for i in range(max(1, (nbytes + self.cluster_size - 1) >> self.cluster_bits)):
             self._meta.setdefault(first + i, role)
+
+    def metadata_role(self, offset: int) -> str | None:
+        """The metadata role registered for the cluster holding ``offset``, if any."""
+        return self._meta.get(offset >> self.cluster_bits)
 
     def free_metadata(self, offset: int, nbytes: int) -> None:
         """Release clusters at the next flush (after whatever replaced them is durable)."""
