@@ -219,7 +219,8 @@ def _write_then_repair(path: Path, offset: int, bad: bytes, *, cli=None) -> None
             disk.write(W_OFF, b"y" * CS)
             assert disk.invalidated == ["b1"]
     else:
-        cli("io", "-c", f"write {W_OFF} 64k", path, check=True)
+        done = cli("io", "-c", f"write {W_OFF} 64k", path, check=True)
+        assert "warning: bitmap 'b1' is damaged and cannot record writes" in done.stderr
     if bad == struct.pack(">I", 0x12):
         with open(path, "rb") as f:
             f.seek(offset)
