@@ -357,3 +357,23 @@ def test_removing_a_bitmap_whose_table_is_unreadable_says_so(
     assert flags_on_disk(path) == {"b0": (False, [])}
     res = check_image(str(path))
     assert (res.corruptions, res.check_errors) == (0, 0) and res.leaks == 2
+
+
+def test_removing_a_damaged_bitmap_never_frees_guest_data(
+        tmp_path: Path, dirtybits_cli) -> None:  # type: ignore[no-untyped-def]
+    """b1 (damaged) names the guest's data cluster (refcount 1, as its own would have): it
+    stays allocated, and the guest data with it."""
+    path = make(tmp_path, ("b0", "b1"))
+    poke(path, entry_offset(path, 1) + 17, bytes([40]))
+    with Qcow2Image.open(str(path), readonly=True) as img:
+        guest = next(iter(img.block_status(0, 4096))).offset
+    assert guest is not None
+    poke(path, table_entry_offset(path, 1), struct.pack(">Q", guest))
+    done = dirtybits_cli("bitmap", "--remove", path, "b1", check=True)
+    assert "warning: bitmap 'b1': left 1 cluster(s)" in done.stderr
+    res = check_image(str(path))
+    assert (res.corruptions, res.check_errors, res.leaks) == (0, 0, 1)  # b1's own old data
+    with dirtybits.open(str(path)) as disk:
+        assert disk.read(0, 4096) == b"x" * 4096
+        disk.write(W_OFF, b"z" * CS)  # allocates: must not land on the guest's cluster
+        assert disk.read(0, 4096) == b"x" * 4096

@@ -87,8 +87,8 @@ class Qcow2BitmapStore:
         """Read the directory and tables through the one loader; register what is ours.
 
         Raises ``CorruptImageError`` (QEMU's message) on a writable image whose directory
-        cannot be read. Tables that can be read are registered as metadata, damaged
-        bitmaps' too, so guest writes never land on them.
+        cannot be read. Sound bitmaps' tables and data are registered as metadata, so guest
+        writes never land on them.
         """
         img = self.img
         if img.hc.extension(EXT_BITMAPS) is None:
@@ -110,7 +110,9 @@ class Qcow2BitmapStore:
                               "bitmap directory")
         cs, end = self.cluster_size, os.fstat(img.fileno()).st_size
         for sb in scan.bitmaps:
-            if sb.table is not None:
+            # a damaged bitmap's table may be anything (guest data, say): not registered,
+            # so nothing is refused or protected on its word
+            if sb.table is not None and not sb.problems:
                 img.register_metadata(sb.entry.bitmap_table_offset,
                                       sb.entry.bitmap_table_size * 8, "bitmap table")
                 for raw_entry in sb.table:
@@ -207,18 +209,19 @@ class Qcow2BitmapStore:
         refcount exactly 1, and registered as ``role`` (not as another structure)?
 
         The checker's judgement of a reference (``qcow2/check.py``), made cheaply: what fails
-        it is never written in place nor freed.
+        it is never written in place nor freed. (Unregistered: a damaged bitmap's cluster.)
         """
         img = self.img
         end = os.fstat(img.fileno()).st_size if file_size is None else file_size
-        return (offset < end and img.metadata_role(offset) == role
+        return (offset < end and img.metadata_role(offset) in (None, role)
                 and img.get_refcount(offset // self.cluster_size) == 1)
 
     def _release(self, sb: StoredBitmap) -> list[str]:
         """Queue a bitmap's clusters for freeing once the new directory is durable.
 
         Only clusters provably the bitmap's own are freed (each passes ``_owns`` and no other
-        bitmap names it): a damaged table may point anywhere. Returns what was left
+        bitmap names it; for a damaged bitmap, whose table may point anywhere, nor does the
+        guest's L1/L2, which costs a read of every L2 table). Returns what was left
         allocated, in words for the user (``check -r leaks`` reclaims it).
         """
         cs = self.cluster_size
@@ -227,6 +230,8 @@ class Qcow2BitmapStore:
             return [f"bitmap '{sb.name}': its table at {e.bitmap_table_offset:#x} cannot be "
                     "read; its table and data clusters are left allocated"]
         others = self._referenced(exclude=sb)
+        if sb.problems:
+            others |= self.img.guest_clusters()
         first = e.bitmap_table_offset // cs
         last = -(-(e.bitmap_table_offset + e.bitmap_table_size * 8) // cs)
         clusters = [(k * cs, "bitmap table") for k in range(first, last)]
