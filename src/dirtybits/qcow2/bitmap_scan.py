@@ -49,7 +49,7 @@ Pread = Callable[[int, int], bytes]
 #: Bytes of data clusters read by one ``pread`` while counting (contiguous clusters only).
 _COUNT_READ_BYTES = 8 << 20
 
-#: Where a damaged bitmap may be removed from; see ``BitmapScan``.
+#: The way out named when a writable open is refused (``directory_refusal``).
 REPAIR_HINT = "'dirtybits check -r all' drops the unreadable bitmap directory"
 
 
