@@ -555,8 +555,9 @@ class Container:
             raise ContainerError(f"drive '{drive_id}' has no bitmap '{name}'")
         return full
 
-    def remove_bitmap(self, drive_id: str, name: str) -> None:
-        self.store.remove(self._stored(drive_id, name))
+    def remove_bitmap(self, drive_id: str, name: str) -> list[str]:
+        """Remove a drive's bitmap; returns what it left allocated (``Qcow2BitmapStore.remove``)."""
+        return self.store.remove(self._stored(drive_id, name))
 
     def clear_bitmap(self, drive_id: str, name: str) -> None:
         full = self._stored(drive_id, name)

@@ -27,7 +27,7 @@ from dirtybits.qcow2.extent import MapExtent
 
 if TYPE_CHECKING:
     from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
-    from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
+    from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore, StoredBitmap
     from dirtybits.block.write_intent import WriteIntentMap
 
 
@@ -63,6 +63,9 @@ class BlockNode:
     ``intent`` is the image's write-intent map (resilient mode): a tracked node recovers the
     in_use bitmaps it covers at open and marks regions before writes; an untracked one
     invalidates it before its first write.
+    Enabled bitmaps the loader found damaged cannot record writes: they are marked in_use
+    before the first write (``invalidated``), so no repair of the damage can make them read
+    as consistent without the writes they missed.
     """
 
     def __init__(self, driver: ImageDriver, store: Qcow2BitmapStore | None = None, *,
@@ -89,6 +92,8 @@ class BlockNode:
         self._closed = False
         self._intent = intent if intent is not None and intent.enabled else None
         self.recovered: list[str] = []  # bitmaps made consistent from the write-intent map
+        self._damaged: list[StoredBitmap] = []  # enabled but damaged: in_use before a write
+        self.invalidated: list[str] = []  # damaged enabled bitmaps this node marked in_use
         if store is not None and not driver.readonly:
             self._setup(store, track, only)
 
@@ -99,6 +104,7 @@ class BlockNode:
             self.recovered = intent.recover(store)
         enabled = [sb for sb in store.bitmaps if store.is_usable(sb) and sb.entry.auto
                    and (only is None or sb.name in only)]
+        self._damaged = store.damaged_enabled(only)
         if not track:
             self._untracked = [sb.name for sb in enabled]
             if intent is not None and intent.valid:
@@ -122,7 +128,8 @@ class BlockNode:
     @property
     def _hooked(self) -> bool:
         """Does a write need the protocol's steps before it?"""
-        return bool(self._tracked or self._untracked or self._untracked_intent)
+        return bool(self._tracked or self._untracked or self._untracked_intent
+                    or self._damaged)
 
     @property
     def tracked_bitmaps(self) -> list[str]:
@@ -151,6 +158,10 @@ class BlockNode:
             rec.bits.set(offset, length)
         store = self.store
         assert store is not None
+        if self._damaged:  # durable before anything else: these can record nothing
+            store.invalidate(self._damaged)
+            self.invalidated += [sb.name for sb in self._damaged]
+            self._damaged = []
         intent = self._intent
         if self._tracked:
             if intent is not None and not intent.valid:

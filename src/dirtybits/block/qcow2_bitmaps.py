@@ -5,36 +5,40 @@ written and made durable first, one synced header write switches to them, and on
 the old clusters released. A crash at any point leaves either the old or the new set of
 bitmaps, never a mix; at worst some clusters leak.
 
+The directory and tables are read and judged by the one loader, ``qcow2/bitmap_scan.py``
+(shared with info and check). A directory that cannot be read as a whole refuses a writable
+open with QEMU's message: writes would land with every bitmap still looking consistent.
 Unlike QEMU, a damaged directory entry does not make the image unopenable: that bitmap is
-reported unusable (with the reasons) and may only be removed.
+reported unusable (with the reasons) and may only be removed; an enabled one is marked in_use
+before the first write (``BlockNode``), so repairing the damaged field never makes it read
+as consistent without the writes it missed.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING
 
 from dirtybits.bitmap.serialized_runs import ONES, ZEROS, runs_from_edges, serialized_edges
-from dirtybits.errors import DirtybitsError, FormatError
+from dirtybits.errors import CorruptImageError, DirtybitsError, FormatError
 from dirtybits.format.qcow2.bitmaps import (
     BME_FLAG_AUTO,
     BME_FLAG_IN_USE,
+    BME_TABLE_ENTRY_OFFSET_MASK,
     BitmapDirectory,
     BitmapDirectoryEntry,
     BitmapsExtension,
     BitmapTableEntry,
     TableEntryKind,
     bitmap_table_size,
-    check_entry,
     check_new_bitmap,
     pack_table,
-    unpack_table,
+    table_entry_error,
 )
 from dirtybits.format.qcow2.header import AUTOCLEAR_BITMAPS, EXT_BITMAPS
-from dirtybits.qcow2.bitmap_scan import table_location_problem
+from dirtybits.qcow2.bitmap_scan import ScannedBitmap, directory_refusal, scan_bitmaps
 from dirtybits.qcow2.image import Qcow2Image
 
 if TYPE_CHECKING:
@@ -52,25 +56,8 @@ class BitmapOperationError(DirtybitsError):
     """A bitmap operation was refused (QEMU's wording where QEMU has one)."""
 
 
-@dataclass
-class StoredBitmap:
-    """One directory entry and what we know about it."""
-
-    entry: BitmapDirectoryEntry
-    problems: list[str] = field(default_factory=list)  # non-empty: unusable, remove only
-    table: list[int] | None = None
-
-    @property
-    def name(self) -> str:
-        return self.entry.name
-
-    @property
-    def in_use(self) -> bool:
-        return self.entry.in_use
-
-    @property
-    def usable(self) -> bool:
-        return not self.problems and not self.entry.in_use
+#: One directory entry and what the loader found (``problems`` non-empty: remove only).
+StoredBitmap = ScannedBitmap
 
 
 def default_granularity(cluster_size: int) -> int:
@@ -97,61 +84,45 @@ class Qcow2BitmapStore:
         return self.img.size
 
     def _load_directory(self) -> None:
-        ext = self.img.hc.extension(EXT_BITMAPS)
-        if ext is None:
+        """Read the directory and tables through the one loader; register what is ours.
+
+        Raises ``CorruptImageError`` (QEMU's message) on a writable image whose directory
+        cannot be read. Sound bitmaps' tables and data are registered as metadata, so guest
+        writes never land on them.
+        """
+        img = self.img
+        if img.hc.extension(EXT_BITMAPS) is None:
             return
-        if not self.img.header.autoclear_features & AUTOCLEAR_BITMAPS:
+        if not img.header.autoclear_features & AUTOCLEAR_BITMAPS:
             self.stale = True
             return
-        try:
-            bext = BitmapsExtension.unpack(ext.data)
-            bext.validate(self.cluster_size)
-            raw = self.img.read_metadata(bext.bitmap_directory_offset,
-                                         bext.bitmap_directory_size, "bitmap directory")
-            directory = BitmapDirectory.unpack(raw, bext.nb_bitmaps,
-                                               offset=bext.bitmap_directory_offset)
-        except FormatError as exc:
-            self.directory_problem = str(exc)
+        scan = scan_bitmaps(img.hc, self._pread, os.fstat(img.fileno()).st_size)
+        assert scan is not None
+        if scan.directory_error is not None:
+            self.directory_problem = scan.directory_problem
+            if not img.readonly:
+                raise CorruptImageError(directory_refusal(scan))
             return
-        self._ext = bext
-        self.img.register_metadata(bext.bitmap_directory_offset, bext.bitmap_directory_size,
-                                   "bitmap directory")
-        seen: set[bytes] = set()
-        for entry in directory.entries:
-            problems = check_entry(entry, self.cluster_size, self.disk_size & ~511)
-            if entry.raw_name in seen:
-                problems.append("duplicate bitmap name")
-            seen.add(entry.raw_name)
-            sb = StoredBitmap(entry, problems)
-            if not problems:
-                self._load_table(sb)
+        ext = scan.extension
+        assert ext is not None
+        self._ext = ext
+        img.register_metadata(ext.bitmap_directory_offset, ext.bitmap_directory_size,
+                              "bitmap directory")
+        cs, end = self.cluster_size, os.fstat(img.fileno()).st_size
+        for sb in scan.bitmaps:
+            # a damaged bitmap's table may be anything (guest data, say): not registered,
+            # so nothing is refused or protected on its word
+            if sb.table is not None and not sb.problems:
+                img.register_metadata(sb.entry.bitmap_table_offset,
+                                      sb.entry.bitmap_table_size * 8, "bitmap table")
+                for raw_entry in sb.table:
+                    off = raw_entry & BME_TABLE_ENTRY_OFFSET_MASK
+                    if off and off < end and table_entry_error(raw_entry, cs) is None:
+                        img.register_metadata(off, cs, "bitmap data")
             self.bitmaps.append(sb)
 
-    def _load_table(self, sb: StoredBitmap) -> None:
-        e = sb.entry
-        where = table_location_problem(e, os.fstat(self.img.fileno()).st_size)
-        if where is not None:  # past the file or the largest host offset: bits would be invented
-            sb.problems.append(where)
-            return
-        try:
-            raw = self.img.read_metadata(e.bitmap_table_offset, e.bitmap_table_size * 8,
-                                         "bitmap table")
-            table = unpack_table(raw, e.bitmap_table_size, offset=e.bitmap_table_offset)
-            for raw_entry in table:
-                BitmapTableEntry.decode(raw_entry, self.cluster_size)
-        except FormatError as exc:
-            sb.problems.append(f"bitmap table: {exc.reason}")
-            return
-        except DirtybitsError as exc:
-            sb.problems.append(f"bitmap table: {exc}")
-            return
-        sb.table = table
-        self.img.register_metadata(e.bitmap_table_offset, e.bitmap_table_size * 8,
-                                   "bitmap table")
-        for raw_entry in table:
-            te = BitmapTableEntry.decode(raw_entry, self.cluster_size)
-            if te.kind is TableEntryKind.DATA:
-                self.img.register_metadata(te.offset, self.cluster_size, "bitmap data")
+    def _pread(self, offset: int, length: int) -> bytes:
+        return self.img.read_metadata(offset, length, "bitmap metadata")
 
     def find(self, name: str) -> StoredBitmap | None:
         for sb in self.bitmaps:
@@ -233,19 +204,73 @@ class Qcow2BitmapStore:
         self.img.write_metadata(table_off, pack_table(table), "bitmap table")
         return table_off, n, table
 
-    def _release(self, sb: StoredBitmap, *, data_only: bool = False) -> None:
-        """Queue a bitmap's clusters for freeing once the new directory is durable."""
-        if sb.table is None:
-            return  # unreadable table: leave its clusters (check -r leaks reclaims them)
-        for raw_entry in sb.table:
-            te = BitmapTableEntry.decode(raw_entry, self.cluster_size)
-            if te.kind is TableEntryKind.DATA:
-                self.img.free_metadata(te.offset, self.cluster_size)
-        if not data_only:
-            self.img.free_metadata(sb.entry.bitmap_table_offset, sb.entry.bitmap_table_size * 8)
+    def _owns(self, offset: int, role: str, file_size: int | None = None) -> bool:
+        """Is the cluster at ``offset`` this bitmap structure's alone: inside the file,
+        refcount exactly 1, and registered as ``role`` (not as another structure)?
 
-    def _commit(self, bitmaps: list[StoredBitmap], after: list[StoredBitmap]) -> None:
-        """Write a new directory for ``bitmaps``, switch the header, release ``after``."""
+        The checker's judgement of a reference (``qcow2/check.py``), made cheaply: what fails
+        it is never written in place nor freed. (Unregistered: a damaged bitmap's cluster.)
+        """
+        img = self.img
+        end = os.fstat(img.fileno()).st_size if file_size is None else file_size
+        return (offset < end and img.metadata_role(offset) in (None, role)
+                and img.get_refcount(offset // self.cluster_size) == 1)
+
+    def _release(self, sb: StoredBitmap) -> list[str]:
+        """Queue a bitmap's clusters for freeing once the new directory is durable.
+
+        Only clusters provably the bitmap's own are freed (each passes ``_owns`` and no other
+        bitmap names it; for a damaged bitmap, whose table may point anywhere, nor does the
+        guest's L1/L2, which costs a read of every L2 table). Returns what was left
+        allocated, in words for the user (``check -r leaks`` reclaims it).
+        """
+        cs = self.cluster_size
+        e = sb.entry
+        if sb.table is None:
+            return [f"bitmap '{sb.name}': its table at {e.bitmap_table_offset:#x} cannot be "
+                    "read; its table and data clusters are left allocated"]
+        others = self._referenced(exclude=sb)
+        if sb.problems:
+            others |= self.img.guest_clusters()
+        first = e.bitmap_table_offset // cs
+        last = -(-(e.bitmap_table_offset + e.bitmap_table_size * 8) // cs)
+        clusters = [(k * cs, "bitmap table") for k in range(first, last)]
+        clusters += [(raw & BME_TABLE_ENTRY_OFFSET_MASK, "bitmap data") for raw in sb.table
+                     if raw & BME_TABLE_ENTRY_OFFSET_MASK and table_entry_error(raw, cs) is None]
+        end = os.fstat(self.img.fileno()).st_size
+        seen: set[int] = set()
+        left = 0
+        for off, role in clusters:
+            k = off // cs
+            if k in seen:
+                continue
+            seen.add(k)
+            if k in others or not self._owns(off, role, end):
+                left += 1
+            else:
+                self.img.free_metadata(off, cs)
+        if not left:
+            return []
+        return [f"bitmap '{sb.name}': left {left} cluster(s) of its table and data allocated "
+                "(not provably its own)"]
+
+    def _referenced(self, exclude: StoredBitmap) -> set[int]:
+        """Clusters the directory's other bitmaps' tables and data name."""
+        cs = self.cluster_size
+        out: set[int] = set()
+        for sb in self.bitmaps:
+            if sb is exclude or sb.table is None:
+                continue
+            e = sb.entry
+            out.update(range(e.bitmap_table_offset // cs,
+                             -(-(e.bitmap_table_offset + e.bitmap_table_size * 8) // cs)))
+            out.update((raw & BME_TABLE_ENTRY_OFFSET_MASK) // cs for raw in sb.table
+                       if raw & BME_TABLE_ENTRY_OFFSET_MASK)
+        return out
+
+    def _commit(self, bitmaps: list[StoredBitmap], after: list[StoredBitmap]) -> list[str]:
+        """Write a new directory for ``bitmaps``, switch the header, release ``after``;
+        return what ``_release`` left allocated."""
         img = self.img
         old_ext = self._ext
         if bitmaps:
@@ -264,14 +289,17 @@ class Qcow2BitmapStore:
             self._ext = None
         if old_ext is not None:
             img.free_metadata(old_ext.bitmap_directory_offset, old_ext.bitmap_directory_size)
+        left: list[str] = []
         for sb in after:
-            self._release(sb)
+            left += self._release(sb)
         img.flush()
         self.bitmaps = bitmaps
         self.stale = False
+        return left
 
     def _replace(self, old: StoredBitmap, new: StoredBitmap, *, release_old: bool) -> None:
         bitmaps = [new if sb is old else sb for sb in self.bitmaps]
+        # what a usable bitmap's old clusters leave (one with refcount 0, say) leaks nothing
         self._commit(bitmaps, [old] if release_old else [])
 
     # ------------------------------------------------------------------ operations
@@ -311,9 +339,12 @@ class Qcow2BitmapStore:
         table_off, n, table = self._write_bitmap(bm)
         self._commit_new(name, bm.granularity, table_off, n, table, auto=auto)
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str) -> list[str]:
+        """Drop a bitmap (damaged ones too) and free its clusters where they are provably its
+        own; returns what was left allocated (``check -r leaks`` reclaims it), in words for
+        the user. Raises ``BitmapOperationError`` when there is no such bitmap."""
         sb = self._get(name)
-        self._commit([b for b in self.bitmaps if b is not sb], [sb])
+        return self._commit([b for b in self.bitmaps if b is not sb], [sb])
 
     def clear(self, name: str) -> None:
         sb = self._get(name)
@@ -445,17 +476,52 @@ class Qcow2BitmapStore:
             pos += sb.entry.entry_size
         if not flag_at:
             return
-        # on failure memory keeps the old flags; the caller must assume any mix is on disk.
-        # One durable write of the span holding every changed flag: the bytes between are
-        # rewritten with what they already hold, so a torn write changes only flags.
+        self._write_flags(base, flag_at)
+        self.bitmaps = new_list
+        if not in_use:
+            self.ours.difference_update(names)
+
+    def _write_flags(self, base: int, flag_at: list[tuple[int, int]]) -> None:
+        """One durable write of the span holding every changed flag: the bytes between are
+        rewritten with what they already hold, so a torn write changes only flags. On
+        failure memory keeps the old flags; the caller must assume any mix is on disk."""
         lo, hi = flag_at[0][0], flag_at[-1][0] + 4
         span = bytearray(self.img.read_metadata(base + lo, hi - lo, "bitmap directory"))
         for at, flags in flag_at:
             struct.pack_into(">I", span, at - lo, flags)
         self.img.write_metadata_durable(base + lo, span, "bitmap directory")
-        self.bitmaps = new_list
-        if not in_use:
-            self.ours.difference_update(names)
+
+    def damaged_enabled(self, only: Collection[str] | None = None) -> list[StoredBitmap]:
+        """Damaged bitmaps with the auto flag and not in_use (``only``: of these names).
+
+        They cannot record writes, yet would read as consistent once the damage is repaired
+        (a field put back by hand, a table entry restored): ``invalidate`` them first.
+        """
+        return [sb for sb in self.bitmaps if sb.problems and sb.entry.auto
+                and not sb.entry.in_use and (only is None or sb.name in only)]
+
+    def invalidate(self, bitmaps: list[StoredBitmap]) -> None:
+        """Set ``in_use`` on these entries in place (damaged ones too), durable on return.
+
+        Never cleared by this store: a bitmap that missed writes stays inconsistent until
+        it is rebuilt (``bitmap --recover``) or removed. The directory itself is sound (it
+        was read), so only the flags field of each entry is rewritten.
+        """
+        if self._ext is None or not bitmaps:
+            return
+        pos = 0
+        flag_at: list[tuple[int, int]] = []
+        new_list: list[StoredBitmap] = []
+        for sb in self.bitmaps:
+            if any(sb is b for b in bitmaps) and not sb.entry.in_use:
+                entry = _with(sb.entry, flags=sb.entry.flags | BME_FLAG_IN_USE)
+                flag_at.append((pos + FLAGS_FIELD_OFFSET, entry.flags))
+                sb = StoredBitmap(entry, sb.problems, sb.table)
+            new_list.append(sb)
+            pos += sb.entry.entry_size
+        if flag_at:
+            self._write_flags(self._ext.bitmap_directory_offset, flag_at)
+            self.bitmaps = new_list
 
     def write_changes(self, name: str, bits: DirtyBitmap, chunks: list[int]) -> int:
         """OR the serialized chunks ``chunks`` of ``bits`` into the stored bitmap, in place.
@@ -480,7 +546,16 @@ class Qcow2BitmapStore:
             if te.kind is TableEntryKind.ONES:
                 continue
             new = bits.to_bytes(c * cs, cs)
-            if te.kind is TableEntryKind.DATA:
+            if te.kind is TableEntryKind.DATA and not self._owns(te.offset, "bitmap data"):
+                # refcount 0 (anything may be allocated there), shared, or another
+                # structure's cluster: never written in place; the bits move to a new one
+                old_bits = int.from_bytes(img.read_metadata(te.offset, cs, "bitmap data"), "big")
+                merged_raw = (old_bits | int.from_bytes(new, "big")).to_bytes(cs, "big")
+                off = img.allocate_metadata(cs, "bitmap data")
+                img.write_metadata(off, merged_raw, "bitmap data")
+                table[c] = off
+                written += cs
+            elif te.kind is TableEntryKind.DATA:
                 import numpy as np
 
                 old = np.frombuffer(img.read_metadata(te.offset, cs, "bitmap data"), np.uint8)

@@ -107,7 +107,9 @@ def _apply(store: Any, action: str, value: Any, name: str, gran: int | None,
     if action == "add":
         store.add(name, gran)
     elif action == "remove":
-        store.remove(name)
+        for note in store.remove(name):  # a damaged bitmap may leave clusters behind
+            print(f"dirtybits bitmap: warning: {note}; 'dirtybits check -r leaks' reclaims "
+                  "them", file=sys.stderr)
     elif action == "clear":
         store.clear(name)
     elif action in ("enable", "disable"):

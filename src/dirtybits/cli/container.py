@@ -114,7 +114,9 @@ def _bitmap(c: Any, args: argparse.Namespace, out: TextIO) -> int:
         gran = _size(args.granularity, "granularity") if args.granularity else None
         c.add_bitmap(drive, args.add, gran, disabled=args.disabled)
     elif args.remove is not None:
-        c.remove_bitmap(drive, args.remove)
+        for note in c.remove_bitmap(drive, args.remove):
+            print(f"dirtybits container: warning: {note}; 'dirtybits check -r leaks' "
+                  "reclaims them", file=sys.stderr)
     elif args.clear is not None:
         c.clear_bitmap(drive, args.clear)
     elif args.enable is not None or args.disable is not None:

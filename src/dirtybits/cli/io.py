@@ -230,6 +230,10 @@ def run_options(opts: IoOptions) -> int:
     finally:
         sys.stdout.flush()
         driver.close()
+        for name in getattr(driver, "invalidated", ()):
+            print(f"dirtybits io: warning: bitmap '{name}' is damaged and cannot record "
+                  "writes; it was marked in use (inconsistent) before the first write",
+                  file=sys.stderr)
     return 1 if executor.failed else 0
 
 

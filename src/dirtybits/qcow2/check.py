@@ -68,7 +68,12 @@ from dirtybits.format.qcow2.tables import (
     REFT_RESERVED_MASK,
     SnapshotHeader,
 )
-from dirtybits.qcow2.bitmap_scan import read_directory, table_location_problem
+from dirtybits.qcow2.bitmap_scan import (
+    data_location_problem,
+    judge_entries,
+    read_directory,
+    table_location_problem,
+)
 from dirtybits.qcow2.info import unsupported_features
 
 if TYPE_CHECKING:
@@ -178,6 +183,7 @@ class _JudgedBitmap:
     qemu_error: str | None  # how QEMU would refuse the image because of this entry
     table_counted: bool = False  # its table (and valid data entries) count as references
     location: str | None = None  # its table lies outside the file (QEMU reads zeros)
+    data_location: str | None = None  # a data cluster lies past the file (QEMU reads zeros)
     table_reason: str | None = None  # the first invalid table entry (each one is reported)
     bad_entries: list[tuple[int, int]] = field(default_factory=list)  # (index, raw)
     data_offsets: list[int] = field(default_factory=list)
@@ -639,27 +645,28 @@ class _Checker:
     def _judge_bitmaps(self) -> _BitmapVerdict:
         """The bitmap directory and every entry's table, judged as the bitmap store does.
 
-        Reuses the records' parsing and validation (``format/qcow2/bitmaps.py``), so check,
-        info and the store agree on which bitmaps are damaged.
+        The directory and the entries go through the one loader (``qcow2/bitmap_scan.py``)
+        the store and info use, so check, info and the store agree on which bitmaps are
+        damaged, in the same words; the tables are scanned here in bulk (every bad entry is
+        reported), with the loader's rules and messages.
         """
         ext = self.bitmaps_ext
         verdict = _BitmapVerdict()
         if ext is None:
             return verdict
         try:
-            verdict.directory = read_directory(ext, self.cs, self._pread)
+            verdict.directory = read_directory(ext, self.cs, self._pread, self.file_len)
         except FormatError as exc:
             verdict.directory_problem = exc.reason
             return verdict
         np = self.np
         disk = self.hdr.size & ~511
-        for entry, reasons in zip(verdict.directory.entries,
-                                  verdict.directory.check_entries(self.cs, disk), strict=True):
+        judged = judge_entries(verdict.directory, self.cs, disk, self.file_len)
+        for entry, reasons in zip(verdict.directory.entries, judged, strict=True):
             jb = _JudgedBitmap(entry, list(reasons), qemu_entry_error(entry, self.cs, disk))
             verdict.bitmaps.append(jb)
-            jb.location = None if reasons else table_location_problem(entry, self.file_len)
-            if jb.location is not None:
-                jb.reasons.append(jb.location)
+            where = table_location_problem(entry, self.file_len)
+            jb.location = where if where in reasons else None
             off, size = entry.bitmap_table_offset, entry.bitmap_table_size
             # QEMU's refcount check walks a table it can address; so do we, damaged or not,
             # so that a damaged bitmap's clusters are not called leaks (and freed under it).
@@ -676,7 +683,17 @@ class _Checker:
                                | ((data & u(self.cs - 1)) != 0)))
             jb.bad_entries = [(j, int(table[j])) for j in np.nonzero(bad)[0].tolist()]
             jb.data_offsets = data[~bad & (data != 0)].tolist()
-            if jb.bad_entries and not jb.reasons:
+            if jb.reasons:
+                continue
+            first_bad = jb.bad_entries[0][0] if jb.bad_entries else len(table)
+            past = np.nonzero((data[:first_bad] != 0)
+                              & (data[:first_bad] >= u(self.file_len)))[0]
+            if len(past):  # before the first invalid entry: the loader reports it first
+                j = int(past[0])
+                jb.data_location = data_location_problem(j, int(data[j]), self.file_len)
+                assert jb.data_location is not None
+                jb.reasons.append(jb.data_location)
+            elif jb.bad_entries:
                 err = table_entry_error(jb.bad_entries[0][1], self.cs)
                 jb.table_reason = f"bitmap table: {err}"
                 jb.reasons.append(jb.table_reason)
@@ -702,10 +719,10 @@ class _Checker:
         for jb in verdict.bitmaps:
             name = jb.display_name
             own = [r for r in jb.reasons if r != jb.table_reason]
-            if own and own == [jb.location]:
+            if own and own in ([jb.location], [jb.data_location]):
                 # Named here, counted by the walk below (a reference past the end of the
                 # file), as qemu-img counts it: QEMU opens such an image.
-                self._msg(f"ERROR bitmap '{name}': {jb.location}")
+                self._msg(f"ERROR bitmap '{name}': {own[0]}")
             elif own:
                 why = "; ".join(own)
                 qemu = jb.qemu_error

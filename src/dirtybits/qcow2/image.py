@@ -227,6 +227,8 @@ class Qcow2Image:
             if cache in ("none", "directsync"):
                 img._enable_direct_io()
             if not readonly:
+                if keep_bitmaps:
+                    img._refuse_unreadable_bitmaps()
                 img._on_writable_open(keep_bitmaps)
             return img
         except FormatError as exc:
@@ -394,6 +396,17 @@ class Qcow2Image:
         except LockError as exc:
             raise LockError(f"Could not open backing file: {exc}") from None
 
+    def _refuse_unreadable_bitmaps(self) -> None:
+        """A caller keeping the bitmaps cannot keep them when their directory is unreadable:
+        refuse with QEMU's message before anything is written (QEMU refuses every open)."""
+        from dirtybits.qcow2.bitmap_scan import directory_refusal, scan_bitmaps
+
+        scan = scan_bitmaps(self.hc, lambda off, n: self.read_metadata(off, n, "bitmap "
+                                                                       "directory"),
+                            self._file_end, tables=False)
+        if scan is not None and scan.directory_error is not None:
+            raise CorruptImageError(directory_refusal(scan))
+
     def _on_writable_open(self, keep_bitmaps: bool) -> None:
         """Clear autoclear bits nobody keeps up to date, as the spec requires of writers.
 
@@ -444,6 +457,37 @@ class Qcow2Image:
         first = offset >> self.cluster_bits
         for i in range(max(1, (nbytes + self.cluster_size - 1) >> self.cluster_bits)):
             self._meta.setdefault(first + i, role)
+
+    def metadata_role(self, offset: int) -> str | None:
+        """The metadata role registered for the cluster holding ``offset``, if any."""
+        return self._meta.get(offset >> self.cluster_bits)
+
+    def guest_clusters(self) -> set[int]:
+        """Host cluster indices the active L1 table references in this file: L2 tables,
+        data clusters (preallocated zero ones too) and compressed payloads.
+
+        Reads every L2 table (unwritten changes from the cache): for rare callers that must
+        prove a cluster is not guest data before freeing it (removing a damaged bitmap).
+        """
+        cb, cs = self.cluster_bits, self.cluster_size
+        x = compressed_offset_bits(cb)
+        out: set[int] = set()
+        for ent in self._l1:
+            off = ent & L1E_OFFSET_MASK
+            if not off:
+                continue
+            out.add(off >> cb)
+            tbl = self._l2_cache.get(off)
+            raw = bytes(tbl) if tbl is not None else self._read_exact(self._fd, off, cs,
+                                                                      "L2 table")
+            for e in struct.unpack(f">{cs // 8}Q", raw):
+                if e & OFLAG_COMPRESSED:
+                    host = e & ((1 << x) - 1)
+                    end = (host & ~511) + (((e >> x) & ((1 << (cb - 8)) - 1)) + 1) * 512
+                    out.update(range(host >> cb, ((end - 1) >> cb) + 1))
+                elif e & L2E_OFFSET_MASK and not self._uses_data_file:
+                    out.add((e & L2E_OFFSET_MASK) >> cb)
+        return out
 
     def free_metadata(self, offset: int, nbytes: int) -> None:
         """Release clusters at the next flush (after whatever replaced them is durable)."""

@@ -362,6 +362,55 @@ def _qemu_name(entry: BitmapDirectoryEntry) -> str:
     return entry.raw_name.split(b"\0", 1)[0].decode("utf-8", errors="surrogateescape")
 
 
+def qemu_directory_error(buf: bytes, nb_bitmaps: int, cluster_size: int,
+                         disk_size: int) -> str | None:
+    """The message with which QEMU 7.2 refuses the directory ``buf`` at open, or None.
+
+    QEMU's bitmap_list_load walk, in its order: each entry is judged as soon as it is read, so
+    the first damaged entry wins over a broken tail (a directory of zeros, as read past the
+    end of the file, is "Bitmap '' doesn't satisfy the constraints"). Its entry size is a C
+    ``int`` (calc_dir_entry_size), so a huge extra_data_size wraps to a small entry and is
+    reported as "Bitmap extra data is not supported". Only the walk: the table-size rule
+    QEMU applies later, when it reads each bitmap, is ``qemu_entry_error``'s.
+    """
+    if len(buf) == 0:
+        return "Requested bitmap directory size is zero"
+    if len(buf) > QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
+        return "Requested bitmap directory size is too big"
+    pos = count = 0
+    while pos < len(buf):
+        if pos + DIR_ENTRY_HEADER_SIZE > len(buf):
+            return "Broken bitmap directory"
+        count += 1
+        if count > nb_bitmaps:
+            return "More bitmaps found than specified in header extension"
+        (table_offset, table_size, flags, bm_type, gran_bits, name_size,
+         extra_size) = _DIR_ENTRY.unpack_from(buf, pos)
+        size = _c_int(_c_int(DIR_ENTRY_HEADER_SIZE + name_size + extra_size) + 7) & ~7
+        if pos + size > len(buf):
+            return "Broken bitmap directory"
+        if extra_size:
+            return "Bitmap extra data is not supported"
+        name_at = pos + DIR_ENTRY_HEADER_SIZE
+        entry = BitmapDirectoryEntry(table_offset, table_size, flags, bm_type, gran_bits,
+                                     bytes(buf[name_at:name_at + name_size]))
+        err = qemu_entry_error(entry, cluster_size, disk_size)
+        if err is not None and err.endswith("doesn't satisfy the constraints"):
+            return err
+        if size <= 0:  # a wrapped size QEMU would step back by; extra data stopped it above
+            return "Broken bitmap directory"
+        pos += size
+    if count != nb_bitmaps:
+        return "Less bitmaps found than specified in header extension"
+    return None if pos == len(buf) else "Broken bitmap directory"
+
+
+def _c_int(value: int) -> int:
+    """``value`` as a 32-bit C int (two's complement wrap)."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value & 0x80000000 else value
+
+
 # --- the directory ----------------------------------------------------------------------------
 
 
