@@ -472,9 +472,12 @@ def verify(path: Path, tpl: Template, res: KillResult, *, quiet: bool,
                             f"check-errors={report.get('check-errors')} rc={proc.returncode}")
     with Qcow2Image.open(str(path), readonly=True) as img:
         store = Qcow2BitmapStore(img)
-        data = np.frombuffer(img.read(0, tpl.spec.size), dtype=np.uint64)
+        data = np.frombuffer(img.read(0, img.size), dtype=np.uint64)
+        pre = tpl.pre.view(np.uint64)
+        if len(data) > len(pre):  # the disk grew: the new area was zeros
+            pre = np.concatenate([pre, np.zeros(len(data) - len(pre), dtype=np.uint64)])
         # changed 512-byte sectors; every granularity is a multiple of 512
-        changed512 = (data != tpl.pre.view(np.uint64)).reshape(-1, 64).any(axis=1)
+        changed512 = (data != pre[:len(data)]).reshape(-1, 64).any(axis=1)
         flags: dict[str, tuple[bool, bool]] = {}
         ours: dict[str, Any] = {}
         for name, gran in tpl.spec.bitmaps.items():
@@ -500,7 +503,8 @@ def verify(path: Path, tpl: Template, res: KillResult, *, quiet: bool,
                     continue
                 bm = store.load(name)
                 ours[name] = bm
-                if not np.array_equal(bits_of(bm), tpl.frozen_bits):
+                bits, pre = bits_of(bm), tpl.frozen_bits  # (a grown disk: more bits, clean)
+                if not (np.array_equal(bits[:len(pre)], pre) and not bits[len(pre):].any()):
                     res.problems.append(f"disabled bitmap {name} changed")
                 continue
             if not sb.entry.auto:
@@ -518,7 +522,9 @@ def verify(path: Path, tpl: Template, res: KillResult, *, quiet: bool,
             changed = changed_granules(changed512, gran, len(bits))
             missed = changed & ~bits
             n_missed = int(missed.sum())
-            n_over = int((bits & ~changed & ~tpl.pre_bits[name]).sum())
+            pre_bits = np.zeros(len(bits), dtype=bool)
+            pre_bits[:len(tpl.pre_bits[name])] = tpl.pre_bits[name][:len(bits)]
+            n_over = int((bits & ~changed & ~pre_bits).sum())
             n_changed = int(changed.sum())
             res.misses += n_missed
             res.over += n_over

@@ -438,6 +438,11 @@ class Guest:
         self.node.flush()
         self.rec.flushed(bytes(self.model))
 
+    def resize(self, size: int) -> None:
+        self.node.resize(size)
+        self.model.extend(bytes(size - len(self.model)))
+        self.rec.flushed(bytes(self.model))  # a resize flushes
+
     def close(self) -> None:
         from dirtybits.errors import DirtybitsError
 
@@ -453,9 +458,10 @@ class Guest:
             raise RuntimeError(f"{len(self.errors)} failed requests, first: {self.errors[0]}")
 
 
-def guest_steps(g: Guest, size: int, seed: int, ops: int) -> None:
+def guest_steps(g: Guest, size: int, seed: int, ops: int, grow: int = 0) -> None:
     """The fixed steps every path runs (each kind of request, a checkpoint, a flush), then
-    ``ops`` random requests with flushes and checkpoints among them."""
+    ``ops`` random requests with flushes and checkpoints among them; ``grow``: the disk grows
+    by this much halfway through (the bitmaps follow), the requests then use all of it."""
     rng = random.Random(seed)
     g.write(5 * size // 8 + 4096, rng.randbytes(70000))  # allocating, two clusters
     g.write(100 * KiB, rng.randbytes(8192))  # over pre-image data
@@ -465,7 +471,10 @@ def guest_steps(g: Guest, size: int, seed: int, ops: int) -> None:
     g.write(7 * size // 8, rng.randbytes(1536))
     g.flush()
     g.write(3 * size // 8 + 512, rng.randbytes(20480))
-    for _ in range(ops):
+    for i in range(ops):
+        if grow and i == ops // 2:
+            g.resize(size + grow)
+            size += grow
         r = rng.random()
         length = rng.choice((512, 4096, rng.randrange(1, 40) * 4096))
         offset = rng.randrange(0, (size - length) // 512) * 512
@@ -490,6 +499,15 @@ def _image_run(ctx: Any, rec: Recorder) -> None:
     node = dirtybits.open(str(ctx.image), checkpoint=dirtybits.CheckpointPolicy(**NO_TIMERS))
     guest_steps(Guest(node, rec, model, rec.fail_sync is not None), ctx.tpl.spec.size,
                 ctx.seed, ctx.ops)
+
+
+def _resize_run(ctx: Any, rec: Recorder) -> None:
+    """Tracking, with the disk grown halfway (bitmaps and resilient map follow)."""
+    import dirtybits
+
+    model = bytearray(ctx.tpl.pre.tobytes())
+    node = dirtybits.open(str(ctx.image), checkpoint=dirtybits.CheckpointPolicy(**NO_TIMERS))
+    guest_steps(Guest(node, rec, model), ctx.tpl.spec.size, ctx.seed, ctx.ops, grow=8 * MiB)
 
 
 def _untracked_run(ctx: Any, rec: Recorder) -> None:
@@ -536,6 +554,8 @@ WORKLOADS = {
     "resilient-r1m": Workload("resilient-r1m", "r1m", _image_run, "resilient"),
     "resilient-r64k": Workload("resilient-r64k", "r64k", _image_run, "resilient"),
     "untracked-c4k": Workload("untracked-c4k", "c4k", _untracked_run),
+    "resize-c4k": Workload("resize-c4k", "c4k", _resize_run),
+    "resize-r1m": Workload("resize-r1m", "r1m", _resize_run, "resilient"),
     "recovery": Workload("recovery", "c64k", _recovery_run, "recovery"),
     "container": Workload("container", None, _container_run, "container"),
 }
@@ -637,7 +657,7 @@ def judge(ctx: Context, trace: Trace, point: Point, files: list[bytearray],
             if point.first_after_flush and res.leaks:  # (only with nothing persisted since)
                 problems.append(f"{res.leaks} leaked clusters right after a completed flush")
             if not problems:
-                problems += _durability(trace, point, _guest_qcow2(image, ctx.tpl.spec.size))
+                problems += _durability(trace, point, _guest_qcow2(image))
             if not problems and w.kind == "resilient":
                 plan = harness.KillPlan(seed=ctx.seed, template=ctx.tpl.spec.name,
                                         policy=0, mode="power", max_ops=0, resilient=True)
@@ -654,11 +674,11 @@ def judge(ctx: Context, trace: Trace, point: Point, files: list[bytearray],
     return problems
 
 
-def _guest_qcow2(image: Path, size: int) -> bytes:
+def _guest_qcow2(image: Path) -> bytes:
     from dirtybits.qcow2.image import Qcow2Image
 
     with Qcow2Image.open(str(image), readonly=True) as img:
-        return img.read(0, size)
+        return img.read(0, img.size)
 
 
 def _durability(trace: Trace, point: Point, guest: bytes) -> list[str]:
@@ -666,6 +686,8 @@ def _durability(trace: Trace, point: Point, guest: bytes) -> list[str]:
     if point.flushed < 0:
         return []
     snap = np.frombuffer(trace.snapshots[point.flushed], dtype=np.uint8)
+    if len(guest) < len(snap):  # a resize that did not land: judge the common part
+        snap = snap[:len(guest)]
     now = np.frombuffer(guest[:len(snap)], dtype=np.uint8)
     differ = (snap.reshape(-1, SECTOR) != now.reshape(-1, SECTOR)).any(axis=1)
     for off, length in point.touched:
@@ -864,6 +886,9 @@ def main(argv: list[str] | None = None) -> int:
             rep = explore(ctx, trace, randoms=randoms, max_states=states, seed=seed,
                           error=err)
             print(rep.line(), flush=True)
+            if err is not None:
+                print(f"  the traced run failed: {err}")
+                total_failures += 1
             for f in rep.failures[:5]:
                 print(f"  FAILED {f}")
             total_judged += rep.judged

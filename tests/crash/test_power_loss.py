@@ -60,7 +60,7 @@ def test_power_loss_states_are_sound(templates: dict[str, Any], tmp_path: Path, 
 
 # Where to look first for each site's effect (a site is caught once any path fails).
 ORDER = ("tracking-c4k", "untracked-c4k", "resilient-r64k", "tracking-c64k", "container",
-         "recovery", "resilient-r1m")
+         "recovery", "resilient-r1m", "resize-c4k", "resize-r1m")
 
 
 def _sites(templates: dict[str, Any], work: Path) -> dict[str, list[str]]:
@@ -81,7 +81,7 @@ def test_removing_any_sync_produces_a_failing_state(templates: dict[str, Any],
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     where = _sites(templates, tmp_path)
     # the persistence protocol's own durable steps are among them
-    for needed in ("BlockNode._checkpoint", "Qcow2BitmapStore.set_in_use",
+    for needed in ("BlockNode._checkpoint", "Qcow2BitmapStore._write_flags",
                    "WriteIntentMap.mark", "Qcow2Image.flush", "Qcow2Image.update_header",
                    "RawImage.flush"):
         assert any(needed in s for s in where), (needed, sorted(where))

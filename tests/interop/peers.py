@@ -65,3 +65,19 @@ def qemu_bitmaps(path: Path, *, force_share: bool = False) -> list[dict[str, obj
     info = json.loads(sh("qemu-img", "info", "--output=json", *(["-U"] if force_share else []),
                          path).stdout)
     return list(info["format-specific"]["data"].get("bitmaps", []))
+
+
+def db_crash_after(img: Path, *commands: str) -> None:
+    """Run ``dirtybits io`` commands in a session (no checkpoints) that is then killed with
+    SIGKILL, once each command has been done."""
+    proc = subprocess.Popen([sys.executable, "-m", "dirtybits.cli.main", "io",
+                             "--checkpoint=none", str(img)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    for c in commands:
+        proc.stdin.write(c + "\nlength\n")
+        proc.stdin.flush()
+        while not proc.stdout.readline().endswith(" MiB\n"):
+            pass
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,9 @@ import pytest
 
 from dirtybits.block import write_intent
 from dirtybits.qcow2.image import Qcow2Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from peers import db_crash_after
 
 pytestmark = pytest.mark.interop
 
@@ -43,17 +45,7 @@ def map_state(img: Path) -> tuple[list[int] | None, bool]:
 
 def crash_after(img: Path, *commands: str) -> None:
     """Run io commands in a session that is then killed with SIGKILL (no checkpoints)."""
-    proc = subprocess.Popen([sys.executable, "-m", "dirtybits.cli.main", "io",
-                             "--checkpoint=none", str(img)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdin is not None and proc.stdout is not None
-    for c in commands:
-        proc.stdin.write(c + "\nlength\n")
-        proc.stdin.flush()
-        while not proc.stdout.readline().endswith(" MiB\n"):
-            pass
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    db_crash_after(img, *commands)
 
 
 def nbd_map(img: Path, bitmap: str) -> str:

@@ -14,6 +14,7 @@ one bitmap update however many bitmaps it dirties.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Collection, Iterator
@@ -24,6 +25,8 @@ from typing import TYPE_CHECKING
 from dirtybits.block.checkpoint import CheckpointPolicy, CheckpointTimer
 from dirtybits.block.driver import Buffer, ImageDriver
 from dirtybits.qcow2.extent import MapExtent
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
@@ -252,13 +255,52 @@ class BlockNode:
             self._checkpoint()
 
     def resize(self, new_size: int) -> None:
-        if self.store is not None and self.store.bitmaps:
-            from dirtybits.errors import UnsupportedFeatureError
-
-            raise UnsupportedFeatureError(
-                "Cannot resize an image with persistent bitmaps (not supported yet)")
+        """Resize the disk; persistent bitmaps follow the new size (the grown area clean),
+        as in QEMU 7.2. The bits recorded so far are checkpointed first, then the bitmaps'
+        tables and the size switch together (``Qcow2BitmapStore.resize``). In resilient mode
+        the write-intent map is invalidated first and begins anew at the new size (every
+        bitmap is consistent at that moment: nothing to recover). Raises what the store and
+        the driver raise; a drive whose bitmaps live in a container is refused (resize the
+        drive, then ``dirtybits container rebind``)."""
         with self._lock:
-            self.driver.resize(new_size)
+            self._check_background_error()
+            store = self.store
+            if store is None or not store.bitmaps or self.readonly:
+                self.driver.resize(new_size)
+                return
+            if store.img is not self.driver:
+                from dirtybits.errors import UnsupportedFeatureError
+
+                raise UnsupportedFeatureError(
+                    f"the bitmaps of '{self.path}' are kept in {store.img.path}: resize the "
+                    "drive, then accept it there with 'dirtybits container rebind'")
+            self._checkpoint()
+            intent = self._intent
+            region = intent.rec.region_size if intent is not None and intent.rec else None
+            if intent is not None:
+                intent.invalidate()
+            store.resize(new_size)
+            self._recorders = []  # made again for the new size at the next write
+            self._bits_at_checkpoint = 0
+            if intent is not None:
+                self._intent = self._new_intent(region)
+
+    def _new_intent(self, region: int | None) -> WriteIntentMap | None:
+        """An empty map for the new size (the old region size if it still fits)."""
+        from dirtybits.block import write_intent
+
+        store = self.store
+        assert store is not None
+        for size in (region, None):
+            try:
+                write_intent.enable(store.img, size)
+                return write_intent.WriteIntentMap(store.img)
+            except write_intent.ResilientModeError:
+                continue
+        log.warning("%s: the write-intent map does not fit at the new size; resilient mode "
+                    "is off", self.path)
+        write_intent.disable(store.img)
+        return None
 
     def block_status(self, offset: int, length: int) -> Iterator[MapExtent]:
         with self._lock:

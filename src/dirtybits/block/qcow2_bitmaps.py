@@ -439,6 +439,64 @@ class Qcow2BitmapStore:
     # on-disk bits are "possibly stale", so they may be updated in place (no copy-on-write),
     # and only the clusters that changed are written (DESIGN.md, persistence protocol).
 
+    def resize(self, new_size: int) -> None:
+        """Grow the disk with its bitmaps, as QEMU 7.2 does: each bitmap follows the new
+        size, the grown area clean.
+
+        A bitmap whose table grows gets a new table (its data clusters are kept: growing
+        leaves the bits they hold where they are), a new directory names them, and one header
+        write switches the size and the directory together (``Qcow2Image.resize``): a crash
+        leaves the old size with the old bitmaps, or the new with the new. Every bitmap must
+        be usable and not in_use on disk (a tracking node checkpoints first): QEMU refuses
+        inconsistent ones the same way. Raises ``BitmapOperationError``,
+        ``UnsupportedFeatureError`` (shrinking), ``ImageIOError``.
+        """
+        from dirtybits.errors import UnsupportedFeatureError
+
+        img, cs = self.img, self.cluster_size
+        if new_size < self.disk_size:
+            raise UnsupportedFeatureError(
+                "shrinking a qcow2 image with persistent bitmaps is not supported")
+        for sb in self.bitmaps:
+            if sb.problems or sb.table is None:
+                raise BitmapOperationError(
+                    f"Bitmap '{sb.name}' is damaged and cannot be used; 'dirtybits bitmap "
+                    f"--remove {img.path} {sb.name}' deletes it")
+            if sb.in_use:
+                raise BitmapOperationError(
+                    f"Bitmap '{sb.name}' is inconsistent and cannot be used; 'dirtybits "
+                    f"bitmap --remove {img.path} {sb.name}' deletes it")
+        if self._ext is None or self.stale or not self.bitmaps:
+            img.resize(new_size)
+            return
+        bitmaps: list[StoredBitmap] = []
+        old_tables: list[tuple[int, int]] = []
+        for sb in self.bitmaps:
+            e = sb.entry
+            assert sb.table is not None
+            n = bitmap_table_size(new_size & ~511, e.granularity, cs)
+            if n == e.bitmap_table_size:
+                bitmaps.append(sb)
+                continue
+            table = [*sb.table, *[0] * (n - len(sb.table))]
+            off = img.allocate_metadata(n * 8, "bitmap table")
+            img.write_metadata(off, pack_table(table), "bitmap table")
+            bitmaps.append(StoredBitmap(_with(e, bitmap_table_offset=off,
+                                              bitmap_table_size=n), [], table))
+            old_tables.append((e.bitmap_table_offset, e.bitmap_table_size * 8))
+        directory = BitmapDirectory(tuple(sb.entry for sb in bitmaps))
+        raw = directory.pack()
+        dir_off = img.allocate_metadata(len(raw), "bitmap directory")
+        img.write_metadata(dir_off, raw, "bitmap directory")
+        new_ext = directory.extension(dir_off)
+        img.resize(new_size, extensions={EXT_BITMAPS: new_ext.pack()})  # durable, then switch
+        old_ext, self._ext = self._ext, new_ext
+        img.free_metadata(old_ext.bitmap_directory_offset, old_ext.bitmap_directory_size)
+        for off, nbytes in old_tables:  # the tables only: the data clusters moved over
+            img.free_metadata(off, nbytes)
+        img.flush()
+        self.bitmaps = bitmaps
+
     def is_usable(self, sb: StoredBitmap) -> bool:
         """Consistent, or in_use only because this store set it (its bits are ours)."""
         return not sb.problems and (not sb.in_use or sb.name in self.ours)
