@@ -98,11 +98,6 @@ def info_perms(fmt: str, *, force_share: bool = False) -> Perms:
     return QCOW2_INFO
 
 
-def perm_names(perm: int) -> str:
-    """``bdrv_perm_names``: the permission names, comma separated."""
-    return ", ".join(n for i, n in enumerate(_PERM_NAMES) if perm >> i & 1)
-
-
 def check_force_share(readonly: bool, force_share: bool) -> None:
     """QEMU refuses -U on a writable open (bdrv_fill_options)."""
     if force_share and not readonly:

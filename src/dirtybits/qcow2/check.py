@@ -195,10 +195,6 @@ class _BitmapVerdict:
     bitmaps: list[_JudgedBitmap] = field(default_factory=list)
 
 
-class _NeedRebuild(Exception):
-    """``-r leaks`` met refcount structures that only a rebuild can fix (QEMU: -EIO)."""
-
-
 def check_image(path: str, repair: str | None = None, *, fmt: str | None = None) -> CheckResult:
     """Check (and with ``repair`` = "leaks" | "all", repair) a qcow2 image like qemu-img check.
 

@@ -734,9 +734,6 @@ class Qcow2Image:
             self._update_refcount(idx, 1)
         return blk
 
-    def _is_free(self, idx: int) -> bool:
-        return idx not in self._meta and self.get_refcount(idx) == 0
-
     def _alloc_clusters(self, n: int) -> int:
         """Allocate ``n`` contiguous host clusters with refcount 1; return the byte offset."""
         while True:
