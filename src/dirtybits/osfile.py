@@ -54,10 +54,12 @@ def file_size(fd: int) -> int:
     return os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
 
 
-def read_at(path: str, offset: int, length: int) -> bytes:
+def read_at(path: str, offset: int, length: int, *, writable: bool = False) -> bytes:
     """Up to ``length`` bytes at ``offset`` of an image file (format probing, headers);
-    ``open_file``'s errors, ``Could not read 'PATH': REASON``."""
-    fd = open_file(path, os.O_RDONLY)
+    ``open_file``'s errors, ``Could not read 'PATH': REASON``. ``writable`` opens it as a
+    read-write open would, so a probe fails as that open would (QEMU probes the file it
+    opened)."""
+    fd = open_file(path, os.O_RDWR if writable else os.O_RDONLY)
     try:
         return os.pread(fd, length, offset)
     except OSError as exc:

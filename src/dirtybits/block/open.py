@@ -16,12 +16,12 @@ if TYPE_CHECKING:
 FORMATS = ("qcow2", "raw")
 
 
-def probe_format(path: str) -> str:
+def probe_format(path: str, *, writable: bool = False) -> str:
     """qemu-img's probe: qcow2 by its magic, else raw (``read_at``'s errors: a directory, FIFO
-    or character device is refused, not read)."""
+    or character device is refused, not read; ``writable`` fails as a read-write open)."""
     from dirtybits.osfile import read_at
 
-    return "qcow2" if read_at(path, 0, 4) == b"QFI\xfb" else "raw"
+    return "qcow2" if read_at(path, 0, 4, writable=writable) == b"QFI\xfb" else "raw"
 
 
 def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
@@ -42,7 +42,7 @@ def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
     if bitmaps not in ("auto", "no"):
         raise UsageError(f"bitmaps must be 'auto' or 'no', not '{bitmaps}'")
     if fmt is None:
-        fmt = probe_format(path)
+        fmt = probe_format(path, writable=not readonly)
     if fmt == "qcow2":
         from dirtybits.qcow2.image import Qcow2Image
 
