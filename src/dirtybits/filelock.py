@@ -12,7 +12,7 @@ one process conflict too, as they do inside QEMU.
 
 The permission sets below are the ones QEMU 7.2's tools were observed to lock (strace and
 /proc/locks), not guesses: see ``tests/unit/test_filelock.py`` for the table.
-Lowest layer: imports nothing from the package but ``errors``.
+Lowest layer: imports nothing from the package but ``errors`` and ``osfile``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import os
 import struct
 from typing import NamedTuple
 
-from dirtybits.errors import LockError, UsageError
+from dirtybits.errors import ImageIOError, LockError, UsageError
+from dirtybits.osfile import open_file, read_at
 
 try:
     import fcntl
@@ -95,11 +96,6 @@ def info_perms(fmt: str, *, force_share: bool = False) -> Perms:
     if fmt != "qcow2" or force_share:
         return Perms(0, PERM_ALL)
     return QCOW2_INFO
-
-
-def perm_names(perm: int) -> str:
-    """``bdrv_perm_names``: the permission names, comma separated."""
-    return ", ".join(n for i, n in enumerate(_PERM_NAMES) if perm >> i & 1)
 
 
 def check_force_share(readonly: bool, force_share: bool) -> None:
@@ -261,8 +257,8 @@ class ImageLock:
         if self.perms.perm == 0 and self.perms.shared == PERM_ALL:
             return self  # nothing to hold (info -U, raw info)
         try:  # read locks need only read access, even for a writer's perms
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
+            self._fd = open_file(self.path, os.O_RDONLY)
+        except ImageIOError:
             return self
         try:
             self._lock = lock_fd(self._fd, self.path, self.perms)
@@ -287,9 +283,8 @@ class ImageLock:
 
 def _probe(path: str) -> str:
     try:
-        with open(path, "rb") as f:
-            return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
-    except OSError:
+        return "qcow2" if read_at(path, 0, 4) == b"QFI\xfb" else "raw"
+    except ImageIOError:
         return "raw"
 
 

@@ -77,13 +77,9 @@ CASES = {
     "sticky-ENOSPC-continue": ("fail", errno.ENOSPC, "continue", True),
 }
 # (on disk, fail + abandon is kill -9 just before the call, fail-after + abandon just after it)
-BUG_MISS = (
-    "a checkpoint whose in_use clear fails after the clear of one bitmap landed (or whose sync "
-    "then fails) leaves the node believing its bitmaps are in_use on disk: the next write skips "
-    "set_in_use, and a crash then finds a bitmap that reads as consistent but misses that write "
-    "(see test_failed_in_use_clear_then_write_is_not_silently_missed)")
-# Cases pinned by strict xfails while a bug stands (empty: BUG_MISS and the close bug are fixed:
-# a failed flag write leaves the node assuming any mix of flags is on disk).
+# Cases pinned by strict xfails while a bug stands (empty: the missed-write bug of a failed
+# in_use clear, see test_failed_in_use_clear_then_write_is_not_silently_missed, and the close
+# bug are fixed: a failed flag write leaves the node assuming any mix of flags is on disk).
 XFAIL: dict[str, str] = {}
 
 

@@ -1172,12 +1172,18 @@ def test_regression_engine_data_file_is_the_image(bases: dict[str, Base],
 
 def test_regression_check_refcount_block_offset_past_2_63(bases: dict[str, Base],
                                                           tmp_path: Path) -> None:
+    """A refcount table entry with bit 63 set once reached os.pread (OverflowError); the check
+    now completes, says what qemu-img check says first ("refcount block 0 is outside image")
+    and finds the image corrupt, not clean."""
     base = bases["qemu64k"]
     rt = slot(base, "reftable[0]")
     old = struct.unpack_from(">Q", base.data, rt.offset)[0]
-    path = make_mutant(base, tmp_path, [("set", rt.offset, struct.pack(">Q", old | 1 << 63))])
-    with contextlib.suppress(DirtybitsError):
-        check_image(str(path))
+    edits: list[Edit] = [("set", rt.offset, struct.pack(">Q", old | 1 << 63))]
+    path = make_mutant(base, tmp_path, edits)
+    res = check_image(str(path))
+    assert res.messages[0] == "ERROR refcount block 0 is outside image", res.messages[:3]
+    assert res.corruptions >= 1
+    assert unchanged(path, apply_edits(base.data, edits)), "a check without -r wrote"
 
 
 def test_regression_engine_shared_l2_written_after_read(bases: dict[str, Base],
@@ -1219,8 +1225,16 @@ def test_regression_bitmap_table_offset_past_2_63(bases: dict[str, Base],
     s = slot(base, "bitmap[0].bitmap_table_offset")
     old = int.from_bytes(base.data[s.offset:s.offset + 8], "big")
     path = make_mutant(base, tmp_path, [("set", s.offset, struct.pack(">Q", old | 1 << 63))])
-    with contextlib.suppress(DirtybitsError):
-        read_bitmaps(str(path))
+    read_bitmaps(str(path))  # the fuzzer's consumer: no OverflowError, no refusal
+    with Qcow2Image.open(str(path), readonly=True) as img:
+        store = Qcow2BitmapStore(img)
+        damaged = store.find("b0")
+        assert damaged is not None and not damaged.usable and damaged.problems
+        with pytest.raises(DirtybitsError):
+            store.load("b0")
+        # the other bitmaps are still read
+        assert [sb.name for sb in store.bitmaps if sb.usable] == ["b1", "b2"]
+        assert store.load("b1").size == store.disk_size
 
 
 def test_regression_bitmap_tracking_open_fails_after_writing(bases: dict[str, Base],

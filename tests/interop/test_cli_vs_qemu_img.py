@@ -108,6 +108,8 @@ CREATE_SAME = [
     "-f qcow2 new.qcow2 99E",
     "-f qcow2 new.qcow2 7E",
     "-f qcow2 -o cluster_size=512 new.qcow2 129G",
+    "-f qcow2 new.qcow2 1E",  # QEMU's L1 limit, checked before any file is made
+    "-f qcow2 new.qcow2 2251799813686272",  # a sector past it (2 PiB is the largest)
     "-f qcow2 -o , new.qcow2 1M",
     "-f qcow2 -o cluster_size=4k, new.qcow2 1M",
     "-f qcow2 -o cluster_size=1000 new.qcow2 1M",

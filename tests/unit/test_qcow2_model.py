@@ -31,6 +31,7 @@ import contextlib
 import functools
 import os
 import random
+import re
 import shutil
 import struct
 import tempfile
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from hypothesis import HealthCheck, note, settings
+from hypothesis import HealthCheck, Phase, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -51,6 +52,7 @@ from hypothesis.stateful import (
 )
 
 from dirtybits.block.raw import RawImage
+from dirtybits.errors import DirtybitsError
 from dirtybits.format.qcow2.header import HeaderCluster
 from dirtybits.format.qcow2.tables import L1E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO
 from dirtybits.qcow2 import image as image_module
@@ -67,9 +69,13 @@ MAX_DISK = 6 * MiB
 
 _STRICT = os.environ.get("DIRTYBITS_REQUIRE_INTEROP") == "1" or os.environ.get("CI") == "true"
 
-# CI: derandomized, so a red run is reproducible (and a strict xfail cannot flake).
+# CI: derandomized, so a red run is reproducible (and a strict xfail cannot flake). 8 examples
+# a configuration (about 45 s for all of them) find every bug planted below; with the former 4,
+# the lost L2 entry went unnoticed, and the discard bug (partial last cluster kept) was missed
+# in 10 of the 31 configurations where it can show (8: in none).
+# test_machine_finds_planted_bug fails if the budget drops below what finds them.
 MODEL_SETTINGS = settings(
-    max_examples=int(os.environ.get("DIRTYBITS_MODEL_EXAMPLES", "4")),
+    max_examples=int(os.environ.get("DIRTYBITS_MODEL_EXAMPLES", "8")),
     stateful_step_count=22,
     deadline=None,
     derandomize=_STRICT,
@@ -375,6 +381,98 @@ def test_engine_matches_model(cfg: Config, tmp_path: Path, monkeypatch: pytest.M
     machine = type(f"Qcow2Model_{cfg}".replace("-", "_").replace(".", "_"), (Qcow2Model,),
                    {"cfg": cfg, "base_dir": tmp_path})
     run_state_machine_as_test(machine, settings=MODEL_SETTINGS)
+
+
+# --------------------------------------------------------------------------- planted bugs
+# Proof that the machine, at the CI budget, finds engine bugs: each plant breaks the engine
+# the way a real bug would, and the machine (derandomized as in CI, on one configuration of
+# CONFIGS where the bug can show) must fail. test_engine_matches_model runs the same
+# configurations without the plant, so the failure is the plant's.
+def _drop_refcount_increment(mp: pytest.MonkeyPatch) -> None:
+    """Allocations forget the refcount of one host cluster in eight."""
+    orig = Qcow2Image._update_refcount
+
+    def update(self: Qcow2Image, cluster_index: int, delta: int) -> None:
+        if not (delta > 0 and cluster_index % 8 == 5):
+            orig(self, cluster_index, delta)
+
+    mp.setattr(Qcow2Image, "_update_refcount", update)
+
+
+def _skip_one_l2_entry(mp: pytest.MonkeyPatch) -> None:
+    """A write allocating three clusters or more leaves the last L2 entry unchanged."""
+    orig = Qcow2Image._write_allocating
+
+    def write_allocating(self: Qcow2Image, tbl: bytearray, *args: Any) -> int:
+        before = bytes(tbl)
+        done: int = orig(self, tbl, *args)
+        changed = [i for i in range(0, len(tbl), 8) if tbl[i:i + 8] != before[i:i + 8]]
+        if len(changed) >= 3:
+            tbl[changed[-1]:changed[-1] + 8] = before[changed[-1]:changed[-1] + 8]
+        return done
+
+    mp.setattr(Qcow2Image, "_write_allocating", write_allocating)
+
+
+def _evict_without_write_back(mp: pytest.MonkeyPatch) -> None:
+    """An L2 table evicted from the cache is dropped, changed or not."""
+
+    def evict(self: Qcow2Image) -> None:
+        off = next(iter(self._l2_cache))
+        self._l2_dirty.discard(off)
+        del self._l2_cache[off]
+        self._last_l2_key, self._last_l2 = -1, None
+
+    mp.setattr(Qcow2Image, "_evict_l2", evict)
+
+
+def _keep_partial_last_cluster(mp: pytest.MonkeyPatch) -> None:
+    """A discard reaching the end of the disk keeps its partial last cluster (an edge case:
+    it needs a disk size that is not a multiple of the cluster size)."""
+    orig = Qcow2Image.discard
+
+    def discard(self: Qcow2Image, offset: int, length: int) -> None:
+        if offset + length == self.size and self.size % self.cluster_size:
+            length -= self.size % self.cluster_size
+        if length > 0:
+            orig(self, offset, length)
+
+    mp.setattr(Qcow2Image, "discard", discard)
+
+
+def _config(name: str) -> Config:
+    return next(c for c in CONFIGS if str(c) == name)
+
+
+# plant -> (the plant, the configuration it runs on, what the failure must say)
+PLANTS: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], str, str]] = {
+    "drop-refcount-increment": (_drop_refcount_increment, "cs64k-rc16-none-v1.1",
+                                r"refcount=0|first difference"),
+    "skip-one-l2-entry": (_skip_one_l2_entry, "cs4k-rc16-none-v1.1", r"first difference"),
+    "evict-without-write-back": (_evict_without_write_back, "cs512-rc16-none-v1.1-tiny-caches",
+                                 r"first difference"),
+    "keep-partial-last-cluster": (_keep_partial_last_cluster, "cs64k-rc16-none-v1.1",
+                                  r"^discard .*first difference"),
+}
+
+
+@pytest.mark.parametrize("plant", sorted(PLANTS))
+def test_machine_finds_planted_bug(plant: str, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    apply, name, says = PLANTS[plant]
+    cfg = _config(name)
+    if cfg.tiny_caches:
+        monkeypatch.setattr(image_module, "DEFAULT_REFBLOCK_CACHE_BYTES", 1)
+    apply(monkeypatch)
+    machine = type(f"Planted_{plant}".replace("-", "_"), (Qcow2Model,),
+                   {"cfg": cfg, "base_dir": tmp_path})
+    # CI's budget and draws; no shrinking (the failure is expected, its minimal form is not
+    # needed), no database (a stored failure would be replayed instead of searched for)
+    budget = settings(MODEL_SETTINGS, derandomize=True, database=None,
+                      phases=[Phase.generate], print_blob=False)
+    with pytest.raises((AssertionError, pytest.fail.Exception, DirtybitsError)) as found:
+        run_state_machine_as_test(machine, settings=budget)
+    assert re.search(says, str(found.value)), found.value
 
 
 # --------------------------------------------------------------------------- engine bugs found

@@ -52,6 +52,7 @@ are stored relative to the container's directory, as qcow2 stores its file names
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import struct
@@ -285,7 +286,11 @@ class Container:
     @classmethod
     def create(cls, path: str, max_size: int = DEFAULT_MAX_SIZE, *,
                cluster_size: int = 65536) -> None:
-        """A new, empty container (refuses to overwrite a file)."""
+        """A new, empty container (refuses to overwrite a file).
+
+        Raises ``ContainerError`` when ``path`` exists, ``UsageError`` for a size QEMU's L1
+        limit refuses (``Qcow2Image.create``'s message), I/O errors; a failure leaves no file.
+        """
         from dirtybits.qcow2.image import Qcow2Image
 
         if os.path.lexists(path):
@@ -293,11 +298,17 @@ class Container:
         if max_size <= 0:
             raise UsageError("the maximum drive size must be positive")
         Qcow2Image.create(path, (max_size + 511) & ~511, cluster_size=cluster_size)
-        img = Qcow2Image.open(path, keep_bitmaps=True, open_backing=False)
         try:
-            img.update_header(extensions={EXT_DRIVES: DriveTable(uuid.uuid4()).pack()})
-        finally:
-            img.close()
+            img = Qcow2Image.open(path, keep_bitmaps=True, open_backing=False)
+            try:
+                img.update_header(extensions={EXT_DRIVES: DriveTable(uuid.uuid4()).pack()})
+            finally:
+                img.close()
+        except BaseException:
+            # the name was free before: whatever is there is this half-made container
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
 
     @classmethod
     def open(cls, path: str, *, readonly: bool = False) -> Container:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 from dirtybits.block.driver import ImageDriver
-from dirtybits.errors import ImageIOError, UsageError
+from dirtybits.errors import UsageError
 
 if TYPE_CHECKING:
     from dirtybits.block.checkpoint import CheckpointPolicy
@@ -17,13 +16,12 @@ if TYPE_CHECKING:
 FORMATS = ("qcow2", "raw")
 
 
-def probe_format(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as exc:
-        raise ImageIOError(f"Could not open '{path}': {exc.strerror}", errno=exc.errno) from exc
-    return "qcow2" if magic == b"QFI\xfb" else "raw"
+def probe_format(path: str, *, writable: bool = False) -> str:
+    """qemu-img's probe: qcow2 by its magic, else raw (``read_at``'s errors: a directory, FIFO
+    or character device is refused, not read; ``writable`` fails as a read-write open)."""
+    from dirtybits.osfile import read_at
+
+    return "qcow2" if read_at(path, 0, 4, writable=writable) == b"QFI\xfb" else "raw"
 
 
 def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
@@ -46,7 +44,7 @@ def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
     if bitmaps not in ("auto", "no"):
         raise UsageError(f"bitmaps must be 'auto' or 'no', not '{bitmaps}'")
     if fmt is None:
-        fmt = probe_format(path)
+        fmt = probe_format(path, writable=not readonly)
     if fmt == "qcow2":
         from dirtybits.qcow2.image import Qcow2Image
 
@@ -76,8 +74,6 @@ def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
     if fmt == "raw":
         from dirtybits.block.raw import RawImage
 
-        if not os.path.exists(path):
-            raise ImageIOError(f"Could not open '{path}': No such file or directory")
         raw = RawImage(path, readonly=readonly, force_share=force_share, cache=cache)
         return _node(raw, None, checkpoint, True) if always_node else raw
     raise UsageError(f"Unknown file format '{fmt}'")

@@ -11,8 +11,8 @@ from types import TracebackType
 
 from dirtybits.block.driver import Buffer
 from dirtybits.errors import ImageError, ImageIOError, ReadOnlyError, UsageError
+from dirtybits.filecreate import create_file
 from dirtybits.filelock import (
-    CREATE,
     PERM_RESIZE,
     RAW_RO,
     RAW_RW,
@@ -21,7 +21,7 @@ from dirtybits.filelock import (
     check_force_share,
     lock_fd,
 )
-from dirtybits.osfile import CACHE_MODES, DIRECT_ALIGN, reopen_same_file
+from dirtybits.osfile import CACHE_MODES, DIRECT_ALIGN, file_size, open_file, reopen_same_file
 from dirtybits.osfile import punch_hole as _punch_hole
 from dirtybits.qcow2.extent import MapExtent
 
@@ -55,16 +55,14 @@ class RawImage:
         self._sync_failed: str | None = None
         self._abuf: mmap.mmap | None = None
         flags = os.O_RDONLY if readonly else os.O_RDWR
-        try:
-            self._fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            raise ImageIOError(f"Could not open '{path}': {exc.strerror}", errno=exc.errno) from exc
+        # a regular file or a block device; a directory, FIFO or /dev/null is refused
+        self._fd = open_file(path, flags)
         try:
             self._lock: FileLock | None = lock_fd(self._fd, path, RAW_RO if readonly else RAW_RW)
+            self._size = file_size(self._fd)
         except BaseException:
             os.close(self._fd)
             raise
-        self._size = os.fstat(self._fd).st_size
         self._closed = False
         if cache in ("none", "directsync") and hasattr(os, "O_DIRECT"):
             # a filesystem without O_DIRECT (tmpfs) keeps buffered I/O: still correct
@@ -73,20 +71,17 @@ class RawImage:
                                                    | getattr(os, "O_CLOEXEC", 0))
 
     @classmethod
-    def create(cls, path: str, size: int) -> None:
+    def create(cls, path: str, size: int, prealloc: str = "off") -> None:
+        """A new raw image of ``size`` bytes (rounded up to a sector) as qemu-img makes one,
+        ``prealloc`` being ``off``, ``falloc`` or ``full``: ``filecreate.create_file``, whose
+        errors it raises, but a size the filesystem cannot hold reads as qemu-img says it."""
         try:
-            # truncated only once locked, as QEMU's raw_co_create: a user keeps the old data
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-        except OSError as exc:
-            raise ImageIOError(f"Could not create '{path}': {exc.strerror}",
-                               errno=exc.errno) from exc
-        try:
-            lock = lock_fd(fd, path, CREATE)
-            os.ftruncate(fd, 0)
-            os.ftruncate(fd, size)
-            lock.release()
-        finally:
-            os.close(fd)
+            create_file(path, size, prealloc=prealloc).close()
+        except ImageIOError as exc:
+            if exc.errno == errno.EFBIG:
+                raise ImageIOError("The image size is too large for file format 'raw'",
+                                   errno=exc.errno) from None
+            raise
 
     @property
     def size(self) -> int:
@@ -201,7 +196,11 @@ class RawImage:
         if self._lock is not None:  # qemu-io's truncate takes "resize" first (and keeps it)
             p = self._lock.perms
             self._lock.apply(Perms(p.perm | PERM_RESIZE, p.shared))
-        os.ftruncate(self._fd, new_size)
+        try:
+            os.ftruncate(self._fd, new_size)
+        except OSError as exc:
+            raise ImageIOError(f"Could not resize file: {exc.strerror}",
+                               errno=exc.errno) from exc
         self._size = new_size
 
     def block_status(self, offset: int, length: int) -> Iterator[MapExtent]:

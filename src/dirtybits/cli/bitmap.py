@@ -15,8 +15,6 @@ from typing import Any, TextIO
 
 from dirtybits.errors import DirtybitsError, UsageError
 
-WRITE_ACTIONS = ("add", "remove", "clear", "enable", "disable", "merge", "rename", "copy",
-                 "recover")
 READ_ACTIONS = ("dump", "sha256", "png")
 
 

@@ -31,7 +31,6 @@ from dirtybits.cli.options import (
     add_command,
     check_option_list,
     create_opts,
-    create_raw,
     cvtnum,
     has_help_option,
     open_qemu,
@@ -155,7 +154,9 @@ def _create_target(name: str, fmt: str, options: str, size: int) -> bool:
         raise QemuError("backing_file is not supported: the target is a standalone copy")
     try:
         if fmt == "raw":
-            create_raw(name, size, raw_preallocation(opts))
+            from dirtybits.block.raw import RawImage
+
+            RawImage.create(name, size, raw_preallocation(opts))
             return True
         from dirtybits.qcow2.image import Qcow2Image
 

@@ -23,7 +23,6 @@ from dirtybits.cli.options import (
     add_command,
     check_option_list,
     create_opts,
-    create_raw,
     cvtnum,
     has_help_option,
     option_help,
@@ -166,7 +165,9 @@ def _backing_size(filename: str, backing_file: str, backing_fmt: str | None) -> 
 def create(filename: str, fmt: str, opts: QemuOpts) -> None:
     """Create the image the options describe (the format driver's part, after Formatting)."""
     if fmt == "raw":
-        create_raw(filename, int(opts.get("size")), raw_preallocation(opts))
+        from dirtybits.block.raw import RawImage
+
+        RawImage.create(filename, int(opts.get("size")), raw_preallocation(opts))
         return
     from dirtybits.qcow2.image import Qcow2Image
 

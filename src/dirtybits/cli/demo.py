@@ -90,9 +90,26 @@ def dirtybits(name: str, *argv: str) -> int:
     return status
 
 
+def prepare_dir(demo: Demo) -> None:
+    """Make the demo's directory and remove an old disk (a rerun starts from a new one).
+
+    Raises ``UsageError`` when the place is not a usable directory (a file, a FIFO, somewhere
+    that cannot be written), with the system's reason.
+    """
+    from dirtybits.errors import UsageError
+
+    try:
+        demo.dir.mkdir(parents=True, exist_ok=True)
+        demo.disk.unlink(missing_ok=True)
+    except FileExistsError:
+        raise UsageError(f"cannot use '{demo.dir}' for the demo's files: it exists and is "
+                         "not a directory") from None
+    except OSError as exc:
+        raise UsageError(f"cannot use '{demo.dir}' for the demo's files: "
+                         f"{exc.strerror or exc}") from None
+
+
 def step_create(demo: Demo) -> int:
-    demo.dir.mkdir(parents=True, exist_ok=True)
-    demo.disk.unlink(missing_ok=True)  # a rerun starts from a new disk
     return dirtybits("create", "-f", "qcow2", str(demo.disk), DISK_SIZE)
 
 
@@ -159,6 +176,11 @@ def run(args: argparse.Namespace) -> int:
     from dirtybits.errors import DirtybitsError
 
     demo = Demo(dir=Path(args.dir))
+    try:
+        prepare_dir(demo)
+    except DirtybitsError as exc:
+        print(f"dirtybits demo: {exc}", file=sys.stderr)
+        return 1
     for number, step in enumerate(STEPS, 1):
         _say()
         _say(f"==> Step {number}/{len(STEPS)}: {step.title}")

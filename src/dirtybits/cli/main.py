@@ -59,8 +59,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BrokenPipeError:
         return 1
+    except OSError as exc:
+        # last resort: the engine turns the errors it expects into DirtybitsError; anything
+        # the OS says elsewhere is still one line, never a traceback
+        print(f"dirtybits {args.command}: {os_error_text(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+def os_error_text(exc: OSError) -> str:
+    """``FILE: REASON`` (qemu-io's way of quoting the OS), or the reason alone."""
+    reason = exc.strerror or str(exc)
+    return f"{exc.filename}: {reason}" if exc.filename is not None else reason
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ if TYPE_CHECKING:
 
 INT64_MAX = (1 << 63) - 1
 SECTOR = 512
-# QCOW_MAX_L1_SIZE: QEMU refuses (EFBIG) an image whose L1 table would exceed 32 MiB.
-QCOW_MAX_L1_BYTES = 32 * 1024 * 1024
 FORMATS = ("qcow2", "raw")
 
 _SUFFIX_HINT = ("You may use k, M, G, T, P or E suffixes for",
@@ -440,11 +438,7 @@ def qcow2_create_args(opts: QemuOpts) -> Qcow2Create:
     if prealloc not in (None, "off"):
         raise QemuError(f"preallocation={prealloc} is not supported for qcow2 (only off)")
     _refuse_protocol_opts(opts)
-    size = -(-int(opts.get("size")) // SECTOR) * SECTOR
-    l2_span = cluster_size * (cluster_size // 8)
-    if -(-size // l2_span) * 8 > QCOW_MAX_L1_BYTES:
-        raise QemuError("The image size is too large for file format 'qcow2' "
-                        "(try using a larger cluster size)")
+    size = -(-int(opts.get("size")) // SECTOR) * SECTOR  # the L1 limit: Qcow2Image.create
     return Qcow2Create(size, cluster_size, refcount_bits, "0.10" if version == 2 else "1.1",
                        backing_file, backing_fmt, data_file, data_file_raw, lazy)
 
@@ -465,47 +459,3 @@ def _refuse_protocol_opts(opts: QemuOpts) -> None:
         raise QemuError("nocow=on is not supported")
     if opts.is_set("extent_size_hint"):
         raise QemuError("extent_size_hint is not supported")
-
-
-def create_raw(path: str, size: int, prealloc: str) -> None:
-    """Create a raw image as file-posix does: size rounded up to a sector, space reserved per
-    ``prealloc``, and the first block written (QEMU does so that O_DIRECT alignment probing
-    finds data there), so the file has the same layout as one qemu-img makes."""
-    import os
-
-    from dirtybits.errors import ImageIOError
-    from dirtybits.filelock import CREATE, lock_fd
-
-    size = -(-size // SECTOR) * SECTOR
-    try:
-        # truncated only once locked (raw_co_create): an image in use keeps its data
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-    except OSError as exc:
-        raise ImageIOError(f"Could not create '{path}': {exc.strerror}",
-                           errno=exc.errno) from exc
-    try:
-        lock = lock_fd(fd, path, CREATE)
-    except BaseException:
-        os.close(fd)
-        raise
-    try:
-        try:
-            os.ftruncate(fd, 0)
-        except OSError as exc:
-            raise ImageIOError(f"Could not truncate file: {exc.strerror}",
-                               errno=exc.errno) from exc
-        if prealloc == "full":
-            chunk = bytes(min(size, 1 << 20))
-            for off in range(0, size, len(chunk) or 1):
-                os.pwrite(fd, chunk[:size - off], off)
-        else:
-            if prealloc == "falloc" and size:
-                os.posix_fallocate(fd, 0, size)
-            else:
-                os.ftruncate(fd, size)
-            os.pwrite(fd, bytes(min(size, 4096)), 0)
-    except OSError as exc:
-        raise ImageIOError(f"Could not resize file: {exc.strerror}", errno=exc.errno) from exc
-    finally:
-        lock.release()
-        os.close(fd)

@@ -68,6 +68,7 @@ from dirtybits.format.qcow2.tables import (
     REFT_RESERVED_MASK,
     SnapshotHeader,
 )
+from dirtybits.osfile import open_file, read_at
 from dirtybits.qcow2.bitmap_scan import (
     data_location_problem,
     judge_entries,
@@ -200,10 +201,6 @@ class _BitmapVerdict:
     bitmaps: list[_JudgedBitmap] = field(default_factory=list)
 
 
-class _NeedRebuild(Exception):
-    """``-r leaks`` met refcount structures that only a rebuild can fix (QEMU: -EIO)."""
-
-
 def check_image(path: str, repair: str | None = None, *, fmt: str | None = None) -> CheckResult:
     """Check (and with ``repair`` = "leaks" | "all", repair) a qcow2 image like qemu-img check.
 
@@ -260,11 +257,7 @@ def _result(path: str, checker: _Checker) -> CheckResult:
 
 
 def _probe(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as exc:
-        raise ImageIOError(f"Could not open '{path}': {exc.strerror}", errno=exc.errno) from exc
+    magic = read_at(path, 0, 4)
     return "qcow2" if magic == struct.pack(">I", QCOW_MAGIC) else "raw"
 
 
@@ -281,11 +274,7 @@ class _Checker:
         self.res = _Counters()
         self.calc_fix = fix
         self.image_end_offset = 0
-        try:
-            self.fd = os.open(path, (os.O_RDWR if fix else os.O_RDONLY) | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ImageIOError(f"Could not open '{path}': {exc.strerror}",
-                               errno=exc.errno) from exc
+        self.fd = open_file(path, os.O_RDWR if fix else os.O_RDONLY)
         try:
             self._load_header()
         except BaseException:

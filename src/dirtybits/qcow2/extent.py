@@ -23,16 +23,3 @@ class MapExtent:
     offset: int | None = None
     filename: str | None = None
     compressed: bool = False
-
-    def to_json(self) -> dict[str, object]:
-        out: dict[str, object] = {
-            "start": self.start,
-            "length": self.length,
-            "depth": self.depth,
-            "present": self.present,
-            "zero": self.zero,
-            "data": self.data,
-        }
-        if self.offset is not None:
-            out["offset"] = self.offset
-        return out

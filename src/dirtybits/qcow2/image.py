@@ -41,8 +41,8 @@ from dirtybits.errors import (
     UnsupportedFeatureError,
     UsageError,
 )
+from dirtybits.filecreate import CreatedFile, create_file
 from dirtybits.filelock import (
-    CREATE,
     DATA_FILE_RO,
     DATA_FILE_RW,
     FileLock,
@@ -70,6 +70,7 @@ from dirtybits.format.qcow2.header import (
     INCOMPAT_KNOWN,
     MAX_CLUSTER_BITS,
     MAX_HOST_OFFSET,
+    MAX_L1_BYTES,
     MAX_REFTABLE_BYTES,
     MIN_CLUSTER_BITS,
     V2_HEADER_LENGTH,
@@ -90,7 +91,13 @@ from dirtybits.format.qcow2.tables import (
     REFT_OFFSET_MASK,
     compressed_offset_bits,
 )
-from dirtybits.osfile import CACHE_MODES, DIRECT_ALIGN, punch_hole, reopen_same_file
+from dirtybits.osfile import (
+    CACHE_MODES,
+    DIRECT_ALIGN,
+    open_file,
+    punch_hole,
+    reopen_same_file,
+)
 from dirtybits.qcow2.extent import MapExtent
 
 _Q = struct.Struct(">Q")
@@ -105,6 +112,10 @@ MAX_PENDING_FREES = 1 << 16
 MAX_BACKING_DEPTH = 64
 _RWF_DSYNC = getattr(os, "RWF_DSYNC", 0)
 _rwf_dsync = bool(_RWF_DSYNC)  # cleared at the first EOPNOTSUPP (a kernel before 4.7)
+
+
+_TOO_LARGE = ("The image size is too large for file format 'qcow2' "
+              "(try using a larger cluster size)")
 
 
 def _io_error(what: str, exc: OSError) -> ImageIOError:
@@ -194,12 +205,8 @@ class Qcow2Image:
         if cache not in CACHE_MODES:
             raise UsageError(f"Invalid cache option: {cache}")
         check_force_share(readonly, force_share)
-        flags = (os.O_RDONLY if readonly else os.O_RDWR) | getattr(os, "O_CLOEXEC", 0)
-        try:
-            fd = os.open(path, flags)
-        except OSError as exc:
-            raise ImageIOError(f"Could not open '{path}': {exc.strerror}",
-                               errno=exc.errno) from exc
+        # a regular file or a block device; a directory, FIFO or /dev/null is refused
+        fd = open_file(path, os.O_RDONLY if readonly else os.O_RDWR)
         img: Qcow2Image | None = None
         lock: FileLock | None = None
         try:
@@ -351,12 +358,8 @@ class Qcow2Image:
     def _open_data_file(self) -> None:
         name = self.hc.data_file or ""
         path = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
-        flags = (os.O_RDONLY if self.readonly else os.O_RDWR) | getattr(os, "O_CLOEXEC", 0)
-        try:
-            dfd = os.open(path, flags)
-        except OSError as exc:
-            raise ImageIOError(f"Could not open data file '{path}': {exc.strerror}",
-                               errno=exc.errno) from exc
+        dfd = open_file(path, os.O_RDONLY if self.readonly else os.O_RDWR,
+                        what="open data file")
         perms = DATA_FILE_RO if self.readonly else DATA_FILE_RW
         if self.force_share:
             perms = perms.force_shared()
@@ -541,7 +544,13 @@ class Qcow2Image:
                compat: str = "1.1", backing_file: str | None = None,
                backing_format: str | None = None, data_file: str | None = None,
                data_file_raw: bool = False, lazy_refcounts: bool = False) -> None:
-        """Write a new empty image with QEMU's layout (header, reftable, refblock, L1)."""
+        """Write a new empty image with QEMU's layout (header, reftable, refblock, L1).
+
+        Raises ``UsageError`` for options QEMU refuses (a size whose L1 table would pass
+        QEMU's 32 MiB limit among them, before any file is touched), ``ImageIOError`` /
+        ``LockError`` from the files (``filecreate.create_file``). A failed creation removes
+        the files it made (the image, the data file), never a file that was there before.
+        """
         if cluster_size & (cluster_size - 1) or not (
                 1 << MIN_CLUSTER_BITS <= cluster_size <= 1 << MAX_CLUSTER_BITS):
             raise UsageError("Cluster size must be a power of two between 512 and 2048k")
@@ -560,6 +569,8 @@ class Qcow2Image:
         if size < 0 or size % 512:
             size = (size + 511) & ~511
         cb = cluster_size.bit_length() - 1
+        if l1_entries_for(size, cb) * 8 > MAX_L1_BYTES:  # before any file is touched
+            raise UsageError(_TOO_LARGE)
         order = refcount_bits.bit_length() - 1
         ext: list[HeaderExtension] = []
         if backing_format:
@@ -586,44 +597,38 @@ class Qcow2Image:
             rc.set_refcount(refblock, i, order, 1)
         reftable = bytearray(cluster_size)
         _pack_q(reftable, 0, 2 * cluster_size)
+        made = create_file(path, 0)
+        data: CreatedFile | None = None
         try:
-            # no O_TRUNC: like QEMU, truncate only once no one else has the file open
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-        except OSError as exc:
-            raise ImageIOError(f"Could not create '{path}': {exc.strerror}",
-                               errno=exc.errno) from exc
-        try:
-            lock = lock_fd(fd, path, CREATE)
-        except BaseException:
-            os.close(fd)
+            fd = made.fd
+            try:
+                os.pwrite(fd, head + bytes(cluster_size - len(head)), 0)  # a cluster, as QEMU
+                os.pwrite(fd, bytes(reftable), cluster_size)
+                os.pwrite(fd, bytes(refblock), 2 * cluster_size)
+                if data_file:
+                    dpath = data_file if os.path.isabs(data_file) else os.path.join(
+                        os.path.dirname(path), data_file)
+                    data = create_file(dpath, size, keep_data=data_file_raw)
+                    data.close()
+                os.fsync(fd)
+            except OSError as exc:
+                raise _io_error(f"creating '{path}'", exc) from exc
+            made.close()
+            if size:
+                with cls.open(path, open_backing=False) as img:
+                    img.resize(size)
+        except ImageIOError as exc:
+            made.remove()
+            if data is not None:
+                data.remove()
+            if exc.errno == errno.EFBIG:  # the data file: qemu-img's words for it
+                raise ImageIOError(_TOO_LARGE, errno=exc.errno) from None
             raise
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, head + bytes(cluster_size - len(head)), 0)  # whole cluster, as QEMU
-            os.pwrite(fd, bytes(reftable), cluster_size)
-            os.pwrite(fd, bytes(refblock), 2 * cluster_size)
-            if data_file:
-                dpath = data_file if os.path.isabs(data_file) else os.path.join(
-                    os.path.dirname(path), data_file)
-                dfd = os.open(dpath, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-                try:
-                    dlock = lock_fd(dfd, dpath, CREATE)
-                    if not data_file_raw:
-                        os.ftruncate(dfd, 0)
-                    if os.fstat(dfd).st_size < size or not data_file_raw:
-                        os.ftruncate(dfd, size)
-                    dlock.release()
-                finally:
-                    os.close(dfd)
-            os.fsync(fd)
-        except OSError as exc:
-            raise _io_error(f"creating '{path}'", exc) from exc
-        finally:
-            lock.release()
-            os.close(fd)
-        if size:
-            with cls.open(path, open_backing=False) as img:
-                img.resize(size)
+        except BaseException:
+            made.remove()
+            if data is not None:
+                data.remove()
+            raise
 
     # ------------------------------------------------------------------ header
     def _set_header(self, header: Qcow2Header, hc: HeaderCluster | None = None, *,
@@ -827,9 +832,6 @@ class Qcow2Image:
         else:
             self._update_refcount(idx, 1)
         return blk
-
-    def _is_free(self, idx: int) -> bool:
-        return idx not in self._meta and self.get_refcount(idx) == 0
 
     def _alloc_clusters(self, n: int) -> int:
         """Allocate ``n`` contiguous host clusters with refcount 1; return the byte offset."""
@@ -1697,6 +1699,8 @@ class Qcow2Image:
         if new_size < h.size:
             raise UnsupportedFeatureError("shrinking a qcow2 image is not supported")
         need = l1_entries_for(new_size, self.cluster_bits)
+        if need * 8 > MAX_L1_BYTES:  # QEMU's limit, before a table that size is built
+            raise ImageIOError("Failed to grow the L1 table: File too large", errno=errno.EFBIG)
         if need > len(self._l1) or (need and not h.l1_table_offset):
             cs = self.cluster_size
             new_clusters = (need * 8 + cs - 1) // cs

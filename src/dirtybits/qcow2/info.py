@@ -35,6 +35,7 @@ from dirtybits.format.qcow2.header import (
     unpack_feature_table,
 )
 from dirtybits.format.qcow2.write_intent import EXT_WRITE_INTENT, WriteIntentExtension
+from dirtybits.osfile import file_size, open_file, read_at
 from dirtybits.qcow2.bitmap_scan import Pread, count_dirty, disk_length, scan_bitmaps
 
 ImageInfo = dict[str, Any]
@@ -46,11 +47,7 @@ SECTOR = 512
 
 def probe_format(path: str) -> str:
     """qemu-img's probe, restricted to the formats dirtybits reads."""
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as exc:
-        raise _open_error(path, exc) from exc
+    magic = read_at(path, 0, 4)
     return "qcow2" if magic == struct.pack(">I", QCOW_MAGIC) else "raw"
 
 
@@ -60,11 +57,7 @@ def _open_error(path: str, exc: OSError) -> ImageIOError:
 
 def read_header_cluster(path: str) -> HeaderCluster:
     """Cluster 0 of a qcow2 file, parsed; QEMU's open-time refusals become errors."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1 << MAX_CLUSTER_BITS)
-    except OSError as exc:
-        raise _open_error(path, exc) from exc
+    head = read_at(path, 0, 1 << MAX_CLUSTER_BITS)
     if head[:4] != struct.pack(">I", QCOW_MAGIC):
         raise FormatError("Image is not in qcow2 format")
     hc = HeaderCluster.unpack(head)
@@ -111,10 +104,11 @@ def image_info(path: str, fmt: str | None = None, *, dirty: bool = False) -> Ima
     if fmt is None:
         fmt = probe_format(path)
     if fmt == "raw":
+        fd = open_file(path, os.O_RDONLY)  # refuses a directory, FIFO or /dev/null
         try:
-            length = os.stat(path).st_size
-        except OSError as exc:
-            raise _open_error(path, exc) from exc
+            length = file_size(fd)
+        finally:
+            os.close(fd)
         return {
             "virtual-size": -(-length // SECTOR) * SECTOR,
             "filename": path,
@@ -209,21 +203,19 @@ def read_bitmap_list(path: str, hc: HeaderCluster, *,
     ``dirty-bytes`` and ``dirty-percent`` (its data clusters are read only then), an in-use one
     ``"inconsistent": true`` instead.
     """
+    fd = open_file(path, os.O_RDONLY)
     try:
-        with open(path, "rb") as f:
-            fd = f.fileno()
+        def pread(offset: int, length: int) -> bytes:
+            try:
+                data = os.pread(fd, length, offset)
+            except OSError as exc:
+                raise ImageIOError(f"Could not read '{path}' at {offset:#x}: "
+                                   f"{exc.strerror}", errno=exc.errno) from exc
+            return data + bytes(length - len(data)) if len(data) < length else data
 
-            def pread(offset: int, length: int) -> bytes:
-                try:
-                    data = os.pread(fd, length, offset)
-                except OSError as exc:
-                    raise ImageIOError(f"Could not read '{path}' at {offset:#x}: "
-                                       f"{exc.strerror}", errno=exc.errno) from exc
-                return data + bytes(length - len(data)) if len(data) < length else data
-
-            return _bitmap_list(hc, pread, dirty, os.fstat(fd).st_size)
-    except OSError as exc:
-        raise _open_error(path, exc) from exc
+        return _bitmap_list(hc, pread, dirty, file_size(fd))
+    finally:
+        os.close(fd)
 
 
 def _bitmap_list(hc: HeaderCluster, pread: Pread, dirty: bool,
@@ -310,11 +302,7 @@ def read_snapshots(path: str, offset: int, count: int) -> list[dict[str, Any]]:
 
 
 def _pread_file(path: str, offset: int, length: int) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return os.pread(f.fileno(), length, offset)
-    except OSError as exc:
-        raise _open_error(path, exc) from exc
+    return read_at(path, offset, length)
 
 
 def backing_chain_info(path: str, fmt: str | None = None, *,

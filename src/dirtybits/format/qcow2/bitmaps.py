@@ -205,10 +205,6 @@ class BitmapDirectoryEntry:
         """The bitmap records writes once loaded (QEMU: enabled)."""
         return bool(self.flags & BME_FLAG_AUTO)
 
-    @property
-    def extra_data_compatible(self) -> bool:
-        return bool(self.flags & BME_FLAG_EXTRA_DATA_COMPATIBLE)
-
     @classmethod
     def unpack(cls, buf: bytes, pos: int = 0, *,
                offset: int | None = None) -> tuple[BitmapDirectoryEntry, int]:
