@@ -63,9 +63,14 @@ TOOLS: dict[str, tuple[str, list[str], str]] = {
     "dirtybits": ("dirtybits -t writeback", [*_DB, "-t", "writeback"], "stdin"),
     "qemu-writeback": (
         "qemu-io -t writeback", ["qemu-io", "-f", "qcow2", "-t", "writeback"], "auto"),
+    # both defaults: a flush after every write (run with --workloads rand4k or a small --size:
+    # one fdatasync per command)
+    "dirtybits-wt": ("dirtybits (writethrough)", _DB, "stdin"),
+    "qemu-wt": ("qemu-io (writethrough)", ["qemu-io", "-f", "qcow2"], "auto"),
 }
 # qemu-io column -> the dirtybits column its ratio compares (same cache mode)
-PAIRS = {"qemu-none": "dirtybits-none", "qemu-writeback": "dirtybits"}
+PAIRS = {"qemu-none": "dirtybits-none", "qemu-writeback": "dirtybits", "qemu-wt": "dirtybits-wt"}
+DEFAULT_TOOLS = ("dirtybits-none", "qemu-none", "dirtybits", "qemu-writeback")
 
 
 @dataclass
@@ -156,7 +161,8 @@ def run_workload(
     result = Result({t: {"write": [], "read": []} for t in tools})
     images: dict[str, Path] = {}
     for rep in range(args.runs):
-        for tool in tools:  # interleaved, so drift on the machine hits every tool alike
+        # interleaved, and in alternating order, so drift on the machine hits every tool alike
+        for tool in (tools if rep % 2 == 0 else list(reversed(tools))):
             img = scratch / f"{wl.name.replace(' ', '-')}-{tool}.qcow2"
             create_image(img, args.image_size, args.cluster_size)
             images[tool] = img
@@ -190,7 +196,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cluster-size", type=parse_size, default=parse_size("64k"))
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--runs", type=int, default=1, help="runs per tool; the median counts")
-    p.add_argument("--tools", default=",".join(TOOLS),
+    p.add_argument("--tools", default=",".join(DEFAULT_TOOLS),
                    help=f"comma-separated subset of {', '.join(TOOLS)}")
     p.add_argument("--workloads", default="seq64k,seq1m,rand4k",
                    help="comma-separated subset of seq64k, seq1m, rand4k")
