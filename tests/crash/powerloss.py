@@ -871,7 +871,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().getrandbits(32)
     names = args.workload or sorted(WORKLOADS)
-    ops, states, randoms = (120, 3000, 6) if args.long else (30, 300, 2)
+    ops, states, randoms = (120, 400, 6) if args.long else (30, 300, 2)
     states = args.states or states
     base = Path(tempfile.mkdtemp(prefix="dirtybits-powerloss-", dir="/var/tmp"))
     total_judged = total_failures = 0
