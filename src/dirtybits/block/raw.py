@@ -53,6 +53,7 @@ class RawImage:
         self._writethrough = cache in ("writethrough", "directsync")
         self._direct_fd: int | None = None
         self._sync_failed: str | None = None
+        self._unsynced = False  # written since the last flush (QEMU's write_gen)
         self._abuf: mmap.mmap | None = None
         flags = os.O_RDONLY if readonly else os.O_RDWR
         # a regular file or a block device; a directory, FIFO or /dev/null is refused
@@ -145,6 +146,7 @@ class RawImage:
             self.flush()
 
     def _write(self, offset: int, data: memoryview) -> None:
+        self._unsynced = True
         fd, view = self._direct_view(offset, data)
         try:
             while view:
@@ -160,6 +162,7 @@ class RawImage:
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         self._check_writable()
         self._check_range(offset, length)
+        self._unsynced = True
         if not (unmap and _punch_hole(self._fd, offset, length)):
             chunk = 1 << 20
             zero = memoryview(bytes(min(chunk, length)))
@@ -174,11 +177,12 @@ class RawImage:
     def discard(self, offset: int, length: int) -> None:
         self._check_writable()
         self._check_range(offset, length)
+        self._unsynced = True
         _punch_hole(self._fd, offset, length)
 
     def flush(self) -> None:
-        if self.readonly or self._unsafe:
-            return
+        if self.readonly or self._unsafe or not self._unsynced:
+            return  # nothing written since the last flush: no fdatasync, as QEMU
         if self._sync_failed is not None:  # as Qcow2Image._fdatasync: never retried into success
             raise ImageIOError(f"flush failed: an earlier flush of {self.path} failed "
                                f"({self._sync_failed}); what it covered may be lost",
@@ -188,6 +192,7 @@ class RawImage:
         except OSError as exc:
             self._sync_failed = exc.strerror or str(exc)
             raise ImageIOError(f"flush failed: {exc.strerror}", errno=exc.errno) from exc
+        self._unsynced = False
 
     def resize(self, new_size: int) -> None:
         self._check_writable()
@@ -197,6 +202,7 @@ class RawImage:
             p = self._lock.perms
             self._lock.apply(Perms(p.perm | PERM_RESIZE, p.shared))
         try:
+            self._unsynced = True
             os.ftruncate(self._fd, new_size)
         except OSError as exc:
             raise ImageIOError(f"Could not resize file: {exc.strerror}",

@@ -157,6 +157,7 @@ class Qcow2Image:
         self._unsafe = False  # cache=unsafe: flushes (fdatasync) are skipped
         self._writethrough = False  # writethrough/directsync: a flush after every write
         self._sync_failed: str | None = None  # why an fdatasync failed: none succeeds after
+        self._unsynced = False  # written since the last completed flush (QEMU's write_gen)
         self._file_end = os.fstat(fd).st_size
         self._file_end_at_open = self._file_end
         # metadata state
@@ -712,6 +713,8 @@ class Qcow2Image:
             fd = dfd
         try:
             while view:
+                if not flags:
+                    self._unsynced = True
                 n = (os.pwritev(fd, [view], offset, flags) if flags
                      else os.pwrite(fd, view, offset))
                 offset += n
@@ -1417,6 +1420,7 @@ class Qcow2Image:
             if discard and not ent & OFLAG_COMPRESSED and not self.data_file_raw and (
                     ent & L2E_OFFSET_MASK or ent & self._dfa):
                 host = ent & L2E_OFFSET_MASK
+                self._unsynced = True
                 punch_hole(self._data_fd, host, min(self.cluster_size,
                                                      max(0, self.hc.header.size - host)))
             return
@@ -1608,6 +1612,7 @@ class Qcow2Image:
         if self.has_data_file and self.data_file_raw:
             # keep the raw file reading as the guest disk: drop the data there too
             data_end = min(end, self.hc.header.size)
+            self._unsynced = True
             if not punch_hole(self._data_fd, start, data_end - start):
                 self._write_zero_bytes(start, data_end - start)
                 return
@@ -1615,7 +1620,12 @@ class Qcow2Image:
 
     # ------------------------------------------------------------------ flush / resize
     def flush(self) -> None:
+        """Metadata written back in the crash-safe order, everything durable. Nothing to do
+        (not even an fdatasync) when nothing was written since the last flush, as QEMU."""
         if self.readonly or self._closed:
+            return
+        if not (self._unsynced or self._l2_dirty or self._l1_dirty or self._rb_dirty
+                or self._reftable_dirty or self._pending_frees):
             return
         if self._data_fd != self._fd:
             self._fdatasync(self._data_fd, "fdatasync of the data file")
@@ -1649,6 +1659,7 @@ class Qcow2Image:
         # 3. decrements for clusters no longer referenced by anything on disk
         if self._pending_frees:
             self._process_frees()
+        self._unsynced = False
 
     def _process_frees(self) -> None:
         """Apply the queued decrements, punch what a guest discard freed, write them back.
@@ -1677,6 +1688,7 @@ class Qcow2Image:
                 j += 1
             # no punch support (tmpfs of old kernels, other systems): the space stays, as
             # in QEMU where discard is advisory
+            self._unsynced = True
             punch_hole(self._fd, holes[i] << cb, (j - i) << cb)
             i = j
         self._write_dirty_refblocks()
@@ -1737,6 +1749,7 @@ class Qcow2Image:
         if self.has_data_file:
             try:
                 if os.fstat(self._data_fd).st_size < new_size:
+                    self._unsynced = True
                     os.ftruncate(self._data_fd, new_size)
             except OSError as exc:
                 raise _io_error("resizing the data file", exc) from exc
