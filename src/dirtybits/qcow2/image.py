@@ -1193,7 +1193,7 @@ class Qcow2Image:
                 data = d.decompress(raw, cs)
             elif self.hc.header.compression_type == COMPRESSION_ZSTD:
                 try:
-                    import zstandard  # type: ignore[import-not-found]
+                    import zstandard
                 except ImportError:
                     raise UnsupportedFeatureError(
                         "zstd-compressed clusters need the 'zstandard' module") from None
