@@ -595,6 +595,9 @@ class Qcow2BitmapStore:
         if sb.name not in self.ours or sb.table is None:
             raise BitmapOperationError(f"Bitmap '{name}' is not being tracked")
         img, cs = self.img, self.cluster_size
+        # one fstat a checkpoint, not one a chunk (clusters allocated below only make the
+        # file longer: a stale end judges more conservatively, never less)
+        end = os.fstat(img.fileno()).st_size
         table = list(sb.table)
         written = 0
         for c in chunks:
@@ -604,7 +607,8 @@ class Qcow2BitmapStore:
             if te.kind is TableEntryKind.ONES:
                 continue
             new = bits.to_bytes(c * cs, cs)
-            if te.kind is TableEntryKind.DATA and not self._owns(te.offset, "bitmap data"):
+            if te.kind is TableEntryKind.DATA and not self._owns(te.offset, "bitmap data",
+                                                                 end):
                 # refcount 0 (anything may be allocated there), shared, or another
                 # structure's cluster: never written in place; the bits move to a new one
                 old_bits = int.from_bytes(img.read_metadata(te.offset, cs, "bitmap data"), "big")

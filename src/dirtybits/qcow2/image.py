@@ -711,10 +711,10 @@ class Qcow2Image:
             buf[:length] = view
             view = memoryview(buf)[:length]
             fd = dfd
+        if not flags:
+            self._unsynced = True
         try:
             while view:
-                if not flags:
-                    self._unsynced = True
                 n = (os.pwritev(fd, [view], offset, flags) if flags
                      else os.pwrite(fd, view, offset))
                 offset += n
