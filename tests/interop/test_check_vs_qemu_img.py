@@ -386,7 +386,7 @@ def test_check_matches_qemu_img(scenario: str, workdir: Path, qemu_tools: dict[s
 
 
 @pytest.mark.parametrize("mode", ["leaks", "all"])
-@pytest.mark.parametrize("scenario", [s for s in DAMAGED if not s.startswith("snapshot")])
+@pytest.mark.parametrize("scenario", list(DAMAGED))
 def test_repair_matches_qemu_img(scenario: str, mode: str, workdir: Path,
                                  qemu_tools: dict[str, str],
                                  dirtybits_cli: Callable[..., subprocess.CompletedProcess[str]]
@@ -417,15 +417,18 @@ def test_repair_matches_qemu_img(scenario: str, mode: str, workdir: Path,
     assert extension_types(by_us) == extension_types(by_qemu)
 
 
-def test_repair_refuses_images_with_snapshots(
+def test_repair_of_snapshot_image_is_byte_identical(
         workdir: Path, qemu_tools: dict[str, str],
         dirtybits_cli: Callable[..., subprocess.CompletedProcess[str]]) -> None:
+    """Leaks in an image with internal snapshots: the repaired file equals QEMU's."""
     path = snapshot_leak(workdir)
-    before = path.read_bytes()
-    proc = dirtybits_cli("check", "-r", "leaks", path)
-    assert proc.returncode == 1
-    assert "snapshots" in proc.stderr
-    assert path.read_bytes() == before
+    for mode in ("leaks", "all"):
+        by_qemu, by_us = copies(path, f"q-{mode}.qcow2", f"d-{mode}.qcow2")
+        qemu_check(by_qemu, "-r", mode)
+        proc = dirtybits_cli("check", "-r", mode, by_us)
+        assert proc.returncode == 0, proc.stderr
+        assert by_us.read_bytes() == by_qemu.read_bytes(), mode
+        assert qemu_check(by_us)[0] == 0
 
 
 def test_human_output_matches_qemu_img(

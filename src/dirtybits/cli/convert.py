@@ -38,6 +38,7 @@ from dirtybits.cli.options import (
     qcow2_create_args,
     raw_preallocation,
     report,
+    split_option_list,
 )
 from dirtybits.errors import DirtybitsError
 
@@ -49,7 +50,7 @@ DEFAULT_SPARSE = 4096
 MAX_SPARSE = 16 << 20
 
 USAGE = ("dirtybits convert [-p] [-q] [-n] [-f FMT] [-O OUTPUT_FMT] [-o OPTIONS] [-S SIZE] "
-         "[-U] SRC DST")
+         "[-U] [-l SNAPSHOT_PARAM] SRC DST")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -66,6 +67,9 @@ def _parser() -> ArgParser:
                    help="target creation options key=value,... ('-o help' lists them)")
     p.add_argument("-c", dest="compress", action="store_true",
                    help="compress the target (refused: not supported)")
+    p.add_argument("-l", dest="snapshot", metavar="SNAPSHOT_PARAM",
+                   help="copy an internal snapshot: NAME (an ID, else a name) or "
+                        "snapshot.id=ID,snapshot.name=NAME")
     p.add_argument("-n", dest="skip_create", action="store_true",
                    help="write into an existing DST instead of creating it")
     p.add_argument("-S", dest="sparse", default=str(DEFAULT_SPARSE),
@@ -76,6 +80,26 @@ def _parser() -> ArgParser:
                    help="open the source shared, even while a writer holds it (qemu-img -U)")
     p.add_argument("files", nargs="*", metavar="SRC DST")
     return p
+
+
+def _load_snapshot(src: ImageDriver, param: str) -> None:
+    """``-l``: qemu-img's snapshot parameter, loaded into the (read-only) source."""
+    from dirtybits.block.snapshot import load_snapshot
+    from dirtybits.qcow2.snapshots import SnapshotError
+
+    keys = ("snapshot.id=", "snapshot.name=")
+    try:
+        if param.startswith(keys):
+            fields = dict(split_option_list(param))
+            unknown = set(fields) - {"snapshot.id", "snapshot.name"}
+            if unknown:
+                raise QemuError(f"Invalid parameter '{sorted(unknown)[0]}'")
+            load_snapshot(src, snapshot_id=fields.get("snapshot.id"),
+                          name=fields.get("snapshot.name"))
+        else:
+            load_snapshot(src, id_or_name=param)
+    except SnapshotError as exc:
+        raise QemuError(f"Failed to load snapshot: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,6 +137,8 @@ def _run(a: argparse.Namespace) -> int:
             raise QemuError("Compression not supported for this file format")
         raise QemuError("compressed output (-c) is not supported")
     with open_qemu(src_name, a.fmt, force_share=a.force_share) as src:
+        if a.snapshot is not None:
+            _load_snapshot(src, a.snapshot)
         size = qemu_size(src)
         zero_init = True
         if a.skip_create:

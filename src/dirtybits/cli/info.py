@@ -147,7 +147,7 @@ def _dump_item(prefix: str, value: Any, indent: int, out: list[str]) -> None:
         out.append(f"{prefix} {text}\n")
 
 
-def _snapshot_line(sn: dict[str, Any] | None) -> str:
+def snapshot_line(sn: dict[str, Any] | None) -> str:
     if sn is None:
         return f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"
     date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn["date-sec"]))
@@ -188,8 +188,8 @@ def dump_human(info: ImageInfo) -> str:
             out.append(f"backing file format: {info['backing-filename-format']}\n")
     if "snapshots" in info:
         out.append("Snapshot list:\n")
-        out.append(_snapshot_line(None) + "\n")
-        out.extend(_snapshot_line(sn) + "\n" for sn in info["snapshots"])
+        out.append(snapshot_line(None) + "\n")
+        out.extend(snapshot_line(sn) + "\n" for sn in info["snapshots"])
     if "format-specific" in info:
         out.append("Format specific information:\n")
         _dump_obj(info["format-specific"]["data"], 1, out)

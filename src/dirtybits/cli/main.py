@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "io": ("dirtybits.cli.io", "run qemu-io style commands on an image"),
     "bitmap": ("dirtybits.cli.bitmap", "add, remove, change, dump persistent dirty bitmaps"),
     "resize": ("dirtybits.cli.resize", "change the virtual size of a disk image"),
+    "snapshot": ("dirtybits.cli.snapshot", "list, create, apply or delete internal snapshots"),
     "amend": ("dirtybits.cli.amend", "change dirtybits options of an image (resilient mode)"),
     "container": ("dirtybits.cli.container", "bitmaps for many raw drives in one qcow2 file"),
     "demo": ("dirtybits.cli.demo", "run the built-in demonstration"),

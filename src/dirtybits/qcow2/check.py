@@ -1160,9 +1160,6 @@ class _Checker:
     def _prepare_repair(self) -> None:
         """Refuse what repair must not touch; drop header state a writer must drop first."""
         hdr = self.hdr
-        if hdr.nb_snapshots:
-            raise UnsupportedFeatureError("repair of images with internal snapshots is not "
-                                          "supported")
         if hdr.crypt_method:
             raise UnsupportedFeatureError("repair of encrypted images is not supported")
         hc = self.hc

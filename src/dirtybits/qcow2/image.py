@@ -82,6 +82,11 @@ from dirtybits.format.qcow2.header import (
     pack_feature_table,
     unpack_feature_table,
 )
+from dirtybits.format.qcow2.snapshot import (
+    MAX_SNAPSHOTS_SIZE,
+    SNAPSHOT_HEADER,
+    SnapshotTableEntry,
+)
 from dirtybits.format.qcow2.tables import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
@@ -189,6 +194,8 @@ class Qcow2Image:
         self._direct: dict[int, int] = {}  # buffered fd -> O_DIRECT fd of the same file
         self._abuf: mmap.mmap | None = None
         self._growing_to = 0  # resize in progress: the allocation bound counts the new size
+        self._snapshots: list[SnapshotTableEntry] = []  # the internal snapshot table
+        self._snapshots_size = 0  # its length in bytes
 
     @classmethod
     def open(cls, path: str, *, readonly: bool = False, open_backing: bool = True,
@@ -294,9 +301,10 @@ class Qcow2Image:
             raise CorruptImageError(
                 f"{self.path}: image has the dirty bit set (lazy refcounts); "
                 "run 'dirtybits check -r all' before writing")
-        if h.nb_snapshots:
+        if h.nb_snapshots and self._uses_data_file:
             raise UnsupportedFeatureError(
-                f"{self.path}: images with internal snapshots can only be opened read-only")
+                f"{self.path}: images with internal snapshots and an external data file "
+                "can only be opened read-only")
 
     def _read_exact(self, fd: int, offset: int, length: int, what: str) -> bytes:
         try:
@@ -334,9 +342,42 @@ class Qcow2Image:
             if off:
                 meta.setdefault(off >> self.cluster_bits, "active L2 table")
         if h.nb_snapshots:
-            size_guess = max(cs, h.nb_snapshots * 40)
-            for i in range((size_guess + cs - 1) // cs):
-                meta.setdefault((h.snapshots_offset >> self.cluster_bits) + i, "snapshot table")
+            self._load_snapshots()
+
+    def _load_snapshots(self) -> None:
+        """Read the snapshot table (QEMU refuses to open an image whose table it cannot
+        read) and register it and the snapshots' L1 tables as metadata."""
+        h = self.hc.header
+        cb, cs = self.cluster_bits, self.cluster_size
+        start = pos = h.snapshots_offset
+        entries: list[SnapshotTableEntry] = []
+        for i in range(h.nb_snapshots):
+            pos = start + ((pos - start + 7) & ~7)
+            head = self._read_exact(self._fd, pos, SNAPSHOT_HEADER.size, "snapshot table")
+            (_l1o, _l1s, id_size, name_size, *_rest, extra_size) = SNAPSHOT_HEADER.unpack(head)
+            try:
+                if extra_size > 1024:
+                    raise FormatError("Too much extra metadata", structure="snapshot table")
+                rest = self._read_exact(self._fd, pos + len(head),
+                                        extra_size + id_size + name_size, "snapshot table")
+                sn, used = SnapshotTableEntry.unpack_from(head + rest, 0)
+            except FormatError:
+                raise FormatError(f"Too much extra metadata in snapshot table entry {i}",
+                                  structure="snapshot table", offset=pos) from None
+            entries.append(sn)
+            pos += used
+            if pos - start > MAX_SNAPSHOTS_SIZE:
+                raise FormatError("Snapshot table is too big", structure="snapshot table")
+        self._snapshots = entries
+        self._snapshots_size = pos - start
+        for c in range(start >> cb, ((pos - 1) >> cb) + 1):
+            self._meta.setdefault(c, "snapshot table")
+        for sn in entries:
+            off = sn.l1_table_offset
+            if off & (cs - 1) or not sn.l1_size or sn.l1_size * 8 > MAX_L1_BYTES:
+                continue  # damaged: QEMU refuses it when used, as snapshots.py does
+            for i in range((sn.l1_size * 8 + cs - 1) // cs):
+                self._meta.setdefault((off >> cb) + i, "inactive L1 table")
 
     def _enable_direct_io(self) -> None:
         flags = (os.O_RDONLY if self.readonly else os.O_RDWR) | getattr(os, "O_DIRECT", 0)
@@ -1028,8 +1069,33 @@ class Qcow2Image:
                 self._evict_l2()
             self._l2_cache[off] = tbl
         if allocate and not ent & OFLAG_COPIED:
-            raise UnsupportedFeatureError(
-                f"L2 table {off:#x} is shared (no COPIED flag); cannot write to it")
+            return self._cow_l2(l1_index, off, tbl)
+        self._last_l2_key = l1_index
+        self._last_l2 = tbl
+        return tbl
+
+    def _cow_l2(self, l1_index: int, old_off: int, old: bytearray) -> bytearray:
+        """Copy a shared L2 table (refcount above 1: a snapshot holds it too) before it
+        changes, as QEMU's l2_allocate: the copy keeps the entries as they are (their
+        clusters stay shared, their COPIED flags clear), the L1 entry moves to it with
+        COPIED, and the old table loses this reference once that L1 entry is durable."""
+        if old_off in self._l2_dirty:  # the snapshot's view of it must be on disk as is
+            self._write_dirty_refblocks()
+            self._sync()
+            self._pwrite_meta(old_off, old, "active L2 table")
+            self._l2_dirty.discard(old_off)
+        tbl = bytearray(old)
+        off = self._alloc_clusters(1)
+        self._meta[off >> self.cluster_bits] = "active L2 table"
+        if len(self._l2_cache) >= self._l2_cache_max:
+            self._evict_l2()
+        self._l2_cache[off] = tbl
+        self._l2_dirty.add(off)
+        self._l1[l1_index] = off | OFLAG_COPIED
+        self._l1_dirty = True
+        self._l1_dirty_idx.add(l1_index)
+        self._meta[old_off >> self.cluster_bits] = "inactive L2 table"
+        self._queue_free(old_off >> self.cluster_bits)
         self._last_l2_key = l1_index
         self._last_l2 = tbl
         return tbl
@@ -1565,6 +1631,9 @@ class Qcow2Image:
                     continue
                 tbl = self._l2_table(l1i, allocate=True)
                 assert tbl is not None
+            elif not self._l1[l1i] & OFLAG_COPIED:
+                tbl = self._l2_table(l1i, allocate=True)  # shared: copy it first
+                assert tbl is not None
             changed = False
             while goff < table_end:
                 idx = (goff >> cb) & l2mask
@@ -1708,6 +1777,8 @@ class Qcow2Image:
         h = self.hc.header
         if new_size % 512:
             raise UsageError("Image size must be a multiple of 512 bytes")
+        if h.nb_snapshots and h.version < 3:
+            raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots")
         if new_size < h.size:
             raise UnsupportedFeatureError("shrinking a qcow2 image is not supported")
         need = l1_entries_for(new_size, self.cluster_bits)
@@ -1873,6 +1944,36 @@ class Qcow2Image:
                 yield MapExtent(goff + m, n - m, 1, False, True, False)
         else:
             yield MapExtent(goff, n, 1 if self.backing is not None else 0, False, True, False)
+
+    # ------------------------------------------------------------------ snapshots
+    @property
+    def snapshots(self) -> list[SnapshotTableEntry]:
+        """The internal snapshots, in table order (a copy)."""
+        return list(self._snapshots)
+
+    def snapshot_create(self, name: str, **fields: int) -> SnapshotTableEntry:
+        """Take an internal snapshot; see ``dirtybits.qcow2.snapshots.create``."""
+        from dirtybits.qcow2 import snapshots
+
+        return snapshots.create(self, name, **fields)
+
+    def snapshot_delete(self, index: int) -> None:
+        """Delete snapshot ``index``; see ``dirtybits.qcow2.snapshots.delete``."""
+        from dirtybits.qcow2 import snapshots
+
+        snapshots.delete(self, index)
+
+    def snapshot_apply(self, index: int) -> None:
+        """Revert to snapshot ``index``; see ``dirtybits.qcow2.snapshots.apply``."""
+        from dirtybits.qcow2 import snapshots
+
+        snapshots.apply(self, index)
+
+    def snapshot_load(self, index: int) -> None:
+        """Show snapshot ``index`` read-only; see ``dirtybits.qcow2.snapshots.load``."""
+        from dirtybits.qcow2 import snapshots
+
+        snapshots.load(self, index)
 
     # ------------------------------------------------------------------ close
     def close(self) -> None:

@@ -1,0 +1,490 @@
+"""Internal snapshots: create, apply, delete and load, as QEMU 7.2's qcow2 driver does them.
+
+A snapshot is a copy of the active L1 table plus one more reference on every cluster it
+reaches (its L2 tables, data clusters, compressed payloads). A cluster with a refcount above 1
+is shared, so the engine copies it before changing it (``Qcow2Image._cow_l2`` for L2 tables,
+``_write_allocating`` for data), and ``QCOW_OFLAG_COPIED`` marks, in the active view only,
+exactly the clusters whose refcount is 1 (``qemu-img check`` verifies it).
+
+Order of the steps, the same as QEMU's, with what a crash at each point leaves:
+
+* create: copy the L1 table to new clusters; raise the refcounts and clear COPIED in the
+  active view, durable (refcounts first); then the new snapshot table, durable, and the header
+  switch to it. Before the switch a crash leaks the copy and leaves the refcounts one too
+  high (leaks); between the refcount and COPIED writes ``qemu-img check`` reports the COPIED
+  flags, as it does for QEMU's own crash there (fixed by ``check -r all``; no data at risk).
+* delete: the table without the entry, durable; only then the references drop (a crash
+  leaks) and COPIED is set where a refcount fell to 1.
+* apply: raise the refcounts of the snapshot's view, durable; switch the active L1 table to
+  the snapshot's (COPIED clear: every cluster is shared at that point, where QEMU writes the
+  stale flags until its last step); drop the old view's references; set COPIED.
+
+What QEMU refuses, so does this module, with QEMU's words: any snapshot operation on an
+image with an external data file; apply on an image with persistent bitmaps (they would not
+know the data changed under them).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import struct
+import time
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from dirtybits.errors import ImageError, UsageError
+from dirtybits.format.qcow2.header import (
+    AUTOCLEAR_BITMAPS,
+    EXT_BITMAPS,
+    INCOMPAT_EXTL2,
+    MAX_HOST_OFFSET,
+    MAX_L1_BYTES,
+)
+from dirtybits.format.qcow2.snapshot import (
+    EXTRA_KNOWN,
+    MAX_SNAPSHOTS,
+    SnapshotTableEntry,
+    pack_table,
+)
+from dirtybits.format.qcow2.tables import (
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    compressed_offset_bits,
+)
+from dirtybits.osfile import punch_hole
+
+if TYPE_CHECKING:
+    from dirtybits.qcow2.image import Qcow2Image
+
+log = logging.getLogger(__name__)
+
+_Q = struct.Struct(">Q")
+
+
+class SnapshotError(ImageError):
+    """A snapshot operation QEMU would refuse; ``errno`` is the code QEMU returns."""
+
+    def __init__(self, message: str, *, errno: int) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+def _refuse_data_file(img: Qcow2Image) -> None:
+    if img.has_data_file:
+        raise SnapshotError("Operation not supported", errno=errno.EOPNOTSUPP)
+
+
+# ------------------------------------------------------------------ lookups
+def find(img: Qcow2Image, id_or_name: str) -> int:
+    """Index of the snapshot with this ID, else the first with this name (QEMU's
+    find_snapshot_by_id_or_name, used to apply and to load); -1 when none."""
+    for i, sn in enumerate(img.snapshots):
+        if sn.id_str == id_or_name:
+            return i
+    return find_by_name(img, id_or_name)
+
+
+def find_by_name(img: Qcow2Image, name: str) -> int:
+    """Index of the first snapshot named ``name`` (bdrv_snapshot_find: qemu-img -d)."""
+    for i, sn in enumerate(img.snapshots):
+        if sn.name == name:
+            return i
+    return -1
+
+
+def _new_id(entries: list[SnapshotTableEntry]) -> str:
+    """One past the largest numeric ID (strtoul: leading digits, else 0)."""
+    top = 0
+    for sn in entries:
+        digits = ""
+        for ch in sn.id_str.lstrip(" \t\n"):
+            if not ch.isdigit():
+                break
+            digits += ch
+        top = max(top, int(digits) if digits else 0)
+    return str(top + 1)
+
+
+# ------------------------------------------------------------------ views
+def _extl2(img: Qcow2Image) -> bool:
+    return bool(img.hc.header.incompatible_features & INCOMPAT_EXTL2)
+
+
+def _descriptors(img: Qcow2Image, tbl: bytes | bytearray) -> list[int]:
+    """The standard 64-bit descriptor of each entry (the first half of an extended one)."""
+    n = img.cluster_size // 8
+    vals = struct.unpack(f">{n}Q", tbl)
+    return list(vals[::2]) if _extl2(img) else list(vals)
+
+
+def _table(img: Qcow2Image, off: int) -> bytes | bytearray:
+    tbl = img._l2_cache.get(off)
+    if tbl is not None:
+        return tbl
+    return img._read_exact(img._fd, off, img.cluster_size, "L2 table")
+
+
+def _check_table_offset(img: Qcow2Image, off: int, what: str) -> None:
+    if off & (img.cluster_size - 1) or off >= MAX_HOST_OFFSET:
+        raise ImageError(f"{img.path}: {what} offset {off:#x} is invalid")
+
+
+def _compressed_clusters(img: Qcow2Image, ent: int) -> range:
+    cb = img.cluster_bits
+    x = compressed_offset_bits(cb)
+    host = ent & ((1 << x) - 1)
+    end = (host & ~511) + (((ent >> x) & ((1 << (cb - 8)) - 1)) + 1) * 512
+    return range(host >> cb, ((end - 1) >> cb) + 1)
+
+
+def references(img: Qcow2Image, l1: list[int]) -> Counter[int]:
+    """How many references the view ``l1`` holds on each host cluster: its L2 tables, the
+    data and preallocated-zero clusters they name, and each host cluster a compressed
+    payload touches (once per compressed cluster, as QEMU counts them)."""
+    cb = img.cluster_bits
+    refs: Counter[int] = Counter()
+    for ent in l1:
+        off = ent & L1E_OFFSET_MASK
+        if not off:
+            continue
+        _check_table_offset(img, off, "L2 table")
+        refs[off >> cb] += 1
+        for e in _descriptors(img, _table(img, off)):
+            if not e:
+                continue
+            if e & OFLAG_COMPRESSED:
+                for c in _compressed_clusters(img, e):
+                    refs[c] += 1
+            elif e & L2E_OFFSET_MASK:
+                refs[(e & L2E_OFFSET_MASK) >> cb] += 1
+    return refs
+
+
+def _raise_refcounts(img: Qcow2Image, refs: Counter[int]) -> None:
+    """Add ``refs`` to the refcounts in memory, all or nothing (an overflow is refused
+    before anything changes: QEMU leaks the L1 copy there and answers EINVAL)."""
+    top = img._rc_max
+    for c, k in refs.items():
+        if img.get_refcount(c) + k > top:
+            raise SnapshotError("Invalid argument", errno=errno.EINVAL)
+    for c, k in refs.items():
+        img._update_refcount(c, k)
+
+
+def _drop_refcounts(img: Qcow2Image, refs: Counter[int]) -> None:
+    """Take ``refs`` away (nothing on disk names them any more); a cluster whose refcount
+    is already too low to give them is left alone (it leaks rather than underflows).
+
+    A cluster that falls to 0 is punched out of the file at once, as QEMU does for what
+    snapshots free (its discard-snapshot option is on by default): nothing names it and
+    nothing can allocate it before the punch.
+    """
+    cb = img.cluster_bits
+    freed: list[int] = []
+    for c, k in sorted(refs.items()):
+        have = img.get_refcount(c)
+        if have < k:
+            log.warning("%s: cluster %#x has refcount %d, below the %d references of the "
+                        "snapshot; left as it is", img.path, c << cb, have, k)
+            continue
+        if img._update_refcount(c, -k) == 0:
+            off = c << cb
+            img._l2_cache.pop(off, None)
+            img._l2_dirty.discard(off)
+            freed.append(c)
+    img._last_l2_key = -1
+    img._last_l2 = None
+    _punch(img, freed)
+
+
+def _punch(img: Qcow2Image, clusters: list[int]) -> None:
+    cb = img.cluster_bits
+    clusters = sorted(clusters)
+    i = 0
+    while i < len(clusters):
+        j = i + 1
+        while j < len(clusters) and clusters[j] == clusters[j - 1] + 1:
+            j += 1
+        img._unsynced = True
+        punch_hole(img._fd, clusters[i] << cb, (j - i) << cb)
+        i = j
+
+
+def _with_copied(img: Qcow2Image, e: int) -> int:
+    """``e`` with COPIED as QEMU's update_snapshot_refcount leaves it: set iff the cluster
+    is a plain or preallocated-zero one with refcount 1."""
+    e &= ~OFLAG_COPIED
+    if e & OFLAG_COMPRESSED or not e & L2E_OFFSET_MASK:
+        return e
+    if img.get_refcount((e & L2E_OFFSET_MASK) >> img.cluster_bits) == 1:
+        e |= OFLAG_COPIED
+    return e
+
+
+def _fixed_table(img: Qcow2Image, tbl: bytes | bytearray) -> bytearray | None:
+    """A copy of ``tbl`` with every COPIED flag right, or None when none changes."""
+    step = 16 if _extl2(img) else 8
+    out: bytearray | None = None
+    for pos in range(0, img.cluster_size, step):
+        e = _Q.unpack_from(tbl, pos)[0]
+        if not e:
+            continue
+        want = _with_copied(img, e)
+        if want != e:
+            if out is None:
+                out = bytearray(tbl)
+            _Q.pack_into(out, pos, want)
+    return out
+
+
+def _fix_active_copied(img: Qcow2Image) -> None:
+    """COPIED in the active L1 and L2 tables from the refcounts in memory (the next flush
+    writes them, L2 tables before the L1 table)."""
+    cb = img.cluster_bits
+    for i, ent in enumerate(img._l1):
+        off = ent & L1E_OFFSET_MASK
+        if not off:
+            continue
+        fixed = _fixed_table(img, _table(img, off))
+        if fixed is not None:
+            cached = img._l2_cache.get(off)
+            if cached is not None:
+                cached[:] = fixed
+            else:
+                img._l2_cache[off] = fixed
+            img._l2_dirty.add(off)
+        want = off | (OFLAG_COPIED if img.get_refcount(off >> cb) == 1 else 0)
+        if want != ent:
+            img._l1[i] = want
+            img._l1_dirty = True
+            img._l1_dirty_idx.add(i)
+    img._last_l2_key = -1
+    img._last_l2 = None
+
+
+def _fix_inactive_copied(img: Qcow2Image, l1: list[int], skip: set[int]) -> None:
+    """COPIED in the surviving L2 tables of an inactive view, written at once (QEMU keeps
+    them exact too; ``check`` looks only at the active view, so this is for byte parity)."""
+    cb = img.cluster_bits
+    for ent in l1:
+        off = ent & L1E_OFFSET_MASK
+        if not off or off in skip or not img.get_refcount(off >> cb):
+            continue
+        fixed = _fixed_table(img, _table(img, off))
+        if fixed is not None:
+            role = img._meta.get(off >> cb, "inactive L2 table")
+            img._pwrite_meta(off, fixed, role)
+            cached = img._l2_cache.get(off)
+            if cached is not None:
+                cached[:] = fixed
+
+
+def _read_l1(img: Qcow2Image, sn: SnapshotTableEntry) -> list[int]:
+    """A snapshot's L1 table, after QEMU's qcow2_validate_table checks."""
+    if sn.l1_size * 8 > MAX_L1_BYTES:
+        raise ImageError(f"{img.path}: Snapshot L1 table too large")
+    if sn.l1_table_offset & (img.cluster_size - 1):
+        raise ImageError(f"{img.path}: Snapshot L1 table offset invalid")
+    if not sn.l1_size:
+        return []
+    raw = img._read_exact(img._fd, sn.l1_table_offset, sn.l1_size * 8, "snapshot L1 table")
+    return list(struct.unpack(f">{sn.l1_size}Q", raw))
+
+
+def _l1_clusters(img: Qcow2Image, offset: int, entries: int) -> range:
+    cs = img.cluster_size
+    return range(offset >> img.cluster_bits,
+                 (offset >> img.cluster_bits) + (entries * 8 + cs - 1) // cs)
+
+
+# ------------------------------------------------------------------ the table
+def _write_table(img: Qcow2Image, entries: list[SnapshotTableEntry]) -> None:
+    """Write ``entries`` as a new snapshot table and switch the header to it (QEMU's
+    qcow2_write_snapshots): new clusters, durable, then the header, durable, then the old
+    table's clusters are released."""
+    h = img.hc.header
+    data = pack_table(entries, img.size)
+    old_off, old_size = h.snapshots_offset, img._snapshots_size
+    cb = img.cluster_bits
+    off = 0
+    if entries:
+        n = (len(data) + img.cluster_size - 1) >> cb
+        off = img._alloc_clusters(n)
+        for i in range(n):
+            img._meta[(off >> cb) + i] = "snapshot table"
+        img._write_dirty_refblocks()
+        img._sync()
+        img._pwrite_meta(off, data, "snapshot table")
+        img._sync()
+    img._set_header(h.replace(nb_snapshots=len(entries), snapshots_offset=off))
+    if old_off and h.nb_snapshots:
+        first = old_off >> cb
+        old = Counter(c for c in range(first, ((old_off + max(1, old_size) - 1) >> cb) + 1)
+                      if img.get_refcount(c))
+        _drop_refcounts(img, old)
+    img._snapshots = list(entries)
+    img._snapshots_size = len(data)
+
+
+# ------------------------------------------------------------------ operations
+def create(img: Qcow2Image, name: str, *, date_sec: int | None = None,
+           date_nsec: int | None = None, vm_clock_nsec: int = 0, vm_state_size: int = 0,
+           icount: int = 0) -> SnapshotTableEntry:
+    """Take a disk-only snapshot of the active state (``qemu-img snapshot -c NAME``).
+
+    Raises SnapshotError (an external data file: EOPNOTSUPP; 65536 snapshots already: EFBIG;
+    a refcount that would overflow, as with refcount_bits=1: EINVAL), ReadOnlyError,
+    ImageIOError.
+    """
+    img._check_writable()
+    _refuse_data_file(img)
+    if len(img.snapshots) >= MAX_SNAPSHOTS:
+        raise SnapshotError("File too large", errno=errno.EFBIG)
+    img.flush()
+    refs = references(img, img._l1)
+    top = img._rc_max
+    if any(img.get_refcount(c) + k > top for c, k in refs.items()):
+        raise SnapshotError("Invalid argument", errno=errno.EINVAL)
+    if date_sec is None or date_nsec is None:
+        now = time.time_ns()
+        date_sec, date_nsec = now // 1_000_000_000, now % 1_000_000_000 // 1000 * 1000
+    cb = img.cluster_bits
+    l1_size = len(img._l1)
+    l1_off = 0
+    if l1_size:
+        clusters = (l1_size * 8 + img.cluster_size - 1) >> cb
+        l1_off = img._alloc_clusters(clusters)
+        for i in range(clusters):
+            img._meta[(l1_off >> cb) + i] = "inactive L1 table"
+        # the flags as they are now, as QEMU copies them (only the active view's count)
+        img._pwrite_meta(l1_off, struct.pack(f">{l1_size}Q", *img._l1), "inactive L1 table")
+    _raise_refcounts(img, refs)
+    _fix_active_copied(img)
+    img.flush()  # refcounts, then L2 tables, then the L1 table, each durable
+    # QEMU keeps a name in a 256-byte C string: longer names are cut to 255 bytes
+    name = name.encode("utf-8", errors="surrogateescape")[:255].decode(
+        "utf-8", errors="surrogateescape")
+    entry = SnapshotTableEntry(
+        l1_table_offset=l1_off, l1_size=l1_size, id_str=_new_id(img.snapshots), name=name,
+        date_sec=date_sec, date_nsec=date_nsec, vm_clock_nsec=vm_clock_nsec,
+        vm_state_size=vm_state_size, disk_size=img.size, icount=icount,
+        extra_data_size=EXTRA_KNOWN)
+    _write_table(img, [*img.snapshots, entry])
+    img.flush()
+    log.info("%s: snapshot %s (%r) created", img.path, entry.id_str, name)
+    return entry
+
+
+def delete(img: Qcow2Image, index: int) -> None:
+    """Delete snapshot ``index`` and release what only it referenced.
+
+    Raises SnapshotError (external data file), ImageError (its L1 table is invalid),
+    ReadOnlyError, ImageIOError.
+    """
+    img._check_writable()
+    _refuse_data_file(img)
+    sn = img.snapshots[index]
+    sn_l1 = _read_l1(img, sn)
+    img.flush()
+    refs = references(img, sn_l1)
+    for c in _l1_clusters(img, sn.l1_table_offset, sn.l1_size) if sn.l1_size else ():
+        refs[c] += 1
+    _write_table(img, [s for i, s in enumerate(img.snapshots) if i != index])
+    # nothing on disk names the snapshot now: its references can go
+    _drop_refcounts(img, refs)
+    img._write_dirty_refblocks()
+    img._sync()
+    active = {e & L1E_OFFSET_MASK for e in img._l1}
+    _fix_inactive_copied(img, sn_l1, active)
+    _fix_active_copied(img)
+    img.flush()
+    log.info("%s: snapshot %s (%r) deleted", img.path, sn.id_str, sn.name)
+
+
+def has_bitmaps(img: Qcow2Image) -> bool:
+    """Whether QEMU would load persistent bitmaps from this image."""
+    h = img.hc.header
+    ext = img.hc.extension(EXT_BITMAPS)
+    return bool(ext is not None and h.autoclear_features & AUTOCLEAR_BITMAPS
+                and len(ext.data) >= 4 and struct.unpack_from(">I", ext.data, 0)[0])
+
+
+def apply(img: Qcow2Image, index: int) -> None:
+    """Revert the disk to snapshot ``index`` (``qemu-img snapshot -a``); the disk takes the
+    snapshot's size.
+
+    Raises SnapshotError (bitmaps: EBUSY, "Device has active dirty bitmaps"; external data
+    file), ImageError (its L1 table is invalid), ReadOnlyError, ImageIOError.
+    """
+    img._check_writable()
+    _refuse_data_file(img)
+    if has_bitmaps(img):
+        raise SnapshotError("Device has active dirty bitmaps", errno=errno.EBUSY)
+    sn = img.snapshots[index]
+    sn_l1 = _read_l1(img, sn)
+    size = sn.disk_size if sn.disk_size is not None else img.size
+    if size > img.size:
+        img.resize(size)
+    if len(sn_l1) > len(img._l1):
+        raise ImageError(f"{img.path}: snapshot {sn.id_str} has an L1 table larger than "
+                         "its disk needs")
+    img.flush()
+    cb = img.cluster_bits
+    new_refs = references(img, sn_l1)
+    old_l1 = list(img._l1)
+    old_refs = references(img, old_l1)
+    _raise_refcounts(img, new_refs)
+    img._write_dirty_refblocks()
+    img._sync()
+    # the snapshot's own tables lose COPIED (everything they name is shared now), as QEMU
+    _fix_inactive_copied(img, sn_l1, set())
+    if sn.l1_size:
+        cleared = [e & ~OFLAG_COPIED for e in sn_l1]
+        if cleared != sn_l1:
+            img._pwrite_meta(sn.l1_table_offset, struct.pack(f">{sn.l1_size}Q", *cleared),
+                             "inactive L1 table")
+    new_l1 = [e & ~OFLAG_COPIED for e in sn_l1] + [0] * (len(old_l1) - len(sn_l1))
+    img._sync()
+    h = img.hc.header
+    if new_l1:
+        img._pwrite_meta(h.l1_table_offset, struct.pack(f">{len(new_l1)}Q", *new_l1),
+                         "active L1 table")
+    img._sync()
+    img._l1 = new_l1
+    img._l1_dirty = False
+    img._l1_dirty_idx.clear()
+    for ent in old_l1:
+        off = ent & L1E_OFFSET_MASK
+        if off:
+            img._meta[off >> cb] = "inactive L2 table"
+    for ent in new_l1:
+        off = ent & L1E_OFFSET_MASK
+        if off:
+            img._meta[off >> cb] = "active L2 table"
+    _drop_refcounts(img, old_refs)
+    img._write_dirty_refblocks()
+    img._sync()
+    if size < img.size:
+        img._set_header(img.hc.header.replace(size=size))
+    _fix_active_copied(img)
+    img.flush()
+    log.info("%s: snapshot %s (%r) applied", img.path, sn.id_str, sn.name)
+
+
+def load(img: Qcow2Image, index: int) -> None:
+    """Show snapshot ``index`` instead of the active state, read-only (QEMU's
+    qcow2_snapshot_load_tmp, for ``convert -l``). Raises UsageError on a writable image,
+    ImageError when the snapshot's L1 table is invalid."""
+    if not img.readonly:
+        raise UsageError("a snapshot can only be loaded into a read-only image")
+    sn = img.snapshots[index]
+    sn_l1 = _read_l1(img, sn)
+    need = len(img._l1)
+    img._l1 = sn_l1 + [0] * max(0, need - len(sn_l1))
+    img._l2_cache.clear()
+    img._last_l2_key = -1
+    img._last_l2 = None
+    img._decomp_key = -1
