@@ -110,3 +110,21 @@ def test_resilient_bench_quick_runs_and_checks_pass(qemu_tools: dict[str, str],
         assert set(r["median_seconds"]) == {"qemu", "plain", "resilient"}
         assert r["syncs"]["resilient"] > r["syncs"]["plain"] > 0
     assert [p.name for p in tmp_path.iterdir()] == ["resilient.json"]
+
+
+@pytest.mark.interop
+def test_snapshot_bench_quick_runs_and_checks_pass(qemu_tools: dict[str, str],
+                                                   tmp_path: Path) -> None:
+    """Both tools' copy-on-write runs pass the bench's checks (check clean, results equal,
+    the snapshot unchanged) and a rate comes out for each cache mode."""
+    out = tmp_path / "snapshot.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "snapshot_bench.py"), "--quick", "--size", "8M",
+         "--ops", "100", "--dir", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    assert results["problems"] == []
+    assert set(results["writes_per_second"]) == {"none", "writeback"}
+    assert [p.name for p in tmp_path.iterdir()] == ["snapshot.json"]

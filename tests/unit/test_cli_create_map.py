@@ -339,10 +339,21 @@ def test_map_raw_tail_is_rounded_up_to_a_sector(tmp_path: Path,
 
 def test_map_sparse_data_clusters_read_as_zero_past_holes(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # Writes of a few bytes into fresh clusters leave holes in the file; with more clusters in
-    # use than on disk, QEMU checks the holes (BDRV_BLOCK_RECURSE) and so must we.
+    # Data clusters with holes in the file (a punched tail); with more clusters in use than
+    # on disk, QEMU checks the holes (BDRV_BLOCK_RECURSE) and so must we.
+    from dirtybits.osfile import punch_hole
+
     img = qcow2(tmp_path / "s.qcow2", 16 * MiB)
     write(img, *[("w", i * MiB, 100, 1) for i in range(8)])
+    with Qcow2Image.open(str(img), readonly=True) as q:
+        hosts = [e.offset for i in range(8) for e in q.block_status(i * MiB, 64 * KiB)]
+    fd = os.open(img, os.O_RDWR)
+    try:
+        for host in hosts:
+            assert host is not None
+            punch_hole(fd, host + 4 * KiB, 60 * KiB)
+    finally:
+        os.close(fd)
     got = map_json(capsys, img)
     first, second = got[0], got[1]
     assert (first["start"], first["zero"], first["data"]) == (0, False, True)

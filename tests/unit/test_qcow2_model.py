@@ -3,7 +3,8 @@
 Every example creates a small qcow2 (a few MiB) with one cluster size, refcount width, qcow2
 version and backing kind, then runs a random sequence of write / write_zeroes (unmap on and
 off) / discard / resize / reopen / flush on it while a ``bytearray`` oracle applies the same
-operations with QEMU's semantics:
+operations with QEMU's semantics (and keeps the disk as each internal snapshot saw it:
+snapshot create / apply / delete, every snapshot read back through a second read-only open):
 
 * write stores the bytes, write_zeroes stores zeros (unmap or not);
 * discard drops only *whole* clusters, which then read as zeros; partial clusters at the edges
@@ -52,12 +53,13 @@ from hypothesis.stateful import (
 )
 
 from dirtybits.block.raw import RawImage
-from dirtybits.errors import DirtybitsError
+from dirtybits.errors import DirtybitsError, UnsupportedFeatureError
 from dirtybits.format.qcow2.header import HeaderCluster
 from dirtybits.format.qcow2.tables import L1E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO
 from dirtybits.qcow2 import image as image_module
 from dirtybits.qcow2.check import check_image
 from dirtybits.qcow2.image import Qcow2Image
+from dirtybits.qcow2.snapshots import SnapshotError
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -198,6 +200,7 @@ class Qcow2Model(RuleBasedStateMachine):
         self.oracle = bytearray()
         self.backing_path: str | None = None
         self.backing_data = b""
+        self.snaps: dict[str, bytes] = {}  # snapshot ID -> the disk when it was taken
 
     # ------------------------------------------------------------------ setup
     @initialize(
@@ -320,6 +323,10 @@ class Qcow2Model(RuleBasedStateMachine):
     def resize(self, grow: int) -> None:
         new = min(self.size + grow, MAX_DISK)
         old = self.size
+        if self.cfg.compat == "0.10" and self.snaps:
+            with pytest.raises(UnsupportedFeatureError, match="v2 image which has snapshots"):
+                self._image().resize(new)
+            return
         self._image().resize(new)
         self.oracle += bytes(new - old)
         self._verify_range(max(0, old - self.cfg.cluster_size), new, f"resize {old}->{new}")
@@ -344,6 +351,21 @@ class Qcow2Model(RuleBasedStateMachine):
     def full_read(self) -> None:
         self._verify_all("full read")
 
+    def _check_snapshots(self, what: str) -> None:
+        """Every snapshot reads what the disk read when it was taken (a second, read-only
+        open of the flushed file, -U: the writer keeps its lock)."""
+        if self.img is not None:
+            self.img.flush()
+        with Qcow2Image.open(self.path, readonly=True, force_share=True) as ro:
+            entries = ro.snapshots
+        assert sorted(sn.id_str for sn in entries) == sorted(self.snaps), what
+        for index, sn in enumerate(entries):
+            with Qcow2Image.open(self.path, readonly=True, force_share=True) as ro:
+                ro.snapshot_load(index)
+                want = self.snaps[sn.id_str]
+                n = min(len(want), ro.size)
+                assert_bytes(ro.read(0, n), want[:n], f"{what}: snapshot {sn.id_str}")
+
     # ------------------------------------------------------------------ the end
     def teardown(self) -> None:
         try:
@@ -354,6 +376,8 @@ class Qcow2Model(RuleBasedStateMachine):
                     assert img.size == self.size
                     assert_bytes(img.read(0, self.size), self.oracle, "final read after close")
                 assert_check_clean(self.path, "at the end")
+                if self.snaps:
+                    self._check_snapshots("at the end")
                 self._check_backing_unchanged()
         finally:
             if self.img is not None:
@@ -374,6 +398,56 @@ class Qcow2Model(RuleBasedStateMachine):
         assert_bytes(got, self.backing_data, "backing file content")
 
 
+
+
+class Qcow2SnapshotModel(Qcow2Model):
+    """The same machine with internal snapshots: create, apply, delete, and every snapshot
+    read back (its own class, so the base machine's budget still finds the planted bugs)."""
+
+    @rule(name=st.sampled_from(["a", "b", ""]))
+    @step
+    def snapshot_create(self, name: str) -> None:
+        img = self._image()
+        try:
+            sn = img.snapshot_create(name)
+        except SnapshotError:
+            # only a refcount that cannot count two references refuses (refcount_bits=1)
+            assert self.cfg.refcount_bits == 1
+            self._verify_all("after a refused snapshot")
+            return
+        self.snaps[sn.id_str] = bytes(self.oracle)
+        self._verify_all(f"after snapshot {sn.id_str}")
+
+    @precondition(lambda self: bool(self.snaps))
+    @rule(data=st.data())
+    @step
+    def snapshot_apply(self, data: st.DataObject) -> None:
+        img = self._image()
+        ids = [sn.id_str for sn in img.snapshots]
+        assert sorted(ids) == sorted(self.snaps), "the snapshot table lost or gained one"
+        index = data.draw(st.integers(0, len(ids) - 1), label="snapshot")
+        img.snapshot_apply(index)
+        self.oracle = bytearray(self.snaps[ids[index]])
+        self._verify_all(f"after apply of {ids[index]}")
+
+    @precondition(lambda self: bool(self.snaps))
+    @rule(data=st.data())
+    @step
+    def snapshot_delete(self, data: st.DataObject) -> None:
+        img = self._image()
+        ids = [sn.id_str for sn in img.snapshots]
+        index = data.draw(st.integers(0, len(ids) - 1), label="snapshot")
+        img.snapshot_delete(index)
+        del self.snaps[ids[index]]
+        self._verify_all(f"after delete of {ids[index]}")
+
+    @precondition(lambda self: bool(self.snaps))
+    @rule()
+    @step
+    def snapshot_read(self) -> None:
+        self._check_snapshots("snapshot read (image open)")
+
+
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
 def test_engine_matches_model(cfg: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if cfg.tiny_caches:
@@ -381,6 +455,25 @@ def test_engine_matches_model(cfg: Config, tmp_path: Path, monkeypatch: pytest.M
     machine = type(f"Qcow2Model_{cfg}".replace("-", "_").replace(".", "_"), (Qcow2Model,),
                    {"cfg": cfg, "base_dir": tmp_path})
     run_state_machine_as_test(machine, settings=MODEL_SETTINGS)
+
+
+# snapshots on every cluster size and refcount width (1 bit: a snapshot is refused once a
+# cluster is in use), over each backing kind, v2, and tiny caches
+SNAPSHOT_CONFIGS = [Config(512, 16, "qcow2"), Config(4 * KiB, 1, "none"),
+                    Config(64 * KiB, 64, "raw"), Config(2 * MiB, 16, "none"),
+                    Config(4 * KiB, 16, "none", "0.10"),
+                    Config(512, 16, "none", tiny_caches=True)]
+
+
+@pytest.mark.parametrize("cfg", SNAPSHOT_CONFIGS, ids=str)
+def test_engine_with_snapshots_matches_model(cfg: Config, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    if cfg.tiny_caches:
+        monkeypatch.setattr(image_module, "DEFAULT_REFBLOCK_CACHE_BYTES", 1)
+    machine = type(f"Qcow2SnapshotModel_{cfg}".replace("-", "_").replace(".", "_"),
+                   (Qcow2SnapshotModel,), {"cfg": cfg, "base_dir": tmp_path})
+    run_state_machine_as_test(machine, settings=settings(MODEL_SETTINGS, max_examples=max(
+        MODEL_SETTINGS.max_examples, 12), stateful_step_count=30))
 
 
 # --------------------------------------------------------------------------- planted bugs

@@ -903,14 +903,18 @@ class Qcow2Image:
         """Host cluster index no allocation of a sane image can reach.
 
         Everything the disk can ever need (every data cluster, its L2 and refcount
-        metadata, twice over for copy-on-write structures) past what the file already holds.
+        metadata, twice over for copy-on-write structures, once more for each internal
+        snapshot) past what the file already holds.
         A scan beyond it means damaged refcounts; refusing beats filling the filesystem.
         """
         size = max(self.hc.header.size, self._growing_to)
         data = (size + self._cmask) >> self.cluster_bits
         meta = data // max(1, min(self.l2_entries, self._rb_entries)) + 1
         start = (self._file_end_at_open + self._cmask) >> self.cluster_bits
-        return start + 2 * (data + meta) + len(self._meta) + 4096
+        # each internal snapshot may hold a whole copy of the disk (and its L1 table)
+        views = 2 + len(self._snapshots)
+        l1 = len(self._l1) * 8 // self.cluster_size + 1
+        return start + views * (data + meta + l1) + len(self._meta) + 4096
 
     def _find_free_run(self, n: int, hint: int) -> int:
         idx = hint
@@ -1418,6 +1422,8 @@ class Qcow2Image:
             tail = max(0, min(tail, self.hc.header.size - run_end))
         head_data = self._old_content(olds[0], cluster_start, head, fresh) if head else None
         tail_data = self._old_content(olds[-1], run_end, tail, fresh) if tail else None
+        if fresh and ((head and head_data is None) or (tail and tail_data is None)):
+            self._zero_fresh(host, count << cb)
         parts: list[Buffer] = []
         wstart = host
         if head:
@@ -1437,6 +1443,17 @@ class Qcow2Image:
         for old in olds:
             self._release_entry(old)
         return pos + data_len
+
+    def _zero_fresh(self, host: int, length: int) -> None:
+        """New clusters past the end of the file whose copy-on-write parts are zeros: one
+        fallocate over them instead of writing those zeros (QEMU's handle_alloc_space, a
+        write-zeroes without fallback), so the file ends where QEMU's does."""
+        try:
+            os.posix_fallocate(self._fd, host, length)
+        except OSError:
+            return  # no space, or no support: the data write still does the job
+        self._unsynced = True
+        self._file_end = max(self._file_end, host + length)
 
     def _old_content(self, ent: int, goff: int, length: int, fresh: bool) -> Buffer | None:
         """Bytes ``[goff, goff+length)`` as the cluster read before this write; None = zeros
@@ -1568,13 +1585,17 @@ class Qcow2Image:
         else:
             last_full_cluster_end = last_full
         use_flag = self.hc.header.version >= 3 and not (self.has_data_file and self.data_file_raw)
-        if not use_flag or first_full >= last_full:
+        # v2 has no zero flag: without a backing file a whole cluster reads as zeros once
+        # deallocated, which QEMU does (qcow2_subcluster_zeroize falls back to a discard)
+        v2_drop = (self.hc.header.version < 3 and self.backing is None
+                   and not self.hc.backing_name)
+        if not (use_flag or v2_drop) or first_full >= last_full:
             self._write_zero_bytes(offset, length)
             return
         if offset < first_full:
             self._write_zero_bytes(offset, first_full - offset)
         self._zero_clusters(first_full, last_full_cluster_end - first_full, unmap=unmap,
-                            discard=False)
+                            discard=v2_drop)
         if last_full < end:
             self._write_zero_bytes(last_full, end - last_full)
 
@@ -1647,10 +1668,11 @@ class Qcow2Image:
                         new, release = (OFLAG_ZERO if v3 else 0), ent
                     else:
                         new = ent
-                elif compressed or (host and (unmap or not ent & OFLAG_COPIED)):
+                elif compressed or (host and unmap):
                     new, release = OFLAG_ZERO, ent
                 else:
-                    # QEMU's zero_in_l2_slice: keep any allocation, add the zero flag
+                    # QEMU's zero_in_l2_slice: keep any allocation (shared or not), add
+                    # the zero flag
                     new = ent | OFLAG_ZERO
                 if new != ent:
                     _pack_q(tbl, idx * 8, new)

@@ -467,6 +467,8 @@ def apply(img: Qcow2Image, index: int) -> None:
     _drop_refcounts(img, old_refs)
     img._write_dirty_refblocks()
     img._sync()
+    # the old view's tables that other snapshots still hold get their COPIED flags right
+    _fix_inactive_copied(img, old_l1, {e & L1E_OFFSET_MASK for e in new_l1})
     if size < img.size:
         img._set_header(img.hc.header.replace(size=size))
     _fix_active_copied(img)
