@@ -940,13 +940,30 @@ class Qcow2Image:
                 run += 1
                 idx += 1
                 continue
-            if idx in meta or rc.get_refcount(blk, idx & rb_mask, order):
+            if idx in meta:
                 idx += 1
+                run, run_start = 0, idx
+                continue
+            if rc.get_refcount(blk, idx & rb_mask, order):
+                # in use: jump to the next free entry of this block in one C-speed search
+                # (a scan from the start of a full disk otherwise costs a call a cluster)
+                idx = self._next_zero_refcount(blk, idx) if order >= 3 else idx + 1
                 run, run_start = 0, idx
                 continue
             run += 1
             idx += 1
         return run_start
+
+    def _next_zero_refcount(self, blk: bytearray, idx: int) -> int:
+        """First cluster index after ``idx`` whose entry in ``blk`` (``idx``'s refcount
+        block, 8 bits a refcount or more) is 0, or the first index of the next block."""
+        width = 1 << (self._rc_order - 3)
+        zero = bytes(width)
+        base = idx & ~(self._rb_entries - 1)
+        pos = blk.find(zero, ((idx & (self._rb_entries - 1)) + 1) * width)
+        while pos != -1 and pos % width:
+            pos = blk.find(zero, pos + width - pos % width)
+        return base + (pos // width if pos != -1 else self._rb_entries)
 
     def _grow_reftable(self, min_entries: int) -> None:
         """Move the refcount table to a larger place past everything in use.
