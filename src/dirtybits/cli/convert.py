@@ -169,7 +169,7 @@ def _create_target(name: str, fmt: str, options: str, size: int) -> bool:
         Qcow2Image.create(name, c.size, cluster_size=c.cluster_size,
                           refcount_bits=c.refcount_bits, compat=c.compat,
                           data_file=c.data_file, data_file_raw=c.data_file_raw,
-                          lazy_refcounts=c.lazy_refcounts)
+                          lazy_refcounts=c.lazy_refcounts, extended_l2=c.extended_l2)
         return zero_init
     except QemuError as exc:
         raise exc.prefixed(f"{name}: error while converting {fmt}: ") from None
