@@ -623,8 +623,13 @@ class Qcow2ExtL2Image(Qcow2Image):
             yield MapExtent(start, n, 0, True, True, False, host, fname)
         elif kind == ZERO_PLAIN:
             yield MapExtent(start, n, 0, True, True, False)
-        elif kind == UNALLOC_ALLOC and self.backing is None:
-            # not allocated here, nothing below: zero, with the host offset QEMU reports
-            yield MapExtent(start, n, 0, False, True, False, host, fname)
+        elif kind == UNALLOC_ALLOC:
+            # not allocated here: the backing file's status where it reaches; past it (or
+            # without one) zero, with the host offset QEMU reports
+            m = max(0, min(n, self.backing.size - start)) if self.backing is not None else 0
+            if m:
+                yield from self._unallocated_status(start, m)
+            if m < n:
+                yield MapExtent(start + m, n - m, 0, False, True, False, host + m, fname)
         else:
             yield from self._unallocated_status(start, n)
