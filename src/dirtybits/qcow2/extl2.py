@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from typing import Any
 
 from dirtybits.format.qcow2.header import MAX_HOST_OFFSET
 from dirtybits.format.qcow2.tables import (
@@ -85,6 +86,11 @@ def _clz32(x: int) -> int:
 
 class Qcow2ExtL2Image(Qcow2Image):
     """An open qcow2 image with extended L2 entries; opened through ``Qcow2Image.open``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # subcluster bitmap (and "allocated" as bit 64) -> runs a read walks
+        self._runs_memo: dict[int, tuple[tuple[int, int, int], ...]] = {}
 
     # ------------------------------------------------------------------ entries
     @property
@@ -151,23 +157,81 @@ class Qcow2ExtL2Image(Qcow2Image):
         return out
 
     # ------------------------------------------------------------------ read
+    def _cluster_runs(self, l1i: int, idx: int, ent: int,
+                      bm: int) -> tuple[tuple[int, int, int], ...]:
+        """Runs ``(start, end, kind)`` (bytes in the cluster) of an uncompressed cluster as a
+        read sees them: NORMAL (host), ZERO_PLAIN (zeros) or UNALLOC (backing / zeros).
+        Memoized by bitmap; an invalid entry signals corruption."""
+        allocated = self._checked(l1i, idx, ent, bm)
+        key = bm | (allocated << 64)
+        runs = self._runs_memo.get(key)
+        if runs is not None:
+            return runs
+        scb = self._scb()
+        out: list[tuple[int, int, int]] = []
+        for sc in range(SUBCLUSTERS):
+            kind = sc_type(allocated, bm, sc)
+            kind = (ZERO_PLAIN if kind in (ZERO_PLAIN, ZERO_ALLOC)
+                    else UNALLOC if kind in (UNALLOC, UNALLOC_ALLOC) else NORMAL)
+            if out and out[-1][2] == kind:
+                out[-1] = (out[-1][0], (sc + 1) << scb, kind)
+            else:
+                out.append((sc << scb, (sc + 1) << scb, kind))
+        if len(self._runs_memo) > 4096:
+            self._runs_memo.clear()
+        runs = self._runs_memo[key] = tuple(out)
+        return runs
+
+    def _read_unallocated(self, goff: int, view: memoryview) -> None:
+        n = len(view)
+        backing = self.backing
+        if backing is not None and goff < backing.size:
+            m = min(n, backing.size - goff)
+            read_into = getattr(backing, "read_into", None)
+            if read_into is not None:
+                read_into(goff, view[:m])  # straight into the caller's buffer
+            else:
+                view[:m] = backing.read(goff, m)
+            if m < n:
+                view[m:] = bytes(n - m)
+        else:
+            view[:] = bytes(n)
+
     def _read_into(self, offset: int, view: memoryview) -> None:
+        """Read by runs of subclusters of one kind, merged across clusters (one pread per
+        run of host-contiguous data, one backing read per run of unallocated subclusters)."""
         cb = self.cluster_bits
         cs = self.cluster_size
         cmask = cs - 1
-        scb = cb - 5
         l2b = self.l2_bits
         l2mask = self.l2_entries - 1
         dfa = self._dfa
-        pos = 0
+        memo = self._runs_memo
+        data_fd = self._data_fd
         total = len(view)
+        # the pending run: kind (-1: none), view range, host offset of its start
+        pk, pstart, pend, phost = -1, 0, 0, 0
+
+        def emit() -> None:
+            if pk == NORMAL:
+                self._pread_into(data_fd, phost, view[pstart:pend])
+            elif pk == ZERO_PLAIN:
+                view[pstart:pend] = bytes(pend - pstart)
+            elif pk == UNALLOC:
+                self._read_unallocated(offset + pstart, view[pstart:pend])
+
+        pos = 0
         while pos < total:
             goff = offset + pos
             l1i = goff >> (cb + l2b)
             tbl = self._l2_table(l1i, allocate=False)
             stop = min(total, ((l1i + 1) << (cb + l2b)) - offset)
             if tbl is None:
-                self._read_unallocated(goff, view[pos:stop])
+                if pk == UNALLOC and pend == pos:
+                    pend = stop
+                else:
+                    emit()
+                    pk, pstart, pend = UNALLOC, pos, stop
                 pos = stop
                 continue
             while pos < stop:
@@ -175,60 +239,38 @@ class Qcow2ExtL2Image(Qcow2Image):
                 idx = (goff >> cb) & l2mask
                 ent, bm = _unpack_qq(tbl, idx * 16)
                 in_cluster = goff & cmask
-                n = min(cs - in_cluster, stop - pos)
+                base = pos - in_cluster  # view position of the cluster's start
+                cend = min(cs, stop - base)
                 if ent & OFLAG_COMPRESSED:
+                    emit()
+                    pk = -1
                     data = self._decompress(ent, goff)
-                    view[pos:pos + n] = data[in_cluster:in_cluster + n]
-                    pos += n
+                    view[pos:base + cend] = data[in_cluster:cend]
+                    pos = base + cend
                     continue
                 host = ent & L2E_OFFSET_MASK
-                if bm == ALL_ALLOC and (host or ent & dfa) and not host & cmask \
-                        and host < MAX_HOST_OFFSET:
-                    # whole cluster from the host: coalesce physically contiguous ones
-                    hstart = host + in_cluster
-                    while pos + n < stop:
-                        nidx = ((offset + pos + n) >> cb) & l2mask
-                        if nidx == 0:
-                            break
-                        nent, nbm = _unpack_qq(tbl, nidx * 16)
-                        if nbm != ALL_ALLOC or nent & OFLAG_COMPRESSED or (
-                                nent & L2E_OFFSET_MASK) != hstart + n:
-                            break
-                        n = min(n + cs, stop - pos)
-                    self._pread_into(self._data_fd, hstart, view[pos:pos + n])
-                    pos += n
-                    continue
-                if not bm and not host and not ent & dfa:
-                    while pos + n < stop:  # coalesce unallocated clusters
-                        nidx = ((offset + pos + n) >> cb) & l2mask
-                        if nidx == 0:
-                            break
-                        nent, nbm = _unpack_qq(tbl, nidx * 16)
-                        if nbm or nent & (OFLAG_COMPRESSED | L2E_OFFSET_MASK | dfa):
-                            break
-                        n = min(n + cs, stop - pos)
-                    self._read_unallocated(goff, view[pos:pos + n])
-                    pos += n
-                    continue
-                allocated = self._checked(l1i, idx, ent, bm)
-                base = goff - in_cluster
-                a = in_cluster
-                end = in_cluster + n
-                while a < end:
-                    sc = a >> scb
-                    kind = sc_type(allocated, bm, sc)
-                    b = min(end, (sc + 1) << scb)
-                    while b < end and sc_type(allocated, bm, b >> scb) == kind:
-                        b = min(end, b + (1 << scb))
-                    v = view[pos + a - in_cluster:pos + b - in_cluster]
-                    if kind == NORMAL:
-                        self._pread_into(self._data_fd, host + a, v)
-                    elif kind in (ZERO_PLAIN, ZERO_ALLOC):
-                        v[:] = bytes(b - a)
+                allocated = bool(host or ent & dfa)
+                runs = memo.get(bm | (allocated << 64))
+                if runs is None:
+                    runs = self._cluster_runs(l1i, idx, ent, bm)
+                if host & cmask or host >= MAX_HOST_OFFSET:
+                    self._checked(l1i, idx, ent, bm)
+                for a, b, kind in runs:
+                    if b <= in_cluster:
+                        continue
+                    if a >= cend:
+                        break
+                    a = max(a, in_cluster)
+                    vs = base + a
+                    ve = base + min(b, cend)
+                    if kind == pk and pend == vs and (kind != NORMAL
+                                                      or phost + (vs - pstart) == host + a):
+                        pend = ve
                     else:
-                        self._read_unallocated(base + a, v)
-                    a = b
-                pos += n
+                        emit()
+                        pk, pstart, pend, phost = kind, vs, ve, host + a
+                pos = base + cend
+        emit()
 
     # ------------------------------------------------------------------ write
     def write(self, offset: int, data: Buffer) -> None:
