@@ -361,12 +361,13 @@ class Executor:
             return self._fail(f"read failed: {_EIO}")
         t0 = time.perf_counter_ns()
         try:
-            data: bytes | memoryview
+            data: bytes | bytearray
             read_into = getattr(self.driver, "read_into", None)
             if read_into is not None and c.length <= 64 << 20:
-                if len(self._read_buf) < c.length:
+                # the same buffer while the length stays (a bytearray: compares at C speed)
+                if len(self._read_buf) != c.length:
                     self._read_buf = bytearray(c.length)
-                data = memoryview(self._read_buf)[:c.length]
+                data = self._read_buf
                 read_into(c.offset, data)
             else:
                 data = self.driver.read(c.offset, c.length)
@@ -376,9 +377,9 @@ class Executor:
         ok = True
         if c.pattern is not None:
             count = c.pattern_count
-            region: bytes | memoryview = data
+            region: bytes | bytearray | memoryview = data
             if c.pattern_offset or count != c.length:
-                region = memoryview(data)[c.pattern_offset:c.pattern_offset + count]
+                region = memoryview(data)[c.pattern_offset:c.pattern_offset + count].tobytes()
             if region != self._pattern(c.pattern, count):
                 self.out.write(f"Pattern verification failed at offset "
                                f"{c.offset + c.pattern_offset}, {count} bytes\n")
