@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peers import db, sh
+from peers import db, nbd_dirty_bytes, sh
 
 pytestmark = pytest.mark.interop
 
@@ -245,3 +245,32 @@ def test_compressed_cluster_with_bitmap_is_reported(tmp_path: Path) -> None:
     assert pat.findall(ours.stdout) == pat.findall(theirs.stdout)
     db("io", "-r", "-c", "read -P 9 0 64k", img)  # QEMU reads it too (the bitmap is ignored)
     sh("qemu-io", "-r", "-c", "read -P 9 0 64k", img)
+
+
+@pytest.mark.parametrize("mode", ["cache-none", "writethrough", "resilient"])
+def test_cache_modes_and_resilient(tmp_path: Path, mode: str) -> None:
+    ours, theirs = _twins(tmp_path, "extended_l2=on,cluster_size=32k", True)
+    sh("qemu-img", "bitmap", "--add", "-g", "65536", ours, "b0")
+    if mode == "resilient":
+        db("amend", "-o", "resilient=on", ours)
+    flags = {"cache-none": ["-t", "none"], "writethrough": ["-t", "writethrough"],
+             "resilient": []}[mode]
+    cmds = [c for c in _ops(11, 32768) if not c.startswith("write -c")]
+    db("io", *flags, *[a for c in cmds for a in ("-c", c)], ours)
+    sh("qemu-io", "-f", "qcow2", *[a for c in cmds for a in ("-c", c)], theirs)
+    sh("qemu-img", "check", ours)
+    sh("qemu-img", "compare", ours, theirs)
+    assert _shape(ours) == _shape(theirs)
+
+
+def test_bitmap_records_writes(tmp_path: Path) -> None:
+    """The dirty bitmap of an extended-L2 image records our writes; QEMU serves it."""
+    img = tmp_path / "b.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", img, "4M")
+    sh("qemu-img", "bitmap", "--add", "-g", "65536", img, "b0")
+    db("io", "-c", "write -P 1 100k 3k", "-c", "write -z 1M 2k", "-c", "write -P 2 3M 128k",
+       img)
+    assert nbd_dirty_bytes(img, "b0") == 64 * 1024 * 4
+    dump = db("bitmap", "--dump", img, "b0").stdout
+    assert "102400" not in dump and "   65536       65536    1  dirty" in dump, dump
+    sh("qemu-img", "check", img)
