@@ -152,11 +152,13 @@ def test_image_made_by_dirtybits_reads_in_qemu(tmp_path: Path) -> None:
     _maps_equal(ours)
 
 
-def test_external_data_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("raw", ["off", "on"])
+def test_external_data_file(tmp_path: Path, raw: str) -> None:
     ours, theirs = tmp_path / "o.qcow2", tmp_path / "t.qcow2"
     for p in (ours, theirs):
         sh("qemu-img", "create", "-q", "-f", "qcow2", "-o",
-           f"extended_l2=on,data_file={tmp_path / p.stem}.data", p, str(SIZE))
+           f"extended_l2=on,data_file={tmp_path / p.stem}.data,data_file_raw={raw}", p,
+           str(SIZE))
     cmds = [c for c in _ops(7, 65536) if not c.startswith("write -c")]
     _apply(ours, cmds, True)
     _apply(theirs, cmds, False)
@@ -164,6 +166,8 @@ def test_external_data_file(tmp_path: Path) -> None:
     sh("qemu-img", "compare", ours, theirs)
     assert _shape(ours) == _shape(theirs)
     _maps_equal(ours)
+    if raw == "on":  # the raw data file reads as the disk, as QEMU's does
+        assert (tmp_path / "o.data").read_bytes() == (tmp_path / "t.data").read_bytes()
 
 
 def test_resize_grows_like_qemu(tmp_path: Path) -> None:

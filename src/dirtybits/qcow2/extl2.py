@@ -34,6 +34,7 @@ from dirtybits.format.qcow2.tables import (
     OFLAG_COPIED,
     compressed_offset_bits,
 )
+from dirtybits.osfile import punch_hole
 from dirtybits.qcow2.extent import MapExtent
 from dirtybits.qcow2.image import Buffer, Qcow2Image
 
@@ -463,9 +464,6 @@ class Qcow2ExtL2Image(Qcow2Image):
         zero bits (whole clusters: the L2 entry, unmapped with ``unmap``)."""
         scs = self.subcluster_size
         end = offset + length
-        if self.has_data_file and self.data_file_raw:
-            self._write_zero_data(offset, length)  # the raw file must read as the disk
-            return
         tail = end % scs
         head = offset % scs
         pos = offset
@@ -524,6 +522,14 @@ class Qcow2ExtL2Image(Qcow2Image):
         cs = self.cluster_size
         scs = self.subcluster_size
         end = offset + length
+        if self.has_data_file and self.data_file_raw:
+            # the raw data file must read as the disk: zero it there first (as QEMU)
+            n = max(0, min(end, self.size) - offset)
+            self._unsynced = True
+            if n and not punch_hole(self._data_fd, offset, n):
+                zero = bytes(min(n, 1 << 20))
+                for o in range(offset, offset + n, len(zero)):
+                    self._pwrite(self._data_fd, o, zero[:min(len(zero), offset + n - o)])
         head = min(end, (offset + cs - 1) & ~(cs - 1)) - offset
         offset += head
         tail = 0 if end >= self.size else end - max(offset, end & ~(cs - 1))
