@@ -126,7 +126,9 @@ def _run(a: argparse.Namespace) -> int:
             dst = open_qemu(dst_name, a.out_fmt, readonly=False)
         granularity = sparse
         if sparse and a.out_fmt == "qcow2":
-            granularity = max(sparse, int(getattr(dst, "cluster_size", 0) or 0))
+            # the unit a write allocates: a cluster, a subcluster with extended L2 entries
+            unit = getattr(dst, "subcluster_size", 0) or getattr(dst, "cluster_size", 0)
+            granularity = max(sparse, int(unit or 0))
         progress = Progress(size, a.progress and not a.quiet)
         try:
             with dst:
