@@ -169,24 +169,25 @@ def step(fn: Callable[..., None]) -> Callable[..., None]:
 
 
 @st.composite
-def extents(draw: st.DrawFn, size: int, cs: int) -> tuple[int, int]:
+def extents(draw: st.DrawFn, size: int, cs: int, sub: bool = False) -> tuple[int, int]:
     """(offset, length) inside a disk of ``size``: cluster-aligned edges, sector-aligned and
-    byte-granular ones, ranges reaching the end of the disk, and ranges over many clusters."""
+    byte-granular ones, ranges reaching the end of the disk, and ranges over many clusters;
+    with ``sub`` (extended L2 entries) also subcluster edges and whole subclusters."""
     nclusters = (size + cs - 1) // cs
     c = draw(st.integers(0, nclusters - 1))
-    delta = draw(st.one_of(
-        st.just(0),
-        st.sampled_from(sorted({512 % cs, cs // 2, max(0, cs - 512)})),
-        st.integers(0, cs - 1),
-        # subcluster edges (extended L2: 32 a cluster), and a byte either side
-        st.integers(0, 31).map(lambda k: k * (cs // 32)),
-        st.integers(0, 31).map(lambda k: max(0, k * (cs // 32) + 1)),
-    ))
+    deltas = [st.just(0), st.sampled_from(sorted({512 % cs, cs // 2, max(0, cs - 512)})),
+              st.integers(0, cs - 1)]
+    if sub:  # subcluster edges (32 a cluster), and a byte past them
+        deltas += [st.integers(0, 31).map(lambda k: k * (cs // 32)),
+                   st.integers(0, 31).map(lambda k: k * (cs // 32) + 1)]
+    delta = draw(st.one_of(*deltas))
     start = min(c * cs + delta, size - 1)
     room = size - start
+    lengths = [st.just(cs - start % cs)]  # to the end of the cluster
+    if sub:
+        lengths.append(st.integers(1, 3).map(lambda k: k * (cs // 32)))  # whole subclusters
     length = draw(st.one_of(
-        st.just(cs - start % cs),  # to the end of the cluster
-        st.integers(1, 3).map(lambda k: k * max(1, cs // 32)),  # whole subclusters
+        *lengths,
         st.integers(1, 8 * KiB),
         st.integers(1, 3 * cs),
         st.just(room),  # to the end of the disk
@@ -295,7 +296,8 @@ class Qcow2Model(RuleBasedStateMachine):
     @rule(data=st.data(), seed=st.integers(0, 2**20))
     @step
     def write(self, data: st.DataObject, seed: int) -> None:
-        off, length = data.draw(extents(self.size, self.cfg.cluster_size), label="extent")
+        off, length = data.draw(extents(self.size, self.cfg.cluster_size,
+                                            self.cfg.extended_l2), label="extent")
         buf = pattern(seed, length)
         self._image().write(off, buf)
         self.oracle[off:off + length] = buf
@@ -304,7 +306,8 @@ class Qcow2Model(RuleBasedStateMachine):
     @rule(data=st.data(), unmap=st.booleans())
     @step
     def write_zeroes(self, data: st.DataObject, unmap: bool) -> None:
-        off, length = data.draw(extents(self.size, self.cfg.cluster_size), label="extent")
+        off, length = data.draw(extents(self.size, self.cfg.cluster_size,
+                                            self.cfg.extended_l2), label="extent")
         self._image().write_zeroes(off, length, unmap=unmap)
         self.oracle[off:off + length] = bytes(length)
         self._verify_range(off, off + length, f"write_zeroes {off:#x}+{length:#x} unmap={unmap}")
@@ -313,7 +316,8 @@ class Qcow2Model(RuleBasedStateMachine):
     @rule(data=st.data())
     @step
     def discard(self, data: st.DataObject) -> None:
-        off, length = data.draw(extents(self.size, self.cfg.cluster_size), label="extent")
+        off, length = data.draw(extents(self.size, self.cfg.cluster_size,
+                                            self.cfg.extended_l2), label="extent")
         self._image().discard(off, length)
         cs = self.cfg.cluster_size
         first = -(-off // cs) * cs
