@@ -64,6 +64,7 @@ class TemplateSpec:
     size: int = DISK_SIZE
     region: int | None = None  # resilient mode on, with regions of this size
     warm: bool = False  # resilient: a dirtybits session ran first (the map is valid, marked)
+    extended_l2: bool = False  # 128-bit L2 entries: 32 subclusters a cluster
 
 
 TEMPLATES = (
@@ -81,7 +82,12 @@ RESILIENT_TEMPLATES = (
     TemplateSpec("r64k", 4 * KiB, {STALE: 64 * KiB, "g512": 512, "g16k": 16 * KiB,
                                    FROZEN: 64 * KiB}, size=32 * MiB, region=64 * KiB),
 )
-ALL_TEMPLATES = TEMPLATES + RESILIENT_TEMPLATES
+# Extended L2 entries: partial writes allocate a cluster but mark only their subclusters
+EXTL2_TEMPLATES = (
+    TemplateSpec("x64k", 64 * KiB, {"g64k": 64 * KiB, "g4k": 4 * KiB, FROZEN: 256 * KiB},
+                 size=32 * MiB, extended_l2=True),
+)
+ALL_TEMPLATES = TEMPLATES + RESILIENT_TEMPLATES + EXTL2_TEMPLATES
 
 # Checkpoint policies the children draw from (None disables that trigger).
 POLICIES: tuple[dict[str, float | int | None], ...] = (
@@ -131,7 +137,8 @@ def build_templates(directory: Path, specs: tuple[TemplateSpec, ...] = TEMPLATES
     for spec in specs:
         path = directory / f"{spec.name}.qcow2"
         sh("qemu-img", "create", "-q", "-f", "qcow2", "-o",
-           f"cluster_size={spec.cluster_size}", str(path), str(spec.size))
+           f"cluster_size={spec.cluster_size}" + (",extended_l2=on" if spec.extended_l2
+                                                  else ""), str(path), str(spec.size))
 
         def at(kib: int, size: int = spec.size) -> int:  # a place in 64 MiB, scaled to size
             return kib * KiB * size // DISK_SIZE // 512 * 512

@@ -501,6 +501,34 @@ def _image_run(ctx: Any, rec: Recorder) -> None:
                 ctx.seed, ctx.ops)
 
 
+def _extl2_run(ctx: Any, rec: Recorder, bitmaps: str = "no") -> None:
+    """Extended L2 entries: requests on subcluster edges (2 KiB in 64 KiB clusters) over the
+    pre-image's data, holes and zero clusters, then the common steps. Untracked by default:
+    the engine's own ordering and syncs alone keep the image sound (and the last flush must
+    leave no leak); ``_extl2_tracking_run`` adds the bitmaps."""
+    import dirtybits
+
+    model = bytearray(ctx.tpl.pre.tobytes())
+    node = dirtybits.open(str(ctx.image), bitmaps=bitmaps,
+                          checkpoint=dirtybits.CheckpointPolicy(**NO_TIMERS))
+    g = Guest(node, rec, model)
+    rng = random.Random(ctx.seed)
+    size = ctx.tpl.spec.size
+    g.write(9 * MiB + 1000, rng.randbytes(3000))  # a new cluster, subclusters 0-1 only
+    g.write(9 * MiB + 6 * KiB, rng.randbytes(2048))  # in place: one more subcluster
+    g.zero(9 * MiB + 1024, 512)  # partial subcluster, not zero around: written
+    g.zero(9 * MiB + 32 * KiB, 8 * KiB)  # zero bits in an allocated cluster
+    g.flush()
+    g.write(9 * MiB + 33 * KiB, rng.randbytes(700))  # COW of a zero subcluster's edges
+    g.write(12 * MiB - 512, rng.randbytes(5000))  # over a cluster edge, two allocations
+    g.discard(9 * MiB, 64 * KiB)
+    guest_steps(g, size, ctx.seed, ctx.ops)
+
+
+def _extl2_tracking_run(ctx: Any, rec: Recorder) -> None:
+    _extl2_run(ctx, rec, bitmaps="auto")
+
+
 def _resize_run(ctx: Any, rec: Recorder) -> None:
     """Tracking, with the disk grown halfway (bitmaps and resilient map follow)."""
     import dirtybits
@@ -558,6 +586,8 @@ WORKLOADS = {
     "resize-r1m": Workload("resize-r1m", "r1m", _resize_run, "resilient"),
     "recovery": Workload("recovery", "c64k", _recovery_run, "recovery"),
     "container": Workload("container", None, _container_run, "container"),
+    "extl2": Workload("extl2", "x64k", _extl2_run),
+    "extl2-tracking": Workload("extl2-tracking", "x64k", _extl2_tracking_run),
 }
 
 

@@ -60,7 +60,8 @@ def test_power_loss_states_are_sound(templates: dict[str, Any], tmp_path: Path, 
 
 # Where to look first for each site's effect (a site is caught once any path fails).
 ORDER = ("tracking-c4k", "untracked-c4k", "resilient-r64k", "tracking-c64k", "container",
-         "recovery", "resilient-r1m", "resize-c4k", "resize-r1m")
+         "recovery", "resilient-r1m", "resize-c4k", "resize-r1m", "extl2",
+         "extl2-tracking")
 
 
 def _sites(templates: dict[str, Any], work: Path) -> dict[str, list[str]]:
@@ -173,3 +174,38 @@ def test_failed_fdatasync_leaves_bitmaps_in_use(templates: dict[str, Any],
     harness.verify(path, tpl, res, quiet=False, qemu_sample=False)
     assert not res.problems, res.problems
     assert sorted(res.in_use) == ["g4k", "g64k"]
+
+
+@pytest.mark.interop
+def test_extl2_paths_need_each_of_their_syncs(templates: dict[str, Any], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Extended L2 entries on their own: every sync site the two extl2 paths (untracked,
+    tracking) use, removed in turn, leaves a failing crash state in one of them (subcluster
+    bitmaps reach the disk only after the data they mark, the refcounts of new clusters
+    before the entries naming them, the frees of a flush before it returns)."""
+    paths = ("extl2", "extl2-tracking")
+    where: dict[str, list[str]] = {}
+    for name in paths:
+        ctx = pl.prepare(pl.WORKLOADS[name], templates, tmp_path / name, SEED, OPS)
+        trace, error = pl.trace_run(ctx)
+        assert error is None, error
+        for site in trace.sites():
+            where.setdefault(site, []).append(name)
+    assert any("Qcow2Image.flush" in s for s in where), sorted(where)
+    lines, missed = [], []
+    for site, names in sorted(where.items()):
+        caught = None
+        for name in names:
+            ctx = pl.prepare(pl.WORKLOADS[name], templates, tmp_path / "m", SEED, OPS)
+            trace, _error = pl.trace_run(ctx, drop={site})
+            rep = pl.explore(ctx, trace, randoms=2, max_states=150, seed=SEED,
+                             stop_at_first=True, points_filter=pl.near(trace, {site}))
+            if rep.failures:
+                caught = f"{name}: {rep.failures[0]['problems'][0][:100]}"
+                break
+        lines.append(f"  {site}: {caught or 'NOT CAUGHT'}")
+        if caught is None:
+            missed.append(site)
+    with capsys.disabled():
+        print(f"\nextl2 sync sites removed in turn ({len(where)}):\n" + "\n".join(lines))
+    assert not missed, f"removing these syncs went unnoticed: {missed}"

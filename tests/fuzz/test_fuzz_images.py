@@ -69,6 +69,7 @@ from dirtybits.format.qcow2.header import (
     EXT_DATA_FILE,
     EXT_END,
     INCOMPAT_DATA_FILE,
+    INCOMPAT_EXTL2,
     HeaderCluster,
 )
 from dirtybits.format.qcow2.tables import (
@@ -177,6 +178,7 @@ def analyse(name: str, directory: Path) -> Base:
     h = hc.header
     cb, cs = h.cluster_bits, h.cluster_size
     base = Base(name, directory, data, siblings, cb, h.refcount_order)
+    esize = 16 if h.incompatible_features & INCOMPAT_EXTL2 else 8  # extended L2 entries
     if h.incompatible_features & INCOMPAT_DATA_FILE:
         base.data_file = hc.data_file
     end = 72 if h.version == 2 else h.header_length
@@ -221,10 +223,14 @@ def analyse(name: str, directory: Path) -> Base:
             if not l2:
                 continue
             meta.add(l2)
-            entries = _u64s(data, l2, cs // 8)
+            words = _u64s(data, l2, cs // 8)
+            entries = words[::esize // 8]
             for j, e in enumerate(entries):
                 if e or j < 4 or j == len(entries) - 1:
-                    base.l2_slots.append(Slot(f"{label}L2@{l2:#x}[{j}]", l2 + 8 * j, 8))
+                    base.l2_slots.append(Slot(f"{label}L2@{l2:#x}[{j}]", l2 + esize * j, 8))
+                if esize == 16 and (e or words[2 * j + 1] or j < 4):
+                    # the subcluster bitmap: allocated bits 0-31, zero bits 32-63
+                    base.l2_slots.append(Slot(f"{label}L2bm@{l2:#x}[{j}]", l2 + 16 * j + 8, 8))
                 if e & OFLAG_COMPRESSED:
                     x = 62 - (cb - 8)
                     base.data_clusters.append((e & ((1 << x) - 1)) & ~(cs - 1))
@@ -333,6 +339,24 @@ def build_bases(root: Path, tools: dict[str, str]) -> dict[str, Base]:
         cwd=d)
     subprocess.run([qio, "-c", "write -P 0x81 64k 64k", IMAGE], cwd=d, check=True,
                    capture_output=True, timeout=120)
+
+    d = new("extl2")  # extended L2 entries: subclusters over a backing file, compressed
+    run(img, "create", "-f", "qcow2", "-o", "cluster_size=4096", d / "backing.qcow2", "1M")
+    qemu_io(d / "backing.qcow2", "write -P 0xb1 0 768k")
+    run(img, "create", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k", "-b",
+        "backing.qcow2", "-F", "qcow2", IMAGE, "1M", cwd=d)
+    qemu_io(d / IMAGE, "write -P 0xb2 1k 3k", "write -P 0xb3 64k 32k", "write -z 100k 2k",
+            "write -c -P 0xb4 128k 32k", "discard 192k 32k", "write -P 0xb5 200k 1",
+            "write -z -u 64k 1k", "write -P 0xb6 1000k 24k")
+
+    d = new("engine_extl2")
+    Qcow2Image.create(str(d / IMAGE), 1 << 20, cluster_size=16384, extended_l2=True)
+    with Qcow2Image.open(str(d / IMAGE)) as e:
+        e.write(100, b"\xc1" * 3000)
+        e.write(48 << 10, b"\xc2" * 20000)
+        e.write_zeroes(50 << 10, 600)
+        e.write_zeroes(128 << 10, 32 << 10)
+        e.write((1 << 20) - 700, b"\xc3" * 700)
 
     d = new("engine64k")
     Qcow2Image.create(str(d / IMAGE), 2 << 20)
@@ -452,9 +476,23 @@ def table_entry(draw: st.DrawFn, base: Base, old: int) -> int:
     return draw(interesting(8, old, cs, (target, target | OFLAG_COPIED)))
 
 
+@st.composite
+def subcluster_bitmap(draw: st.DrawFn, old: int) -> int:
+    """Hostile extended-L2 bitmaps: a subcluster both allocated and zero, allocated bits on
+    an unallocated or compressed cluster, all-ones, single flips."""
+    alloc = draw(st.sampled_from([0, 1, 1 << 31, 0xFFFFFFFF, 0xFFFF0000, 0x5555AAAA])
+                 | st.integers(0, 0xFFFFFFFF))
+    zero = draw(st.sampled_from([0, 1, 1 << 31, 0xFFFFFFFF, alloc, ~alloc & 0xFFFFFFFF])
+                | st.integers(0, 0xFFFFFFFF))
+    return draw(st.sampled_from([alloc | zero << 32, old ^ (1 << draw(st.integers(0, 63))),
+                                 old | zero << 32, old | alloc, U64, 0]))
+
+
 def slot_value(draw: st.DrawFn, base: Base, slot: Slot) -> int:
     old = int.from_bytes(base.data[slot.offset:slot.offset + slot.width], "big")
     cs = base.cluster_size
+    if ".L2bm@" in f".{slot.name}":
+        return draw(subcluster_bitmap(old))
     if slot.width == 8:
         return draw(st.one_of(table_entry(base, old),
                               interesting(8, old, cs, tuple(offsets_of(base)))))
@@ -995,6 +1033,39 @@ def test_writable_open_and_write(bases: dict[str, Base], scratch: Scratch,
                              m.base.data_file)
     note(outcome)
     event(outcome)
+
+
+@st.composite
+def l2_mutants(draw: st.DrawFn, bases: dict[str, Base], names: tuple[str, ...]) -> Mutant:
+    """Mutants whose damage is in L2 entries only (descriptors and subcluster bitmaps)."""
+    base = bases[draw(st.sampled_from(names))]
+    descs: list[str] = []
+    edits: list[Edit] = []
+    for _ in range(draw(st.integers(1, 3))):
+        slot = draw(st.sampled_from(base.l2_slots))
+        desc, edit = set_slot(slot, slot_value(draw, base, slot))
+        descs.append(desc)
+        edits.append(edit)
+    return Mutant(base, tuple(descs), apply_edits(base.data, edits))
+
+
+@fuzz_settings(60)
+@given(data=st.data())
+def test_extl2_mutants(bases: dict[str, Base], scratch: Scratch, qemu_tools: dict[str, str],
+                       data: st.DataObject) -> None:
+    """Hostile extended-L2 images (bad subcluster bitmaps above all): read-only consumers
+    succeed or refuse, read what QEMU reads, and a writable open writes only where it may."""
+    names = ("extl2", "engine_extl2")
+    m = data.draw(st.one_of(l2_mutants(bases, names), l2_mutants(bases, names),
+                            mutants(bases, names=names)), label="mutant")
+    path = scratch.prepare(m.base, m.data)
+    outcomes = check_readonly(path)
+    outcomes.append(check_reads_match_qemu(path, qemu_tools))
+    where = data.draw(st.floats(0, 1, exclude_max=True), label="write position")
+    outcomes.append(check_writable(path, qemu_tools, where, 0xC5, m.base.data_file))
+    note(f"outcomes: {outcomes}")
+    for o in outcomes:
+        event(o)
 
 
 # ---------------------------------------------------------------------------- subprocess

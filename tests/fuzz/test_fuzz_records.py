@@ -43,6 +43,7 @@ from dirtybits.format.qcow2.header import (
     EXT_END,
     EXT_FEATURE_TABLE,
     INCOMPAT_COMPRESSION,
+    INCOMPAT_EXTL2,
     MAX_BITMAP_DIRECTORY_SIZE,
     MAX_BITMAPS,
     MAX_HOST_OFFSET,
@@ -144,6 +145,8 @@ def valid_headers(draw: st.DrawFn) -> Qcow2Header:
     incompat = draw(st.integers(0, U64)) if version == 3 else 0
     if compression:
         incompat |= INCOMPAT_COMPRESSION
+    if l1_entries_for(size, cb, extended_l2=True) > l1_size:
+        incompat &= ~INCOMPAT_EXTL2  # 16-byte L2 entries would need a larger L1 table
     if draw(st.booleans()):
         bf_off = draw(st.integers(header_length, cs))
         bf_size = draw(st.integers(0, min(1023, cs - bf_off)))

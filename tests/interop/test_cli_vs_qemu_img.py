@@ -83,6 +83,12 @@ CREATE_SAME = [
     "-f qcow2 -o refcount_bits=64,nolazy_refcounts new.qcow2 1M",
     "-f qcow2 -o lazy_refcounts=yes,preallocation=off new.qcow2 1M",
     "-f qcow2 -o size=1.5k new.qcow2",
+    "-f qcow2 -o extended_l2=on new.qcow2 1G",
+    "-f qcow2 -o extended_l2=on,cluster_size=16k new.qcow2 3G",
+    "-f qcow2 -o extended_l2=on,cluster_size=2M new.qcow2 5G",
+    "-f qcow2 -b base.qcow2 -F qcow2 -o extended_l2=on,cluster_size=32k new.qcow2",
+    "-f qcow2 -o extended_l2=on,data_file=new.data,data_file_raw=on new.qcow2 10M",
+    "-f qcow2 -o extended_l2=on,preallocation=off new.qcow2 1025",
     "-f qcow2 new.qcow2 1025",
     "-f qcow2 new.qcow2 0",
     "-f qcow2 new.qcow2 0x1000",
@@ -207,7 +213,6 @@ def test_create_matches_qemu_img(args: str, workdir: Path, qemu_tools: dict[str,
 
 
 @pytest.mark.parametrize(("opts", "message"), [
-    ("extended_l2=on", "extended_l2=on (subclusters) is not supported"),
     ("compression_type=zstd", "compression_type=zstd is not supported (only zlib)"),
     ("preallocation=metadata", "preallocation=metadata is not supported for qcow2 (only off)"),
     ("encrypt.format=luks,encrypt.key-secret=s", "encrypted qcow2 images are not supported"),

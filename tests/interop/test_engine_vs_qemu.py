@@ -693,7 +693,6 @@ REFUSED = {
               "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10"], "encrypt"),
     "aes": (["--object", "secret,id=sec0,data=123456", "-o",
              "encrypt.format=aes,encrypt.key-secret=sec0"], "encrypt"),
-    "extended-l2": (["-o", "extended_l2=on"], "extended L2"),
 }
 
 

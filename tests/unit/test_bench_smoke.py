@@ -128,3 +128,20 @@ def test_snapshot_bench_quick_runs_and_checks_pass(qemu_tools: dict[str, str],
     assert results["problems"] == []
     assert set(results["writes_per_second"]) == {"none", "writeback"}
     assert [p.name for p in tmp_path.iterdir()] == ["snapshot.json"]
+def test_extl2_bench_quick_runs_and_checks_pass(qemu_tools: dict[str, str],
+                                                tmp_path: Path) -> None:
+    """Both layouts are built, checked (qemu-img check, compare, our convert equal to QEMU's)
+    and read by both tools; the scratch directory is removed."""
+    out = tmp_path / "extl2.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "extl2_bench.py"), "--quick", "--size", "4M",
+         "--dir", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAIL" not in proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    assert [r["image"] for r in results["results"]] == ["extended L2", "standard L2"]
+    for r in results["results"]:
+        assert set(r["mib_per_s"]) == {"dirtybits", "qemu-io"}
+    assert [p.name for p in tmp_path.iterdir()] == ["extl2.json"]

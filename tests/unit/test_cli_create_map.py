@@ -148,7 +148,6 @@ def _args(text: str) -> o.Qcow2Create:
     ("refcount_bits=128", "Refcount width must be a power of two and may not exceed 64 bits"),
     ("data_file_raw=on", "data-file-raw requires data-file"),
     ("backing_fmt=qcow2", "Backing format cannot be used without backing file"),
-    ("extended_l2=on", "extended_l2=on (subclusters) is not supported"),
     ("compression_type=zstd", "compression_type=zstd is not supported (only zlib)"),
     ("encryption=on", "encrypted qcow2 images are not supported"),
     ("preallocation=metadata", "preallocation=metadata is not supported for qcow2 (only off)"),

@@ -314,8 +314,9 @@ def headers(draw: st.DrawFn) -> Qcow2Header:
     cb = draw(st.integers(9, 21))
     cs = 1 << cb
     max_l1 = (32 << 20) // 8  # QCOW_MAX_L1_SIZE in entries
-    size = draw(st.integers(0, min(1 << 40, max_l1 * cs * (cs // 8)))) // 512 * 512
-    l1_need = l1_entries_for(size, cb)
+    # sized for extended L2 entries too (16 bytes: a table maps half as much)
+    size = draw(st.integers(0, min(1 << 40, max_l1 * cs * (cs // 16)))) // 512 * 512
+    l1_need = l1_entries_for(size, cb, extended_l2=True)
     l1_size = min(max_l1, l1_need + draw(st.integers(0, 3)))
     off = st.integers(1, 1 << 20).map(lambda n: n * cs)
     kw: dict[str, int | bytes] = dict(

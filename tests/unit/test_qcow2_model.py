@@ -94,10 +94,12 @@ class Config:
     backing: str  # "none" | "raw" | "qcow2"
     compat: str = "1.1"
     tiny_caches: bool = False  # 4 L2 tables and 4 refcount blocks: eviction on every step
+    extended_l2: bool = False  # 128-bit L2 entries, 32 subclusters a cluster
 
     def __str__(self) -> str:
         cs = f"{self.cluster_size // KiB}k" if self.cluster_size >= KiB else f"{self.cluster_size}"
-        tail = "-tiny-caches" if self.tiny_caches else ""
+        tail = ("-tiny-caches" if self.tiny_caches else "") + ("-extl2" if self.extended_l2
+                                                               else "")
         return f"cs{cs}-rc{self.refcount_bits}-{self.backing}-v{self.compat}{tail}"
 
     @property
@@ -115,6 +117,11 @@ CONFIGS += [Config(64 * KiB, 16, "raw", "0.10")]
 # (and written back in the crash-safe order) all the time
 CONFIGS += [Config(512, 16, "none", tiny_caches=True), Config(512, 1, "qcow2", tiny_caches=True),
             Config(4 * KiB, 64, "raw", tiny_caches=True)]
+# extended L2 entries (subclusters): partial writes allocate and mark only the subclusters
+# they touch, zeroes work per subcluster; the bytes must still read as the model says
+CONFIGS += [Config(cs, rb, b, extended_l2=True) for cs in (16 * KiB, 64 * KiB, 2 * MiB)
+            for rb, b in ((16, "none"), (16, "raw"), (1, "qcow2"))]
+CONFIGS += [Config(16 * KiB, 16, "qcow2", tiny_caches=True, extended_l2=True)]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -164,20 +171,25 @@ def step(fn: Callable[..., None]) -> Callable[..., None]:
 
 
 @st.composite
-def extents(draw: st.DrawFn, size: int, cs: int) -> tuple[int, int]:
+def extents(draw: st.DrawFn, size: int, cs: int, sub: bool = False) -> tuple[int, int]:
     """(offset, length) inside a disk of ``size``: cluster-aligned edges, sector-aligned and
-    byte-granular ones, ranges reaching the end of the disk, and ranges over many clusters."""
+    byte-granular ones, ranges reaching the end of the disk, and ranges over many clusters;
+    with ``sub`` (extended L2 entries) also subcluster edges and whole subclusters."""
     nclusters = (size + cs - 1) // cs
     c = draw(st.integers(0, nclusters - 1))
-    delta = draw(st.one_of(
-        st.just(0),
-        st.sampled_from(sorted({512 % cs, cs // 2, max(0, cs - 512)})),
-        st.integers(0, cs - 1),
-    ))
+    deltas = [st.just(0), st.sampled_from(sorted({512 % cs, cs // 2, max(0, cs - 512)})),
+              st.integers(0, cs - 1)]
+    if sub:  # subcluster edges (32 a cluster), and a byte past them
+        deltas += [st.integers(0, 31).map(lambda k: k * (cs // 32)),
+                   st.integers(0, 31).map(lambda k: k * (cs // 32) + 1)]
+    delta = draw(st.one_of(*deltas))
     start = min(c * cs + delta, size - 1)
     room = size - start
+    lengths = [st.just(cs - start % cs)]  # to the end of the cluster
+    if sub:
+        lengths.append(st.integers(1, 3).map(lambda k: k * (cs // 32)))  # whole subclusters
     length = draw(st.one_of(
-        st.just(cs - start % cs),  # to the end of the cluster
+        *lengths,
         st.integers(1, 8 * KiB),
         st.integers(1, 3 * cs),
         st.just(room),  # to the end of the disk
@@ -230,7 +242,8 @@ class Qcow2Model(RuleBasedStateMachine):
                  f"{backing_fmt_given}")
         Qcow2Image.create(self.path, size, cluster_size=cfg.cluster_size,
                           refcount_bits=cfg.refcount_bits, compat=cfg.compat,
-                          backing_file=backing_file, backing_format=backing_format)
+                          backing_file=backing_file, backing_format=backing_format,
+                          extended_l2=cfg.extended_l2)
         self.oracle = bytearray(size)
         n = min(size, len(self.backing_data))
         self.oracle[:n] = self.backing_data[:n]
@@ -286,7 +299,8 @@ class Qcow2Model(RuleBasedStateMachine):
     @rule(data=st.data(), seed=st.integers(0, 2**20))
     @step
     def write(self, data: st.DataObject, seed: int) -> None:
-        off, length = data.draw(extents(self.size, self.cfg.cluster_size), label="extent")
+        off, length = data.draw(extents(self.size, self.cfg.cluster_size,
+                                            self.cfg.extended_l2), label="extent")
         buf = pattern(seed, length)
         self._image().write(off, buf)
         self.oracle[off:off + length] = buf
@@ -295,7 +309,8 @@ class Qcow2Model(RuleBasedStateMachine):
     @rule(data=st.data(), unmap=st.booleans())
     @step
     def write_zeroes(self, data: st.DataObject, unmap: bool) -> None:
-        off, length = data.draw(extents(self.size, self.cfg.cluster_size), label="extent")
+        off, length = data.draw(extents(self.size, self.cfg.cluster_size,
+                                            self.cfg.extended_l2), label="extent")
         self._image().write_zeroes(off, length, unmap=unmap)
         self.oracle[off:off + length] = bytes(length)
         self._verify_range(off, off + length, f"write_zeroes {off:#x}+{length:#x} unmap={unmap}")
@@ -304,7 +319,8 @@ class Qcow2Model(RuleBasedStateMachine):
     @rule(data=st.data())
     @step
     def discard(self, data: st.DataObject) -> None:
-        off, length = data.draw(extents(self.size, self.cfg.cluster_size), label="extent")
+        off, length = data.draw(extents(self.size, self.cfg.cluster_size,
+                                            self.cfg.extended_l2), label="extent")
         self._image().discard(off, length)
         cs = self.cfg.cluster_size
         first = -(-off // cs) * cs
@@ -533,6 +549,17 @@ def _keep_partial_last_cluster(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(Qcow2Image, "discard", discard)
 
 
+def _extl2_drop_last_subcluster(mp: pytest.MonkeyPatch) -> None:
+    """Extended L2: a write marks every subcluster it touched but the last as allocated."""
+    from dirtybits.qcow2 import extl2
+
+    def set_bits(first: int, last: int, bitmap: int) -> int:
+        r = extl2.sc_range(first, max(first, last - 1))
+        return (bitmap | r) & ~(r << 32)
+
+    mp.setattr(extl2, "_set_bits", set_bits)
+
+
 def _config(name: str) -> Config:
     return next(c for c in CONFIGS if str(c) == name)
 
@@ -546,6 +573,8 @@ PLANTS: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], str, str]] = {
                                  r"first difference"),
     "keep-partial-last-cluster": (_keep_partial_last_cluster, "cs64k-rc16-none-v1.1",
                                   r"^discard .*first difference"),
+    "extl2-drop-last-subcluster": (_extl2_drop_last_subcluster,
+                                   "cs64k-rc16-none-v1.1-extl2", r"first difference"),
 }
 
 

@@ -152,7 +152,9 @@ def _run(a: argparse.Namespace) -> int:
             dst = open_qemu(dst_name, a.out_fmt, readonly=False)
         granularity = sparse
         if sparse and a.out_fmt == "qcow2":
-            granularity = max(sparse, int(getattr(dst, "cluster_size", 0) or 0))
+            # the unit a write allocates: a cluster, a subcluster with extended L2 entries
+            unit = getattr(dst, "subcluster_size", 0) or getattr(dst, "cluster_size", 0)
+            granularity = max(sparse, int(unit or 0))
         progress = Progress(size, a.progress and not a.quiet)
         try:
             with dst:
@@ -195,7 +197,7 @@ def _create_target(name: str, fmt: str, options: str, size: int) -> bool:
         Qcow2Image.create(name, c.size, cluster_size=c.cluster_size,
                           refcount_bits=c.refcount_bits, compat=c.compat,
                           data_file=c.data_file, data_file_raw=c.data_file_raw,
-                          lazy_refcounts=c.lazy_refcounts)
+                          lazy_refcounts=c.lazy_refcounts, extended_l2=c.extended_l2)
         return zero_init
     except QemuError as exc:
         raise exc.prefixed(f"{name}: error while converting {fmt}: ") from None

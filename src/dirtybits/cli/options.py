@@ -371,6 +371,7 @@ class Qcow2Create:
     data_file: str | None
     data_file_raw: bool
     lazy_refcounts: bool
+    extended_l2: bool = False
 
 
 def _enum(opts: QemuOpts, name: str, qapi_name: str, allowed: Sequence[str]) -> str | None:
@@ -431,8 +432,6 @@ def qcow2_create_args(opts: QemuOpts) -> Qcow2Create:
     if opts.get("encryption") or any(opts.is_set(n) for n in opts.descs
                                      if n.startswith("encrypt.")):
         raise QemuError("encrypted qcow2 images are not supported")
-    if extended_l2:
-        raise QemuError("extended_l2=on (subclusters) is not supported")
     if compression == "zstd":
         raise QemuError("compression_type=zstd is not supported (only zlib)")
     if prealloc not in (None, "off"):
@@ -440,7 +439,8 @@ def qcow2_create_args(opts: QemuOpts) -> Qcow2Create:
     _refuse_protocol_opts(opts)
     size = -(-int(opts.get("size")) // SECTOR) * SECTOR  # the L1 limit: Qcow2Image.create
     return Qcow2Create(size, cluster_size, refcount_bits, "0.10" if version == 2 else "1.1",
-                       backing_file, backing_fmt, data_file, data_file_raw, lazy)
+                       backing_file, backing_fmt, data_file, data_file_raw, lazy,
+                       extended_l2)
 
 
 def raw_preallocation(opts: QemuOpts) -> str:

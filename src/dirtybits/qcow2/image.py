@@ -144,7 +144,8 @@ class Qcow2Image:
         self.cluster_bits = h.cluster_bits
         self.cluster_size = 1 << h.cluster_bits
         self._cmask = self.cluster_size - 1
-        self.l2_bits = h.cluster_bits - 3
+        self.extended_l2 = bool(h.incompatible_features & INCOMPAT_EXTL2)
+        self.l2_bits = h.cluster_bits - (4 if self.extended_l2 else 3)  # 16-byte entries
         self.l2_entries = 1 << self.l2_bits
         self._rc_order = h.refcount_order
         self._rb_entries_bits = h.cluster_bits + 3 - h.refcount_order
@@ -227,7 +228,12 @@ class Qcow2Image:
                 if 12 < cluster_bits <= MAX_CLUSTER_BITS:
                     raw = os.pread(fd, 1 << cluster_bits, 0)
             hc = HeaderCluster.unpack(raw)
-            img = cls(path, fd, hc, readonly=readonly, l2_cache_bytes=l2_cache_bytes)
+            klass = cls
+            if hc.header.incompatible_features & INCOMPAT_EXTL2:
+                from dirtybits.qcow2.extl2 import Qcow2ExtL2Image
+
+                klass = Qcow2ExtL2Image  # the subcluster engine: standard paths stay as fast
+            img = klass(path, fd, hc, readonly=readonly, l2_cache_bytes=l2_cache_bytes)
             img._lock, img.force_share = lock, force_share
             img._file_end = img._file_end_at_open = st.st_size
             img._validate_features()
@@ -285,9 +291,6 @@ class Qcow2Image:
             raise UnsupportedFeatureError(f"Unsupported qcow2 feature(s): {', '.join(names)}")
         if h.crypt_method != CRYPT_NONE:
             raise UnsupportedFeatureError("encrypted qcow2 images are not supported")
-        if h.incompatible_features & INCOMPAT_EXTL2:
-            raise UnsupportedFeatureError(
-                "qcow2 images with extended L2 entries (subclusters) are not supported")
         if h.incompatible_features & INCOMPAT_DATA_FILE and self.hc.data_file is None:
             raise FormatError("image requires an external data file but names none",
                               structure="qcow2 header")
@@ -585,7 +588,8 @@ class Qcow2Image:
     def create(cls, path: str, size: int, *, cluster_size: int = 65536, refcount_bits: int = 16,
                compat: str = "1.1", backing_file: str | None = None,
                backing_format: str | None = None, data_file: str | None = None,
-               data_file_raw: bool = False, lazy_refcounts: bool = False) -> None:
+               data_file_raw: bool = False, lazy_refcounts: bool = False,
+               extended_l2: bool = False) -> None:
         """Write a new empty image with QEMU's layout (header, reftable, refblock, L1).
 
         Raises ``UsageError`` for options QEMU refuses (a size whose L1 table would pass
@@ -608,10 +612,12 @@ class Qcow2Image:
             raise UsageError("Lazy refcounts and data files require compatibility level 1.1")
         if data_file_raw and not data_file:
             raise UsageError("data-file-raw requires data-file")
+        if extended_l2 and (version == 2 or cluster_size < 16384):
+            raise UsageError("Extended L2 entries need compat=1.1 and clusters of 16k or more")
         if size < 0 or size % 512:
             size = (size + 511) & ~511
         cb = cluster_size.bit_length() - 1
-        if l1_entries_for(size, cb) * 8 > MAX_L1_BYTES:  # before any file is touched
+        if l1_entries_for(size, cb, extended_l2) * 8 > MAX_L1_BYTES:  # before any file
             raise UsageError(_TOO_LARGE)
         order = refcount_bits.bit_length() - 1
         ext: list[HeaderExtension] = []
@@ -621,7 +627,8 @@ class Qcow2Image:
             ext.append(HeaderExtension(EXT_DATA_FILE, data_file.encode()))
         if version == 3 and cluster_size > 4096:
             ext.append(HeaderExtension(EXT_FEATURE_TABLE, pack_feature_table()))
-        incompat = INCOMPAT_DATA_FILE if data_file else 0
+        incompat = (INCOMPAT_DATA_FILE if data_file else 0) | (
+            INCOMPAT_EXTL2 if extended_l2 else 0)
         autoclear = AUTOCLEAR_DATA_FILE_RAW if data_file_raw else 0
         header = Qcow2Header(
             version=version, backing_file_offset=0, backing_file_size=0, cluster_bits=cb,
@@ -1820,7 +1827,7 @@ class Qcow2Image:
             raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots")
         if new_size < h.size:
             raise UnsupportedFeatureError("shrinking a qcow2 image is not supported")
-        need = l1_entries_for(new_size, self.cluster_bits)
+        need = l1_entries_for(new_size, self.cluster_bits, self.extended_l2)
         if need * 8 > MAX_L1_BYTES:  # QEMU's limit, before a table that size is built
             raise ImageIOError("Failed to grow the L1 table: File too large", errno=errno.EFBIG)
         if need > len(self._l1) or (need and not h.l1_table_offset):

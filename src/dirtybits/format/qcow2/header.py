@@ -232,7 +232,8 @@ class Qcow2Header:
                 raise bad(f"{name} offset {off:#x} is out of range")
         if self.l1_size * 8 > MAX_L1_BYTES:
             raise bad(f"active L1 table too large ({self.l1_size} entries)")
-        if self.l1_size < l1_entries_for(self.size, self.cluster_bits):
+        if self.l1_size < l1_entries_for(self.size, self.cluster_bits,
+                                         bool(self.incompatible_features & INCOMPAT_EXTL2)):
             raise bad(f"L1 table is too small ({self.l1_size} entries for size {self.size})")
         if self.l1_size and not self.l1_table_offset:
             raise bad("L1 table offset is zero")
@@ -276,9 +277,10 @@ class Qcow2Header:
         return replace(self, **changes)  # type: ignore[arg-type]
 
 
-def l1_entries_for(size: int, cluster_bits: int) -> int:
-    """How many L1 entries a disk of ``size`` bytes needs (QEMU's size_to_l1)."""
-    shift = cluster_bits + (cluster_bits - 3)
+def l1_entries_for(size: int, cluster_bits: int, extended_l2: bool = False) -> int:
+    """How many L1 entries a disk of ``size`` bytes needs (QEMU's size_to_l1); extended L2
+    entries are 16 bytes, so a table maps half as much."""
+    shift = cluster_bits + (cluster_bits - (4 if extended_l2 else 3))
     return (size + (1 << shift) - 1) >> shift
 
 
