@@ -89,8 +89,8 @@ STEPS = [
 
 @pytest.mark.parametrize("opts", [[], ["-o", "cluster_size=4096"],
                                   ["-o", "refcount_bits=64,cluster_size=16384"],
-                                  ["-o", "compat=0.10"]],
-                         ids=["64k", "4k", "refcount64", "v2"])
+                                  ["-o", "compat=0.10"], ["-o", "extended_l2=on"]],
+                         ids=["64k", "4k", "refcount64", "v2", "extl2"])
 def test_same_steps_same_file(tmp_path: Path, opts: list[str]) -> None:
     ours, theirs = twins(tmp_path, *opts)
     for i, (action, arg) in enumerate(STEPS):
