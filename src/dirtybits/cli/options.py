@@ -371,6 +371,7 @@ class Qcow2Create:
     data_file: str | None
     data_file_raw: bool
     lazy_refcounts: bool
+    compression_type: str = "zlib"
 
 
 def _enum(opts: QemuOpts, name: str, qapi_name: str, allowed: Sequence[str]) -> str | None:
@@ -383,7 +384,7 @@ def _enum(opts: QemuOpts, name: str, qapi_name: str, allowed: Sequence[str]) -> 
 def qcow2_create_args(opts: QemuOpts) -> Qcow2Create:
     """Check qcow2 creation options in the order QEMU 7.2's qcow2 driver does, with its
     messages; then refuse, by name, what the engine cannot write (encryption, subclusters,
-    zstd, preallocation) rather than silently making a different image."""
+    preallocation) rather than silently making a different image."""
     compat = _enum(opts, "compat", "version", ("0.10", "1.1", "v2", "v3"))
     version = 2 if compat in ("0.10", "v2") else 3
     backing_fmt = _enum(opts, "backing_fmt", "backing-fmt", FORMATS)
@@ -433,14 +434,13 @@ def qcow2_create_args(opts: QemuOpts) -> Qcow2Create:
         raise QemuError("encrypted qcow2 images are not supported")
     if extended_l2:
         raise QemuError("extended_l2=on (subclusters) is not supported")
-    if compression == "zstd":
-        raise QemuError("compression_type=zstd is not supported (only zlib)")
     if prealloc not in (None, "off"):
         raise QemuError(f"preallocation={prealloc} is not supported for qcow2 (only off)")
     _refuse_protocol_opts(opts)
     size = -(-int(opts.get("size")) // SECTOR) * SECTOR  # the L1 limit: Qcow2Image.create
     return Qcow2Create(size, cluster_size, refcount_bits, "0.10" if version == 2 else "1.1",
-                       backing_file, backing_fmt, data_file, data_file_raw, lazy)
+                       backing_file, backing_fmt, data_file, data_file_raw, lazy,
+                       compression or "zlib")
 
 
 def raw_preallocation(opts: QemuOpts) -> str:
