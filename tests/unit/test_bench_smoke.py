@@ -110,3 +110,22 @@ def test_resilient_bench_quick_runs_and_checks_pass(qemu_tools: dict[str, str],
         assert set(r["median_seconds"]) == {"qemu", "plain", "resilient"}
         assert r["syncs"]["resilient"] > r["syncs"]["plain"] > 0
     assert [p.name for p in tmp_path.iterdir()] == ["resilient.json"]
+
+
+@pytest.mark.interop
+def test_compress_bench_quick_runs_and_checks_pass(qemu_tools: dict[str, str],
+                                                   tmp_path: Path) -> None:
+    """Both tools convert -c the same source with zlib and zstd; both outputs check clean and
+    compare identical to the source, and with zlib are the very same file."""
+    out = tmp_path / "compress.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "compress_bench.py"), "--quick", "--size", "12M",
+         "--dir", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAIL" not in proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    assert results["ok"] is True
+    assert [r["compression"] for r in results["results"]] == ["zlib", "zstd"]
+    assert [p.name for p in tmp_path.iterdir()] == ["compress.json"]
