@@ -89,8 +89,8 @@ def test_what_does_not_fit_below_the_cluster_size_is_not_compressed(ctype: int) 
     out = compress_cluster(b"x" * 100, ctype, CS)
     assert out is not None
     chunks: list[bytes | bytearray | memoryview] = [text(i, CS) for i in range(9)]
-    assert compress_clusters(chunks, ctype, CS) == [compress_cluster(c, ctype, CS)
-                                                    for c in chunks]
+    assert list(compress_clusters(chunks, ctype, CS)) == [compress_cluster(c, ctype, CS)
+                                                          for c in chunks]
 
 
 # ---------------------------------------------------------------------------- packing

@@ -215,13 +215,21 @@ def copy(src: ImageDriver, dst: ImageDriver, granularity: int, zero_init: bool,
     (``granularity`` must then be the target's cluster size, or 0)."""
     size = qemu_size(src)
     pos = 0
-    for start, end in data_ranges(src, size, granularity):
+    ranges: Iterable[tuple[int, int]] = data_ranges(src, size, granularity)
+    reads: Iterator[bytes] | None = None
+    if compress:
+        # the next chunk is read while this one is compressed and stored (the source is
+        # then only touched by the reading thread: its ranges are listed first)
+        ranges = list(ranges)
+        reads = _read_ahead(src, [(off, min(CHUNK, end - off)) for start, end in ranges
+                                  for off in range(start, end, CHUNK)])
+    for start, end in ranges:
         if pos < start:
             _zero(dst, pos, start, zero_init)
             progress.update(start - pos)
         for off in range(start, end, CHUNK):
             n = min(CHUNK, end - off)
-            buf = read_padded(src, off, n)
+            buf = next(reads) if reads is not None else read_padded(src, off, n)
             _write_blocks(dst, off, buf, granularity if zero_init else 0, compress)
             progress.update(n)
         pos = end
@@ -232,6 +240,18 @@ def copy(src: ImageDriver, dst: ImageDriver, granularity: int, zero_init: bool,
         dst.write(0, b"", compress=True)  # qemu-img's last one: the file ends on a sector
     # No fdatasync of our own: qemu-img convert writes with cache=unsafe. Closing a qcow2
     # target still writes its metadata in the engine's crash-safe order.
+
+
+def _read_ahead(src: ImageDriver, jobs: list[tuple[int, int]]) -> Iterator[bytes]:
+    """``read_padded`` of each (offset, length), one read ahead in a thread."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="dirtybits-read") as ex:
+        nxt: Future[bytes] | None = None
+        for i, (off, n) in enumerate(jobs):
+            cur = nxt if nxt is not None else ex.submit(read_padded, src, off, n)
+            nxt = ex.submit(read_padded, src, *jobs[i + 1]) if i + 1 < len(jobs) else None
+            yield cur.result()
 
 
 def _zero(dst: ImageDriver, start: int, end: int, zero_init: bool) -> None:

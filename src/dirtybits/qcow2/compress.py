@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import threading
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -73,9 +74,10 @@ def _executor() -> ThreadPoolExecutor:
 
 
 def compress_clusters(chunks: list[Buffer], compression_type: int,
-                      cluster_size: int) -> list[bytes | None]:
-    """``compress_cluster`` of each chunk, in parallel when there are several."""
+                      cluster_size: int) -> Iterator[bytes | None]:
+    """``compress_cluster`` of each chunk, in order, computed in parallel when there are
+    several: the caller stores the first while the pool compresses the next ones."""
     if len(chunks) <= 1 or (os.cpu_count() or 1) == 1:
-        return [compress_cluster(c, compression_type, cluster_size) for c in chunks]
-    return list(_executor().map(
-        lambda c: compress_cluster(c, compression_type, cluster_size), chunks))
+        return (compress_cluster(c, compression_type, cluster_size) for c in chunks)
+    return _executor().map(
+        lambda c: compress_cluster(c, compression_type, cluster_size), chunks)
