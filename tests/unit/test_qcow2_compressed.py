@@ -254,3 +254,41 @@ def test_l2_entries_on_disk_after_close(tmp_path: Path) -> None:
     ent = L2Entry.decode(struct.unpack_from(">Q", raw, l2)[0], 16)
     start, n = ent.compressed_range()
     assert zlib.decompressobj(-12).decompress(raw[start:start + n], CS) == text(1, CS)
+
+
+def _zstd_payload_range(p: Path) -> tuple[int, int]:
+    with Qcow2Image.open(str(p), readonly=True) as img:
+        return entries(img, 0, 1)[0].compressed_range()
+
+
+def test_damaged_zstd_frame_is_a_corrupt_image_not_a_traceback(tmp_path: Path) -> None:
+    """Found by the image fuzzer: zstandard's own error escaped the engine."""
+    from dirtybits.errors import CorruptImageError
+
+    p = tmp_path / "z.qcow2"
+    Qcow2Image.create(str(p), MiB, cluster_size=4096, compression_type="zstd")
+    with Qcow2Image.open(str(p)) as img:
+        img.write(0, text(1, 4096), compress=True)
+    start, n = _zstd_payload_range(p)
+    with p.open("r+b") as f:
+        f.seek(start + 4)
+        f.write(b"\xff" * (n - 4))  # the magic stays, the frame header is garbage
+    with Qcow2Image.open(str(p), readonly=True) as img, pytest.raises(CorruptImageError):
+        img.read(0, 4096)
+
+
+def test_zstd_frame_claiming_more_than_a_cluster_is_not_expanded(tmp_path: Path) -> None:
+    import zstandard
+
+    p = tmp_path / "z.qcow2"
+    Qcow2Image.create(str(p), MiB, cluster_size=4096, compression_type="zstd")
+    with Qcow2Image.open(str(p)) as img:
+        img.write(0, random.Random(1).randbytes(2048) + bytes(2048), compress=True)
+    start, n = _zstd_payload_range(p)
+    bomb = zstandard.ZstdCompressor().compress(b"\x07" * (32 * MiB))
+    assert len(bomb) <= n
+    with p.open("r+b") as f:
+        f.seek(start)
+        f.write(bomb)
+    with Qcow2Image.open(str(p), readonly=True) as img:
+        assert img.read(0, 4096) == b"\x07" * 4096  # as QEMU: the cluster's worth, no more

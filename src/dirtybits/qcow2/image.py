@@ -1215,7 +1215,7 @@ class Qcow2Image:
                 except ImportError:
                     raise UnsupportedFeatureError(
                         "zstd-compressed clusters need the 'zstandard' module") from None
-                data = zstandard.ZstdDecompressor().decompressobj().decompress(raw)[:cs]
+                data = _zstd_cluster(zstandard, raw, cs, goff)
             else:
                 raise UnsupportedFeatureError("unknown compression type")
         except zlib.error as exc:
@@ -2040,6 +2040,26 @@ class Qcow2Image:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _zstd_cluster(zstandard: Any, raw: bytes, cs: int, goff: int) -> bytes:
+    """At most ``cs`` bytes out of zstd frames, as QEMU's qcow2_zstd_decompress (it stops
+    once the cluster is full, whatever the frame claims): a damaged frame is
+    ``CorruptImageError``, and a frame that would expand without bound is not expanded."""
+    parts: list[bytes] = []
+    got = 0
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as r:
+            while got < cs:
+                b = r.read(cs - got)
+                if not b:
+                    break
+                parts.append(b)
+                got += len(b)
+    except zstandard.ZstdError as exc:
+        raise CorruptImageError(
+            f"compressed cluster for guest offset {goff:#x} is damaged: {exc}") from exc
+    return b"".join(parts)
 
 
 def _mergeable(a: MapExtent, b: MapExtent) -> bool:
