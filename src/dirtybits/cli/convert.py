@@ -50,7 +50,7 @@ CHUNK = 2 << 20
 DEFAULT_SPARSE = 4096
 MAX_SPARSE = 16 << 20
 
-USAGE = ("dirtybits convert [-p] [-q] [-n] [-f FMT] [-O OUTPUT_FMT] [-o OPTIONS] [-S SIZE] "
+USAGE = ("dirtybits convert [-c] [-p] [-q] [-n] [-f FMT] [-O OUTPUT_FMT] [-o OPTIONS] [-S SIZE] "
          "[-U] SRC DST")
 
 
