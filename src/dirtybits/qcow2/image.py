@@ -1337,12 +1337,19 @@ class Qcow2Image:
             chunks: list[Buffer] = [view[p:min(length, p + cs)]
                                     for p in range(start, min(length, start + batch * cs), cs)]
             outs = compress_clusters(chunks, self.hc.header.compression_type, cs)
+            plain = -1  # first of a run of clusters that did not compress: one plain write
             for i, out in enumerate(outs):
-                goff = offset + start + i * cs
                 if out is None:
-                    self._write_uncompressed(goff, chunks[i])
-                else:
-                    self._write_compressed_cluster(goff, out)
+                    plain = i if plain < 0 else plain
+                    continue
+                if plain >= 0:
+                    self._write_uncompressed(offset + start + plain * cs,
+                                             view[start + plain * cs:start + i * cs])
+                    plain = -1
+                self._write_compressed_cluster(offset + start + i * cs, out)
+            if plain >= 0:
+                self._write_uncompressed(offset + start + plain * cs,
+                                         view[start + plain * cs:start + len(chunks) * cs])
 
     def _write_uncompressed(self, goff: int, chunk: Buffer) -> None:
         """A cluster that did not compress, written as a plain write (without the
