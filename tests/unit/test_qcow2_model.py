@@ -498,7 +498,7 @@ PLANTS: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], str, str]] = {
     "skip-one-l2-entry": (_skip_one_l2_entry, "cs4k-rc16-none-v1.1", r"first difference"),
     "evict-without-write-back": (_evict_without_write_back, "cs512-rc16-none-v1.1-tiny-caches",
                                  r"first difference|check_errors/corruptions/leaks = \(0, [1-9]"),
-    "keep-partial-last-cluster": (_keep_partial_last_cluster, "cs4k-rc16-none-v1.1",
+    "keep-partial-last-cluster": (_keep_partial_last_cluster, "cs2048k-rc16-none-v1.1",
                                   r"^discard .*first difference"),
     "forget-shared-refcount": (_forget_shared_refcount, "cs64k-rc16-none-v1.1",
                                r"corruptions/leaks = \([0-9]+, [1-9]|refcount|first difference"),

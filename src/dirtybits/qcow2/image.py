@@ -1237,8 +1237,10 @@ class Qcow2Image:
             raise ReadOnlyError(f"{self.path}: image is opened read-only")
 
     def write(self, offset: int, data: Buffer, *, compress: bool = False) -> None:
-        """Write guest bytes. ``compress``: store each cluster compressed (see
-        ``_write_compressed``, which says what it raises)."""
+        """Write guest bytes. ``compress``: store them compressed, whole clusters only (up to
+        the end of the disk for the last one), as QEMU's compressed writes: ``UsageError``
+        otherwise, ``UnsupportedFeatureError`` with an external data file (details:
+        ``_write_compressed``). Raises ``ImageIOError`` when the file does."""
         self._check_writable()
         length = len(data)
         self._check_request(offset, length)
@@ -1315,11 +1317,7 @@ class Qcow2Image:
                 "external data file")
         length = len(data)
         cs = self.cluster_size
-        if offset & self._cmask or (length & self._cmask
-                                    and offset + length != self.hc.header.size):
-            raise UsageError(f"compressed write [{offset}, {offset + length}) does not cover "
-                             f"whole {cs}-byte clusters")
-        if not length:
+        if not length:  # checked first, as QEMU
             end = (self._file_end + 511) & ~511
             if end != self._file_end:
                 try:
@@ -1329,6 +1327,10 @@ class Qcow2Image:
                 self._unsynced = True
                 self._file_end = end
             return
+        if offset & self._cmask or (length & self._cmask
+                                    and offset + length != self.hc.header.size):
+            raise UsageError(f"compressed write [{offset}, {offset + length}) does not cover "
+                             f"whole {cs}-byte clusters")
         from dirtybits.qcow2.compress import compress_clusters
 
         view = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
