@@ -1,9 +1,9 @@
 """Kill -9 harness shared by ``tests/crash/test_kill9.py`` and ``bench/torture``.
 
 One *kill* = copy a pre-image, fork a child that opens it through the block layer and runs a
-random workload (writes, write-zeroes, discards of random sizes, flushes, checkpoints, pauses
-longer than the idle time), reporting progress on a pipe; the parent SIGKILLs it at a random
-moment and then judges what is on disk:
+random workload (writes, compressed writes, write-zeroes, discards of random sizes, flushes,
+checkpoints, pauses longer than the idle time), reporting progress on a pipe; the parent
+SIGKILLs it at a random moment and then judges what is on disk:
 
 - ``qemu-img check``: no corruption (leaks are allowed and counted);
 - every bitmap still exists and is undamaged; an ``in_use`` one is *inconsistent* (allowed,
@@ -242,8 +242,10 @@ def child_main(path: str, plan: KillPlan, wfd: int) -> None:
             send(b"L")
             time.sleep(2.0)
         r = rng.random()
-        if r < 0.55:
+        if r < 0.47:
             kind = "write"
+        elif r < 0.55:
+            kind = "compressed"
         elif r < 0.65:
             kind = "zero"
         elif r < 0.72:
@@ -276,6 +278,14 @@ def child_main(path: str, plan: KillPlan, wfd: int) -> None:
                 for _ in range(rng.randrange(8, 64)):
                     off = rng.randrange(0, size // 4096) * 4096
                     disk.write(off, rng.randbytes(512))
+        elif kind == "compressed":  # whole clusters, compressible (some not: stored plain)
+            cs = next(t.cluster_size for t in ALL_TEMPLATES if t.name == plan.template)
+            n = rng.randrange(1, 17) * cs
+            base, span = (hot, 4 * MiB) if rng.random() < 0.5 else (0, size)
+            offset = base // cs * cs + rng.randrange(0, max(1, span - n) // cs) * cs
+            unit = bytes(rng.choices(b"abcdefgh ", k=512)) if rng.random() < 0.8 else \
+                rng.randbytes(cs)
+            disk.write(offset, (unit * (n // len(unit) + 1))[:n], compress=True)
         elif kind == "flush":
             disk.flush()
         elif kind == "checkpoint":

@@ -419,9 +419,12 @@ class Guest:
     def checkpoint(self) -> None:
         self.node.checkpoint()
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes, compress: bool = False) -> None:
         self.rec.op(offset, len(data))
-        self.node.write(offset, data)
+        if compress:
+            self.node.write(offset, data, compress=True)
+        else:
+            self.node.write(offset, data)
         self.model[offset:offset + len(data)] = data
 
     def zero(self, offset: int, length: int, unmap: bool = False) -> None:
@@ -490,6 +493,57 @@ def guest_steps(g: Guest, size: int, seed: int, ops: int, grow: int = 0) -> None
             g.flush()
     g.write(size // 2, rng.randbytes(65536))
     g.close()
+
+
+def compressed_steps(g: Guest, size: int, seed: int, ops: int, cs: int = 64 * KiB) -> None:
+    """Compressed writes (qcow2_alloc_bytes packing) among the other requests: into new
+    areas, over pre-image data and over compressed clusters (the old ones are released),
+    compressed clusters zeroed and discarded (their shared host clusters freed in the end)."""
+    rng = random.Random(seed)
+
+    def text(n: int) -> bytes:
+        unit = bytes(rng.choices(b"abcdefgh \n", k=1024))
+        return (unit * (n // len(unit) + 1))[:n]
+
+    g.write(5 * size // 8, text(3 * cs), compress=True)  # new: packed into one host cluster
+    g.write(0, text(2 * cs), compress=True)  # over pre-image data: released at the flush
+    g.checkpoint()
+    g.flush()
+    g.write(5 * size // 8 + cs, text(cs), compress=True)  # over a compressed cluster
+    g.zero(5 * size // 8, cs, unmap=True)
+    g.write(100 * KiB, rng.randbytes(8192))  # plain, over pre-image data
+    g.flush()
+    for _ in range(ops):
+        r = rng.random()
+        if r < 0.4:
+            n = rng.randrange(1, 9) * cs
+            offset = rng.randrange(0, (size - n) // cs) * cs
+            g.write(offset, text(n) if rng.random() < 0.85 else rng.randbytes(n),
+                    compress=True)
+            continue
+        length = rng.choice((512, 4096, rng.randrange(1, 40) * 4096))
+        offset = rng.randrange(0, (size - length) // 512) * 512
+        if r < 0.6:
+            g.write(offset, rng.randbytes(length))
+        elif r < 0.7:
+            g.zero(offset, length, unmap=rng.random() < 0.5)
+        elif r < 0.75:
+            g.discard(offset, length)
+        elif r < 0.87:
+            g.checkpoint()
+        else:
+            g.flush()
+    g.write(size // 2, text(cs), compress=True)
+    g.close()
+
+
+def _compressed_run(ctx: Any, rec: Recorder) -> None:
+    import dirtybits
+
+    model = bytearray(ctx.tpl.pre.tobytes())
+    node = dirtybits.open(str(ctx.image), checkpoint=dirtybits.CheckpointPolicy(**NO_TIMERS))
+    compressed_steps(Guest(node, rec, model), ctx.tpl.spec.size, ctx.seed, ctx.ops,
+                     ctx.tpl.spec.cluster_size)
 
 
 def _image_run(ctx: Any, rec: Recorder) -> None:
@@ -588,6 +642,7 @@ WORKLOADS = {
     "container": Workload("container", None, _container_run, "container"),
     "extl2": Workload("extl2", "x64k", _extl2_run),
     "extl2-tracking": Workload("extl2-tracking", "x64k", _extl2_tracking_run),
+    "compressed": Workload("compressed", "c64k", _compressed_run),
 }
 
 

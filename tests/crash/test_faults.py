@@ -44,6 +44,7 @@ SPEC = harness.TemplateSpec("faults", 64 * KiB,
                             {"g64k": 64 * KiB, "g4k": 4 * KiB, harness.FROZEN: 128 * KiB},
                             size=8 * MiB)
 
+TEXT = b"".join(b"%05d compressible words " % i for i in range(6000))[:2 * 64 * KiB]
 Step = tuple[str, Callable[[Any], None]]
 STEPS: list[Step] = [
     ("write-new", lambda d: d.write(5 * MiB + 4096, b"\xa1" * 70000)),  # allocating, 2 clusters
@@ -55,6 +56,9 @@ STEPS: list[Step] = [
     ("write-3", lambda d: d.write(3 * MiB + 512, b"\xa4" * 20480)),
     ("flush", lambda d: d.flush()),
     ("write-4", lambda d: d.write(6 * MiB, b"\xa5" * 65536)),
+    # compressed: packed into a new host cluster, then over allocated clusters (released)
+    ("compressed-new", lambda d: d.write(4 * MiB, TEXT, compress=True)),
+    ("compressed-over", lambda d: d.write(6 * MiB, TEXT, compress=True)),
     ("close", lambda d: d.close()),
 ]
 POLICY = {"interval": None, "idle": None, "threshold_bits": None}  # deterministic: no timer

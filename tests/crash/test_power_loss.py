@@ -1,6 +1,6 @@
 """Power loss (only what was synced survives), judged over crash states built from a trace of
 every write and sync (``powerloss.py``): tracking, checkpoints, ``bitmaps=no``, resilient mode,
-recovery from a backup, and raw drives with a bitmap container.
+recovery from a backup, raw drives with a bitmap container, and compressed writes.
 
 - every path: the crash states (subsets, reorderings and 512-byte tears of the writes after
   the last sync) show no corruption, no silent miss, no lost flushed data, no leak right
@@ -61,7 +61,7 @@ def test_power_loss_states_are_sound(templates: dict[str, Any], tmp_path: Path, 
 # Where to look first for each site's effect (a site is caught once any path fails).
 ORDER = ("tracking-c4k", "untracked-c4k", "resilient-r64k", "tracking-c64k", "container",
          "recovery", "resilient-r1m", "resize-c4k", "resize-r1m", "extl2",
-         "extl2-tracking")
+         "extl2-tracking", "compressed")
 
 
 def _sites(templates: dict[str, Any], work: Path) -> dict[str, list[str]]:

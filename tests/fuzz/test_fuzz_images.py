@@ -1,8 +1,9 @@
 """Malformed images never crash, hang, allocate without bound, or get written to.
 
 Valid base images are built once per module, with qemu-img/qemu-io and with our own engine
-(64 KiB and 512 B clusters, compressed clusters, zero clusters, a backing file, an external data
-file, bitmaps, an internal snapshot, a v2 image, 1- and 16-bit refcounts). Hypothesis then
+(64 KiB and 512 B clusters, compressed clusters (zlib by QEMU, zstd by us), zero clusters, a
+backing file, an external data file, bitmaps, an internal snapshot, a v2 image, 1- and 16-bit
+refcounts). Hypothesis then
 mutates them: every header field (edges, unaligned offsets, huge sizes), header extensions
 (lengths, types, duplicates, inserted ones, a lost end marker), L1/L2 entries, refcount table
 and refcount block entries, bitmap and snapshot structures, truncation, appended bytes and
@@ -18,11 +19,11 @@ byte flips in metadata clusters. On each mutant:
   (``test_reads_match_qemu``);
 * a writable open (``open_image``: the engine, plus the bitmap tracking layer when the image
   has bitmaps) that raises leaves the file byte for byte as it was; one that succeeds takes a
-  one-cluster write that succeeds or raises ``DirtybitsError``. After a successful write and
-  close, ``qemu-img check`` reports no more corruptions than before (or than after qemu-io's
-  own write of the same data: on a damaged image any allocating write can make things
-  worse), and both the engine and qemu-io read the data back; no other file changes
-  (``test_writable_open_and_write``).
+  one-cluster write (plain or compressed) that succeeds or raises ``DirtybitsError``. After a
+  successful write and close, ``qemu-img check`` reports no more corruptions than before (or
+  than after qemu-io's own write of the same data: on a damaged image any allocating write
+  can make things worse), and both the engine and qemu-io read the data back; no other file
+  changes (``test_writable_open_and_write``).
 
 ``test_guarded_subprocess`` runs a smaller set, biased towards size fields pushed to their
 limits, in a worker process with ``RLIMIT_AS`` = 1 GiB and a per-example timeout, so unbounded
@@ -365,6 +366,14 @@ def build_bases(root: Path, tools: dict[str, str]) -> dict[str, Base]:
         e.write(300 << 10, b"\x92" * 4096)
         e.write_zeroes(1 << 20, 64 << 10)
         e.write((2 << 20) - 100, b"\x93" * 100)
+
+    d = new("enginezstd")  # compressed clusters our engine packed (zstd, 4 KiB clusters)
+    Qcow2Image.create(str(d / IMAGE), 512 << 10, cluster_size=4096, compression_type="zstd")
+    with Qcow2Image.open(str(d / IMAGE)) as e:
+        e.write(0, b"\xb1" * (40 << 10), compress=True)
+        e.write(100 << 10, (b"text " * 4000)[:16 << 10], compress=True)
+        e.write(200 << 10, b"\xb2" * 8192)
+        e.write(4 << 10, b"\xb3" * 4096, compress=True)  # over a compressed cluster
 
     d = new("engine512")
     Qcow2Image.create(str(d / IMAGE), 160 << 10, cluster_size=512, refcount_bits=1)
@@ -918,19 +927,20 @@ def qemu_same_write(path: Path, image: bytes, tools: dict[str, str], offset: int
 
 
 def check_writable(path: Path, tools: dict[str, str], where: float, pattern: int,
-                   data_file: str | None = None) -> str:
-    """One writable open and one-cluster write; ``data_file`` is the one sibling it may write."""
+                   data_file: str | None = None, compress: bool = False) -> str:
+    """One writable open and one-cluster write (``compress``: a compressed one); ``data_file``
+    is the one sibling it may write."""
     before = path.read_bytes()
     siblings = {k: v for k, v in snapshot_dir(path.parent).items()
                 if k != path.name and k != data_file}
-    outcome = _check_writable(path, before, tools, where, pattern)
+    outcome = _check_writable(path, before, tools, where, pattern, compress)
     after = {k: v for k, v in snapshot_dir(path.parent).items() if k in siblings}
     assert after == siblings, "writing the image changed another file"
     return outcome
 
 
 def _check_writable(path: Path, before: bytes, tools: dict[str, str], where: float,
-                    pattern: int) -> str:
+                    pattern: int, compress: bool = False) -> str:
     qemu_before = qemu_check(path, tools)
     try:
         with time_limit(TIME_LIMIT):
@@ -954,7 +964,9 @@ def _check_writable(path: Path, before: bytes, tools: dict[str, str], where: flo
     try:
         with time_limit(TIME_LIMIT):
             try:
-                if length:
+                if length and compress:  # whole clusters (or to the end of the disk)
+                    img.write(offset, data, compress=True)
+                elif length:
                     img.write(offset, data)
                 wrote = True
             finally:
@@ -1029,8 +1041,9 @@ def test_writable_open_and_write(bases: dict[str, Base], scratch: Scratch,
                                  qemu_tools: dict[str, str], data: st.DataObject) -> None:
     m = data.draw(mutants(bases), label="mutant")
     where = data.draw(st.floats(0, 1, exclude_max=True), label="write position")
+    compress = data.draw(st.booleans(), label="compressed write")
     outcome = check_writable(scratch.prepare(m.base, m.data), qemu_tools, where, 0xC5,
-                             m.base.data_file)
+                             m.base.data_file, compress)
     note(outcome)
     event(outcome)
 

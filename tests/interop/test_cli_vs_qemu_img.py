@@ -77,6 +77,9 @@ CREATE_SAME = [
     "-f qcow2 -o data_file=new.data,data_file_raw=on new.qcow2 10M",
     "-f qcow2 -o data_file=new.data new.qcow2 10M",
     "-f qcow2 -o compat=0.10 new.qcow2 1M",
+    "-f qcow2 -o compression_type=zstd new.qcow2 1G",
+    "-f qcow2 -o compression_type=zstd,cluster_size=4k new.qcow2 1M",
+    "-f qcow2 -o compression_type=zlib new.qcow2 1M",
     "-f qcow2 -o compat=v3,encryption=off new.qcow2 1M",
     "-f qcow2 -o cluster_size=512 -o lazy_refcounts=on new.qcow2 1M",
     "-f qcow2 -o cluster_size=2M,refcount_bits=1 new.qcow2 3G",
@@ -213,7 +216,6 @@ def test_create_matches_qemu_img(args: str, workdir: Path, qemu_tools: dict[str,
 
 
 @pytest.mark.parametrize(("opts", "message"), [
-    ("compression_type=zstd", "compression_type=zstd is not supported (only zlib)"),
     ("preallocation=metadata", "preallocation=metadata is not supported for qcow2 (only off)"),
     ("encrypt.format=luks,encrypt.key-secret=s", "encrypted qcow2 images are not supported"),
     ("nocow=on", "nocow=on is not supported"),

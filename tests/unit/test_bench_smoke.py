@@ -128,6 +128,9 @@ def test_snapshot_bench_quick_runs_and_checks_pass(qemu_tools: dict[str, str],
     assert results["problems"] == []
     assert set(results["writes_per_second"]) == {"none", "writeback"}
     assert [p.name for p in tmp_path.iterdir()] == ["snapshot.json"]
+
+
+@pytest.mark.interop
 def test_extl2_bench_quick_runs_and_checks_pass(qemu_tools: dict[str, str],
                                                 tmp_path: Path) -> None:
     """Both layouts are built, checked (qemu-img check, compare, our convert equal to QEMU's)
@@ -145,3 +148,22 @@ def test_extl2_bench_quick_runs_and_checks_pass(qemu_tools: dict[str, str],
     for r in results["results"]:
         assert set(r["mib_per_s"]) == {"dirtybits", "qemu-io"}
     assert [p.name for p in tmp_path.iterdir()] == ["extl2.json"]
+
+
+@pytest.mark.interop
+def test_compress_bench_quick_runs_and_checks_pass(qemu_tools: dict[str, str],
+                                                   tmp_path: Path) -> None:
+    """Both tools convert -c the same source with zlib and zstd; both outputs check clean and
+    compare identical to the source, and with zlib are the very same file."""
+    out = tmp_path / "compress.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "compress_bench.py"), "--quick", "--size", "12M",
+         "--dir", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAIL" not in proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    assert results["ok"] is True
+    assert [r["compression"] for r in results["results"]] == ["zlib", "zstd"]
+    assert [p.name for p in tmp_path.iterdir()] == ["compress.json"]

@@ -231,11 +231,8 @@ class FakeDriver:
         self.extents = extents or []
         self.size = 4 * MiB
 
-    def write(self, offset: int, data: bytes) -> None:
-        self.calls.append(("write", offset, data))
-
-    def write_compressed(self, offset: int, data: bytes) -> None:
-        self.calls.append(("write_compressed", offset, data))
+    def write(self, offset: int, data: bytes, *, compress: bool = False) -> None:
+        self.calls.append(("write_compressed" if compress else "write", offset, data))
 
     def flush(self) -> None:
         self.calls.append(("flush",))

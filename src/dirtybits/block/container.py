@@ -650,9 +650,9 @@ class DriveNode(BlockNode):
             raise ImageError(f"request [{offset}, {offset + length}) is outside the image "
                              f"(size {self.driver.size})")
 
-    def write(self, offset: int, data: Buffer) -> None:
+    def write(self, offset: int, data: Buffer, *, compress: bool = False) -> None:
         self._check(offset, len(data))
-        super().write(offset, data)
+        super().write(offset, data, compress=compress)
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         self._check(offset, length)

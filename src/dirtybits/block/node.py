@@ -213,14 +213,22 @@ class BlockNode:
     def _dirty_bits(self) -> int:
         return sum(rec.bits.count_bits() for rec in self._recorders)
 
-    def write(self, offset: int, data: Buffer) -> None:
+    def write(self, offset: int, data: Buffer, *, compress: bool = False) -> None:
+        """A guest write (``compress``: stored compressed, see the driver), recorded in
+        every enabled bitmap like any other."""
         with self._lock:
             if self._hooked and len(data) and self._in_range(offset, len(data)):
                 self._before_write(offset, len(data))
-                self.driver.write(offset, data)
+                self._driver_write(offset, data, compress)
                 self._after_write()
             else:
-                self.driver.write(offset, data)
+                self._driver_write(offset, data, compress)
+
+    def _driver_write(self, offset: int, data: Buffer, compress: bool) -> None:
+        if compress:
+            self.driver.write(offset, data, compress=True)
+        else:
+            self.driver.write(offset, data)
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         with self._lock:

@@ -10,7 +10,13 @@ from collections.abc import Iterator
 from types import TracebackType
 
 from dirtybits.block.driver import Buffer
-from dirtybits.errors import ImageError, ImageIOError, ReadOnlyError, UsageError
+from dirtybits.errors import (
+    ImageError,
+    ImageIOError,
+    ReadOnlyError,
+    UnsupportedFeatureError,
+    UsageError,
+)
 from dirtybits.filecreate import create_file
 from dirtybits.filelock import (
     PERM_RESIZE,
@@ -138,9 +144,11 @@ class RawImage:
         self._abuf[:n] = view
         return self._direct_fd, memoryview(self._abuf)[:n]
 
-    def write(self, offset: int, data: Buffer) -> None:
+    def write(self, offset: int, data: Buffer, *, compress: bool = False) -> None:
         self._check_writable()
         self._check_range(offset, len(data))
+        if compress:
+            raise UnsupportedFeatureError("Compression not supported for this file format")
         self._write(offset, memoryview(data).cast("B"))
         if self._writethrough:
             self.flush()

@@ -176,4 +176,5 @@ def create(filename: str, fmt: str, opts: QemuOpts) -> None:
                       refcount_bits=c.refcount_bits, compat=c.compat,
                       backing_file=c.backing_file, backing_format=c.backing_format,
                       data_file=c.data_file, data_file_raw=c.data_file_raw,
-                      lazy_refcounts=c.lazy_refcounts, extended_l2=c.extended_l2)
+                      lazy_refcounts=c.lazy_refcounts, extended_l2=c.extended_l2,
+                      compression_type=c.compression_type)

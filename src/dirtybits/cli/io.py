@@ -29,7 +29,13 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
 from dirtybits.cli import qemu_io_syntax as syn
-from dirtybits.errors import DirtybitsError, ImageError, ImageIOError, UsageError
+from dirtybits.errors import (
+    DirtybitsError,
+    ImageError,
+    ImageIOError,
+    UnsupportedFeatureError,
+    UsageError,
+)
 
 if TYPE_CHECKING:
     from dirtybits.block.driver import ImageDriver
@@ -40,6 +46,7 @@ CACHE_MODES = ("none", "off", "directsync", "writeback", "writethrough", "unsafe
 DEFAULT_CACHE = "writethrough"  # qemu-io's: every write is durable before the next command
 _EIO = os.strerror(errno.EIO)
 _ENOTSUP = os.strerror(errno.ENOTSUP)
+_EINVAL = os.strerror(errno.EINVAL)
 # Keep at most this many bytes of cached pattern buffers (one per (byte, length) pair).
 PATTERN_CACHE_BYTES = 64 << 20
 
@@ -404,22 +411,21 @@ class Executor:
         if not self._in_range(c.offset, c.length):
             return self._fail(f"write failed: {_EIO}")
         driver = self.driver
-        write_compressed = None
-        if c.compressed:
-            write_compressed = getattr(driver, "write_compressed", None)
-            if write_compressed is None:
-                return self._fail(f"write failed: {_ENOTSUP}")
         t0 = time.perf_counter_ns()
         try:
             if c.length:
                 if data is None:
                     driver.write_zeroes(c.offset, c.length, unmap=c.unmap)
-                elif write_compressed is not None:
-                    write_compressed(c.offset, data)
+                elif c.compressed:
+                    driver.write(c.offset, data, compress=True)
                 else:
                     driver.write(c.offset, data)
                 if c.fua:
                     driver.flush()
+        except UnsupportedFeatureError as exc:
+            return self._fail(f"write failed: {_ENOTSUP if c.compressed else _reason(exc)}")
+        except UsageError as exc:  # a compressed write that is not whole clusters
+            return self._fail(f"write failed: {_EINVAL if c.compressed else _reason(exc)}")
         except DirtybitsError as exc:
             return self._fail(f"write failed: {_reason(exc)}")
         elapsed = time.perf_counter_ns() - t0

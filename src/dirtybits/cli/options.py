@@ -372,6 +372,7 @@ class Qcow2Create:
     data_file_raw: bool
     lazy_refcounts: bool
     extended_l2: bool = False
+    compression_type: str = "zlib"
 
 
 def _enum(opts: QemuOpts, name: str, qapi_name: str, allowed: Sequence[str]) -> str | None:
@@ -384,7 +385,7 @@ def _enum(opts: QemuOpts, name: str, qapi_name: str, allowed: Sequence[str]) -> 
 def qcow2_create_args(opts: QemuOpts) -> Qcow2Create:
     """Check qcow2 creation options in the order QEMU 7.2's qcow2 driver does, with its
     messages; then refuse, by name, what the engine cannot write (encryption, subclusters,
-    zstd, preallocation) rather than silently making a different image."""
+    preallocation) rather than silently making a different image."""
     compat = _enum(opts, "compat", "version", ("0.10", "1.1", "v2", "v3"))
     version = 2 if compat in ("0.10", "v2") else 3
     backing_fmt = _enum(opts, "backing_fmt", "backing-fmt", FORMATS)
@@ -432,15 +433,13 @@ def qcow2_create_args(opts: QemuOpts) -> Qcow2Create:
     if opts.get("encryption") or any(opts.is_set(n) for n in opts.descs
                                      if n.startswith("encrypt.")):
         raise QemuError("encrypted qcow2 images are not supported")
-    if compression == "zstd":
-        raise QemuError("compression_type=zstd is not supported (only zlib)")
     if prealloc not in (None, "off"):
         raise QemuError(f"preallocation={prealloc} is not supported for qcow2 (only off)")
     _refuse_protocol_opts(opts)
     size = -(-int(opts.get("size")) // SECTOR) * SECTOR  # the L1 limit: Qcow2Image.create
     return Qcow2Create(size, cluster_size, refcount_bits, "0.10" if version == 2 else "1.1",
                        backing_file, backing_fmt, data_file, data_file_raw, lazy,
-                       extended_l2)
+                       extended_l2, compression or "zlib")
 
 
 def raw_preallocation(opts: QemuOpts) -> str:

@@ -32,6 +32,7 @@ from dirtybits.format.qcow2.tables import (
     L2E_OFFSET_MASK,
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
+    compressed_descriptor,
     compressed_offset_bits,
 )
 from dirtybits.osfile import punch_hole
@@ -274,7 +275,10 @@ class Qcow2ExtL2Image(Qcow2Image):
         emit()
 
     # ------------------------------------------------------------------ write
-    def write(self, offset: int, data: Buffer) -> None:
+    def write(self, offset: int, data: Buffer, *, compress: bool = False) -> None:
+        if compress:  # whole clusters: the base class packs them (_write_compressed_cluster)
+            super().write(offset, data, compress=True)
+            return
         self._check_writable()
         length = len(data)
         self._check_request(offset, length)
@@ -299,6 +303,25 @@ class Qcow2ExtL2Image(Qcow2Image):
                     pos = self._write_new(tbl, l1i, offset, pos, stop, view)
         if self._writethrough:
             self.flush()
+
+    def _write_compressed_cluster(self, goff: int, payload: bytes) -> None:
+        """The base class's, with a 16-byte entry: a compressed cluster's subcluster bitmap
+        is 0 (qcow2.txt; QEMU writes it so)."""
+        cb = self.cluster_bits
+        l1i = goff >> (cb + self.l2_bits)
+        tbl = self._l2_table(l1i, allocate=True)
+        assert tbl is not None
+        idx = (goff >> cb) & (self.l2_entries - 1)
+        host = self._alloc_compressed_bytes(len(payload))
+        self._write_data(host, payload)
+        tbl = self._l2_table(l1i, allocate=True)  # the same table, still cached
+        assert tbl is not None
+        old = _unpack_qq(tbl, idx * 16)[0]
+        _pack_qq(tbl, idx * 16, compressed_descriptor(host, len(payload), cb), 0)
+        self._decomp_key = -1
+        self._l2_dirty.add(self._l2_offset_of(l1i))
+        if old:
+            self._release_entry(old)
 
     def _guest_bytes(self, goff: int, length: int) -> bytearray:
         """What the guest reads at ``[goff, goff+length)`` now (copy-on-write source)."""

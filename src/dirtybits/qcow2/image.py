@@ -63,6 +63,7 @@ from dirtybits.format.qcow2.header import (
     EXT_BACKING_FORMAT,
     EXT_DATA_FILE,
     EXT_FEATURE_TABLE,
+    INCOMPAT_COMPRESSION,
     INCOMPAT_CORRUPT,
     INCOMPAT_DATA_FILE,
     INCOMPAT_DIRTY,
@@ -94,6 +95,7 @@ from dirtybits.format.qcow2.tables import (
     OFLAG_COPIED,
     OFLAG_ZERO,
     REFT_OFFSET_MASK,
+    compressed_descriptor,
     compressed_offset_bits,
 )
 from dirtybits.osfile import (
@@ -197,6 +199,7 @@ class Qcow2Image:
         self._growing_to = 0  # resize in progress: the allocation bound counts the new size
         self._snapshots: list[SnapshotTableEntry] = []  # the internal snapshot table
         self._snapshots_size = 0  # its length in bytes
+        self._comp_next = 0  # where the next compressed cluster's bytes go (qcow2_alloc_bytes)
 
     @classmethod
     def open(cls, path: str, *, readonly: bool = False, open_backing: bool = True,
@@ -589,8 +592,11 @@ class Qcow2Image:
                compat: str = "1.1", backing_file: str | None = None,
                backing_format: str | None = None, data_file: str | None = None,
                data_file_raw: bool = False, lazy_refcounts: bool = False,
-               extended_l2: bool = False) -> None:
+               extended_l2: bool = False, compression_type: str = "zlib") -> None:
         """Write a new empty image with QEMU's layout (header, reftable, refblock, L1).
+
+        ``compression_type`` (``zlib`` or ``zstd``) is what compressed writes use; zstd sets
+        the header field and its incompatible bit (v3 only), as qemu-img create does.
 
         Raises ``UsageError`` for options QEMU refuses (a size whose L1 table would pass
         QEMU's 32 MiB limit among them, before any file is touched), ``ImageIOError`` /
@@ -614,6 +620,13 @@ class Qcow2Image:
             raise UsageError("data-file-raw requires data-file")
         if extended_l2 and (version == 2 or cluster_size < 16384):
             raise UsageError("Extended L2 entries need compat=1.1 and clusters of 16k or more")
+        if compression_type not in ("zlib", "zstd"):
+            raise UsageError(f"Parameter 'compression-type' does not accept value "
+                             f"'{compression_type}'")
+        zstd = compression_type == "zstd"
+        if zstd and version == 2:
+            raise UsageError("Non-zlib compression type is only supported with compatibility "
+                             "level 1.1 and above (use version=v3 or greater)")
         if size < 0 or size % 512:
             size = (size + 511) & ~511
         cb = cluster_size.bit_length() - 1
@@ -628,7 +641,7 @@ class Qcow2Image:
         if version == 3 and cluster_size > 4096:
             ext.append(HeaderExtension(EXT_FEATURE_TABLE, pack_feature_table()))
         incompat = (INCOMPAT_DATA_FILE if data_file else 0) | (
-            INCOMPAT_EXTL2 if extended_l2 else 0)
+            INCOMPAT_EXTL2 if extended_l2 else 0) | (INCOMPAT_COMPRESSION if zstd else 0)
         autoclear = AUTOCLEAR_DATA_FILE_RAW if data_file_raw else 0
         header = Qcow2Header(
             version=version, backing_file_offset=0, backing_file_size=0, cluster_bits=cb,
@@ -638,6 +651,7 @@ class Qcow2Image:
             compatible_features=1 if lazy_refcounts else 0, autoclear_features=autoclear,
             refcount_order=order,
             header_length=V3_HEADER_LENGTH if version == 3 else V2_HEADER_LENGTH,
+            compression_type=COMPRESSION_ZSTD if zstd else COMPRESSION_ZLIB,
         )
         hc = HeaderCluster(header, tuple(ext), backing_file)
         head = hc.pack()
@@ -848,6 +862,8 @@ class Qcow2Image:
         self._rb_dirty.add(self._reftable[rt_index] & REFT_OFFSET_MASK)
         if new == 0:
             self._meta.pop(cluster_index, None)
+            if cluster_index == self._comp_next >> self.cluster_bits:
+                self._comp_next = 0  # free now, may be reused whole: no more packing into it
             if cluster_index < self._free_hint:
                 self._free_hint = cluster_index
         return new
@@ -1291,7 +1307,7 @@ class Qcow2Image:
                 except ImportError:
                     raise UnsupportedFeatureError(
                         "zstd-compressed clusters need the 'zstandard' module") from None
-                data = zstandard.ZstdDecompressor().decompressobj().decompress(raw)[:cs]
+                data = _zstd_cluster(zstandard, raw, cs, goff)
             else:
                 raise UnsupportedFeatureError("unknown compression type")
         except zlib.error as exc:
@@ -1312,10 +1328,19 @@ class Qcow2Image:
         if self.readonly:
             raise ReadOnlyError(f"{self.path}: image is opened read-only")
 
-    def write(self, offset: int, data: Buffer) -> None:
+    def write(self, offset: int, data: Buffer, *, compress: bool = False) -> None:
+        """Write guest bytes. ``compress``: store them compressed, whole clusters only (up to
+        the end of the disk for the last one), as QEMU's compressed writes: ``UsageError``
+        otherwise, ``UnsupportedFeatureError`` with an external data file (details:
+        ``_write_compressed``). Raises ``ImageIOError`` when the file does."""
         self._check_writable()
         length = len(data)
         self._check_request(offset, length)
+        if compress:
+            self._write_compressed(offset, data)
+            if self._writethrough:
+                self.flush()
+            return
         if not length:
             return
         view = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
@@ -1363,6 +1388,123 @@ class Qcow2Image:
                 pos = self._write_allocating(tbl, offset, pos, stop, view)
         if self._writethrough:
             self.flush()
+
+    # ------------------------------------------------------------------ compressed write
+    def _write_compressed(self, offset: int, data: Buffer) -> None:
+        """Store whole clusters compressed with the image's compression type.
+
+        As QEMU: only whole clusters (the disk's partial last cluster counts as whole, padded
+        with zeros), else ``UsageError`` (qemu-io: Invalid argument); an image with an
+        external data file cannot hold compressed clusters (``UnsupportedFeatureError``:
+        Operation not supported); a cluster that does not compress below the cluster size
+        is written uncompressed. A zero-length compressed write pads the file to a whole
+        sector (qemu-img convert -c ends with one, so the last compressed bytes can be read
+        with sector I/O). Where QEMU 7.2 refuses a cluster that is already allocated
+        (EIO), the old allocation is released here in the crash-safe order, after the new
+        entry is durable. Clusters are compressed in parallel (``compress.compress_clusters``).
+        """
+        if self.has_data_file:
+            raise UnsupportedFeatureError(
+                f"{self.path}: compressed clusters cannot be written to an image with an "
+                "external data file")
+        length = len(data)
+        cs = self.cluster_size
+        if not length:  # checked first, as QEMU
+            end = (self._file_end + 511) & ~511
+            if end != self._file_end:
+                try:
+                    os.ftruncate(self._fd, end)
+                except OSError as exc:
+                    raise _io_error(f"resizing {self.path}", exc) from exc
+                self._unsynced = True
+                self._file_end = end
+            return
+        if offset & self._cmask or (length & self._cmask
+                                    and offset + length != self.hc.header.size):
+            raise UsageError(f"compressed write [{offset}, {offset + length}) does not cover "
+                             f"whole {cs}-byte clusters")
+        from dirtybits.qcow2.compress import compress_clusters
+
+        view = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
+        batch = 64  # clusters compressed together: bounds the memory a huge write holds
+        for start in range(0, length, batch * cs):
+            chunks: list[Buffer] = [view[p:min(length, p + cs)]
+                                    for p in range(start, min(length, start + batch * cs), cs)]
+            outs = compress_clusters(chunks, self.hc.header.compression_type, cs)
+            plain = -1  # first of a run of clusters that did not compress: one plain write
+            for i, out in enumerate(outs):
+                if out is None:
+                    plain = i if plain < 0 else plain
+                    continue
+                if plain >= 0:
+                    self._write_uncompressed(offset + start + plain * cs,
+                                             view[start + plain * cs:start + i * cs])
+                    plain = -1
+                self._write_compressed_cluster(offset + start + i * cs, out)
+            if plain >= 0:
+                self._write_uncompressed(offset + start + plain * cs,
+                                         view[start + plain * cs:start + len(chunks) * cs])
+
+    def _write_uncompressed(self, goff: int, chunk: Buffer) -> None:
+        """A cluster that did not compress, written as a plain write (without the
+        writethrough flush, which the compressed write does once at its end)."""
+        wt, self._writethrough = self._writethrough, False
+        try:
+            self.write(goff, chunk)
+        finally:
+            self._writethrough = wt
+
+    def _write_compressed_cluster(self, goff: int, payload: bytes) -> None:
+        """Point the guest cluster at ``payload``, packed after the last compressed bytes.
+
+        Order: the L2 table (allocated first, as QEMU), the bytes' refcount, the payload
+        itself, then the entry; the old entry's clusters are queued to be freed at the next
+        flush, after the new entry is durable.
+        """
+        cb = self.cluster_bits
+        l1i = goff >> (cb + self.l2_bits)
+        tbl = self._l2_table(l1i, allocate=True)
+        assert tbl is not None
+        idx = (goff >> cb) & (self.l2_entries - 1)
+        host = self._alloc_compressed_bytes(len(payload))
+        self._write_data(host, payload)
+        tbl = self._l2_table(l1i, allocate=True)  # the same table, still cached
+        assert tbl is not None
+        old = _unpack_q(tbl, idx * 8)[0]
+        _pack_q(tbl, idx * 8, compressed_descriptor(host, len(payload), cb))
+        self._decomp_key = -1
+        self._l2_dirty.add(self._l2_offset_of(l1i))
+        if old:
+            self._release_entry(old)
+
+    def _alloc_compressed_bytes(self, size: int) -> int:
+        """Host bytes for ``size`` bytes of compressed data, as QEMU's qcow2_alloc_bytes.
+
+        Compressed clusters are packed back to back, byte-granular, across host clusters:
+        a piece that does not fit the rest of the current host cluster starts a new one,
+        or continues into it when the new cluster is the next one in the file. Each host
+        cluster's refcount counts every compressed cluster touching it (so a cluster at
+        its maximum refcount takes no more). The refcount increments are in the refcount
+        cache before the entry that uses them, and reach the disk first (flush, eviction).
+        """
+        cb = self.cluster_bits
+        cmask = self._cmask
+        off = self._comp_next
+        if off and self.get_refcount(off >> cb) >= self._rc_max:
+            off = 0
+        if off and self.cluster_size - (off & cmask) >= size:
+            self._update_refcount(off >> cb, 1)
+            start = off
+        else:
+            new = self._alloc_clusters(1)  # refcount 1: counts this piece
+            if off and ((off + cmask) & ~cmask) == new:
+                self._update_refcount(off >> cb, 1)
+                start = off
+            else:
+                start = new
+        end = start + size
+        self._comp_next = end if end & cmask else 0
+        return start
 
     def _in_place(self, ent: int) -> bool:
         """Whether a write goes to the entry's own host cluster (QEMU's handle_copied): an
@@ -1569,7 +1711,8 @@ class Qcow2Image:
         sectors = ((ent >> x) & ((1 << (cb - 8)) - 1)) + 1
         end = (host & ~511) + sectors * 512
         clusters = range(host >> cb, ((end - 1) >> cb) + 1)
-        if end > self._file_end or not self._may_free(clusters):
+        # the last compressed bytes of a file may end inside a sector (QEMU packs by bytes)
+        if end > (self._file_end + 511) & ~511 or not self._may_free(clusters):
             return range(0)
         pending = self._pending_count
         if any(self.get_refcount(c) - pending.get(c, 0) == 1 for c in clusters):
@@ -2051,6 +2194,26 @@ class Qcow2Image:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _zstd_cluster(zstandard: Any, raw: bytes, cs: int, goff: int) -> bytes:
+    """At most ``cs`` bytes out of zstd frames, as QEMU's qcow2_zstd_decompress (it stops
+    once the cluster is full, whatever the frame claims): a damaged frame is
+    ``CorruptImageError``, and a frame that would expand without bound is not expanded."""
+    parts: list[bytes] = []
+    got = 0
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as r:
+            while got < cs:
+                b = r.read(cs - got)
+                if not b:
+                    break
+                parts.append(b)
+                got += len(b)
+    except zstandard.ZstdError as exc:
+        raise CorruptImageError(
+            f"compressed cluster for guest offset {goff:#x} is damaged: {exc}") from exc
+    return b"".join(parts)
 
 
 def _mergeable(a: MapExtent, b: MapExtent) -> bool:

@@ -97,6 +97,17 @@ def encode_compressed(host_offset: int, nb_sectors: int, cluster_bits: int) -> i
     return OFLAG_COMPRESSED | ((nb_sectors - 1) << x) | host_offset
 
 
+def compressed_descriptor(host_offset: int, nbytes: int, cluster_bits: int) -> int:
+    """The L2 entry QEMU writes for ``nbytes`` of compressed data at ``host_offset``
+    (qcow2_alloc_compressed_cluster_offset): the sector count field names every 512-byte
+    sector the bytes touch, counted from the sector holding the first byte."""
+    if nbytes < 1:
+        raise FormatError("a compressed cluster needs at least one byte",
+                          structure="compressed cluster descriptor")
+    nb = ((host_offset + nbytes - 1) >> 9) - (host_offset >> 9) + 1
+    return encode_compressed(host_offset, nb, cluster_bits)
+
+
 @dataclass(frozen=True)
 class SnapshotHeader:
     """One internal snapshot table entry (only what checking and refusing need)."""
