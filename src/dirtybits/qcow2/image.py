@@ -1368,8 +1368,6 @@ class Qcow2Image:
             parts.append(tail_data)
         buf: Buffer = parts[0] if len(parts) == 1 else b"".join(parts)
         self._write_data(wstart, buf)
-        if fresh and tail and tail_data is None:
-            self._extend_to(host + (count << cb))
         for i in range(count):
             _pack_q(tbl, (first_idx + i) * 8, (host + (i << cb)) | OFLAG_COPIED)
         # dirty before the releases: a flush they trigger must write the table first
@@ -1377,14 +1375,6 @@ class Qcow2Image:
         for old in olds:
             self._release_entry(old)
         return pos + data_len
-
-    def _extend_to(self, end: int) -> None:
-        """Make the file reach ``end`` (the end of a new cluster whose zero tail was not
-        written), as QEMU's zero-write of a fresh cluster's copy-on-write area does: the
-        same file length. One zero byte at the end (QEMU's own trick when it preallocates),
-        not the zeros: an ordinary write, ordered like the data it follows."""
-        if end > self._file_end:
-            self._pwrite(self._fd, end - 1, b"\0")
 
     def _old_content(self, ent: int, goff: int, length: int, fresh: bool) -> Buffer | None:
         """Bytes ``[goff, goff+length)`` as the cluster read before this write; None = zeros
