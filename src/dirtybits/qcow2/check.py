@@ -9,8 +9,10 @@ directory, tables and data), then compare the counts with the stored refcounts. 
 counters and repair decisions follow QEMU 7.2 so results can be compared with qemu-img's.
 
 Repair is crash-safe the QEMU way: refcount fixes touch only unreferenced clusters or raise
-counts, and a rebuilt refcount structure is written and synced at a fresh place past the end of
-the file before the header is switched to it in one small synced write.
+counts (a freed leak is punched, as QEMU's QCOW2_DISCARD_ALWAYS), and a rebuilt refcount
+structure goes where QEMU 7.2's rebuild_refcount_structure() puts it (clusters nothing counts,
+never the old structure's) and is synced before the header is switched to it in one small
+synced write: the repaired file is qemu-img's, byte for byte.
 """
 
 from __future__ import annotations
