@@ -9,8 +9,10 @@ directory, tables and data), then compare the counts with the stored refcounts. 
 counters and repair decisions follow QEMU 7.2 so results can be compared with qemu-img's.
 
 Repair is crash-safe the QEMU way: refcount fixes touch only unreferenced clusters or raise
-counts, and a rebuilt refcount structure is written and synced at a fresh place past the end of
-the file before the header is switched to it in one small synced write.
+counts (a freed leak is punched, as QEMU's QCOW2_DISCARD_ALWAYS), and a rebuilt refcount
+structure goes where QEMU 7.2's rebuild_refcount_structure() puts it (clusters nothing counts,
+never the old structure's) and is synced before the header is switched to it in one small
+synced write: the repaired file is qemu-img's, byte for byte.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ from dirtybits.format.qcow2.tables import (
     REFT_RESERVED_MASK,
     SnapshotHeader,
 )
-from dirtybits.osfile import open_file, read_at
+from dirtybits.osfile import open_file, punch_hole, read_at
 from dirtybits.qcow2.bitmap_scan import (
     data_location_problem,
     judge_entries,
@@ -407,7 +409,6 @@ class _Checker:
         except MemoryError as exc:
             raise CheckFailedError("Check failed: Cannot allocate memory", self.messages) from exc
         self.n = n  # QEMU's nb_clusters: grows when a reference reaches past the end
-        self.refstruct_incs: list[int] = []
 
     def _grow(self, size: int) -> None:
         if size > len(self.counts):
@@ -856,7 +857,7 @@ class _Checker:
                 continue
             self._walk_l1(sn.l1_table_offset, sn.l1_size, frag=False)
         self._inc(hdr.snapshots_offset, self.snapshots_size)
-        self.refstruct_incs += self._inc(hdr.refcount_table_offset, self.reftable_entries * 8)
+        self._inc(hdr.refcount_table_offset, self.reftable_entries * 8)
         if self.crypto[1]:
             self._inc(*self.crypto)
         self._count_bitmaps()
@@ -889,10 +890,10 @@ class _Checker:
                     self._extend_file(offset + self.cs)
                     r.corruptions -= 1
                     r.corruptions_fixed += 1
-                    self.refstruct_incs += self._inc(offset, self.cs, exact=True)
+                    self._inc(offset, self.cs, exact=True)
                 continue
             if offset:
-                self.refstruct_incs += self._inc(offset, self.cs, exact=True)
+                self._inc(offset, self.cs, exact=True)
                 if int(self.counts[cluster]) != 1:
                     self._msg(f"ERROR refcount block {i} refcount={int(self.counts[cluster])}")
                     r.corruptions += 1
@@ -985,6 +986,7 @@ class _Checker:
         self.image_end_offset = ((int(nz[-1]) if len(nz) else 0) + 1) * self.cs
         todo = np.nonzero((self.stored != counts) | bad)[0].tolist()
         updates: dict[int, list[tuple[int, int]]] = {}
+        freed: list[int] = []
         for k in todo:
             if bad[k]:
                 self._msg(f"Can't get refcount for cluster {k}: Input/output error")
@@ -1012,8 +1014,14 @@ class _Checker:
             if fixing:
                 updates.setdefault(k >> self.block_bits, []).append((k, wanted))
                 self.stored[k] = wanted
+                if not wanted:
+                    freed.append(k)
         if updates:
             self._write_refcounts(updates)
+        # QEMU frees a leak with QCOW2_DISCARD_ALWAYS: the cluster is punched out of the
+        # file. Nothing references it, so doing it after the refcount is durable is safe.
+        for k in freed:
+            punch_hole(self.fd, k * self.cs, self.cs)
         return rebuild
 
     def _write_refcounts(self, updates: dict[int, list[tuple[int, int]]]) -> None:
@@ -1028,54 +1036,110 @@ class _Checker:
 
     # ----------------------------------------------------------------- rebuild
     def _rebuild(self) -> None:
-        """Write a fresh refcount table and blocks holding ``counts`` past the end, then switch.
+        """rebuild_refcount_structure: new refcount blocks and table where QEMU 7.2 puts them.
 
-        The old table and blocks are dropped from the counts first, so they end up free.
-        Everything new is synced before the header points at it.
+        The in-memory counts are the allocator (QEMU's IMRT): each refcount block goes into
+        the first cluster they call free at or after the start of the range it covers, the
+        table into the first run free from cluster 0; a table that has to grow is allocated
+        again (the old try stays counted, a leak the leak pass frees). The old table and
+        blocks stay counted too, so nothing the old structure uses is overwritten: a crash
+        before the header switch leaves the old structure whole. Everything new is synced
+        before the header names it. Raises ``CheckFailedError`` when the table would exceed
+        QEMU's limit.
         """
         np = self.np
         self._msg("Rebuilding refcount structure")
-        for k in self.refstruct_incs:
-            self.counts[k] -= 1
-        per_block = 1 << self.block_bits
-        start = max(self.n, self.nb_clusters)
-        self._grow(start)
-        used_blocks = set((np.nonzero(self.counts[:start])[0] >> self.block_bits).tolist())
-        nblocks = ntable = 0
+        blocks: dict[int, int] = {}  # refcount block index -> its cluster (on_disk_reftable)
+        entries = self._place_refblocks(0, self.n, blocks, 0)
         while True:
-            end = start + nblocks + ntable
-            blocks = used_blocks | set(range(start >> self.block_bits,
-                                             ((end - 1) >> self.block_bits) + 1)) \
-                if end > start else set(used_blocks)
-            entries = max(blocks) + 1 if blocks else 1
-            new_table = -(-entries * 8 // self.cs)
-            if (len(blocks), new_table) == (nblocks, ntable):
+            ntable = -(-entries * 8 // self.cs)
+            table_cluster = self._alloc_imrt(ntable, 0)[0]
+            grown = self._place_refblocks(table_cluster, table_cluster + ntable, blocks,
+                                          entries)
+            if grown == entries:
                 break
-            nblocks, ntable = len(blocks), new_table
+            entries = grown
         if ntable * self.cs > MAX_REFTABLE_BYTES:
             raise CheckFailedError("ERROR rebuilt refcount table would exceed QEMU's maximum "
                                    "size", self.messages)
-        end = start + nblocks + ntable
-        self._grow(end)
-        self.counts[start:end] = 1
-        table = np.zeros(ntable * self.cs // 8, dtype=np.uint64)
-        for j, i in enumerate(sorted(blocks)):
+        per_block = 1 << self.block_bits
+        table = np.zeros(entries, dtype=np.uint64)
+        for i, cluster in sorted(blocks.items()):
             vals = np.zeros(per_block, dtype=np.uint64)
-            chunk = self.counts[i * per_block:min(len(self.counts), (i + 1) * per_block)]
+            chunk = self.counts[i * per_block:min(self.n, (i + 1) * per_block)]
             vals[:len(chunk)] = chunk
-            self._pwrite((start + j) * self.cs, self._encode_block(vals))
-            table[i] = (start + j) * self.cs
-        table_offset = (start + nblocks) * self.cs
+            self._pwrite(cluster * self.cs, self._encode_block(vals))
+            table[i] = cluster * self.cs
+        table_offset = table_cluster * self.cs
         self._pwrite(table_offset, bytes(table.astype(">u8").tobytes()))
         self._sync()
         self._pwrite(48, struct.pack(">QI", table_offset, ntable))
         self._sync()
         self.file_len = os.fstat(self.fd).st_size
-        self.nb_clusters = -(-self.file_len // self.cs)
+        # QEMU counts again over its grown in-memory table, not over the file's length.
+        self.nb_clusters = max(self.n, -(-self.file_len // self.cs))
         self.hdr = self.hdr.replace(refcount_table_offset=table_offset,
                                     refcount_table_clusters=ntable)
-        self.reftable_entries = ntable * self.cs // 8
+        self.reftable_entries = entries
         self.reftable = table
+
+    def _place_refblocks(self, first: int, end: int, blocks: dict[int, int],
+                         entries: int) -> int:
+        """rebuild_refcounts_write_refblocks' allocations over clusters ``[first, end)``.
+
+        Gives every refcount block covering a counted cluster there a cluster (in
+        ``blocks``); returns the table's entry count, grown to whole clusters as QEMU does.
+        """
+        np = self.np
+        per_block = 1 << self.block_bits
+        first_free = 0
+        cluster = first
+        while cluster < end:
+            hits = np.flatnonzero(self.counts[cluster:min(end, self.n)])
+            if not len(hits):
+                break
+            cluster += int(hits[0])
+            index = cluster >> self.block_bits
+            start = index * per_block
+            if index not in blocks:
+                first_free = max(first_free, start)
+                where, first_free = self._alloc_imrt(1, first_free)
+                end = max(end, where + 1)
+                if entries <= index:
+                    entries = -(-(index + 1) * 8 // self.cs) * self.cs // 8
+                blocks[index] = where
+            cluster = start + per_block
+        return entries
+
+    def _alloc_imrt(self, count: int, first_free: int) -> tuple[int, int]:
+        """alloc_clusters_imrt: the first run of ``count`` uncounted clusters from
+        ``first_free`` (a run reaching the end is extended past it), now counted once.
+
+        Returns the run's first cluster and QEMU's updated ``first_free_cluster`` (the first
+        free cluster seen, even in a gap too small).
+        """
+        np = self.np
+        n = self.n
+        free = self.counts[first_free:n] == 0 if first_free < n else np.zeros(0, dtype=bool)
+        zeros = np.flatnonzero(free)
+        where = max(first_free, n)
+        if len(zeros):
+            new_first_free = first_free + int(zeros[0])
+            if count == 1:
+                where = new_first_free
+            else:
+                edges = np.flatnonzero(np.diff(np.concatenate(([0], free.view(np.int8), [0]))))
+                starts, stops = edges[0::2], edges[1::2]
+                long_enough = np.flatnonzero(stops - starts >= count)
+                if len(long_enough):
+                    where = first_free + int(starts[long_enough[0]])
+                elif int(stops[-1]) == len(free):
+                    where = first_free + int(starts[-1])
+        else:
+            new_first_free = first_free
+        self._grow(where + count)
+        self.counts[where:where + count] = 1
+        return where, new_first_free
 
     # ----------------------------------------------------------------- OFLAG_COPIED
     def _check_oflag_copied(self, fix: int) -> None:

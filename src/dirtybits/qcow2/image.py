@@ -807,16 +807,14 @@ class Qcow2Image:
         raise CorruptImageError(f"{self.path}: {msg}")
 
     # ------------------------------------------------------------------ refcounts
-    def _refblock(self, rt_index: int, *, create: bool) -> bytearray | None:
-        if rt_index >= len(self._reftable):
+    def _refblock(self, rt_index: int, *, create: bool, cluster: int = -1) -> bytearray | None:
+        if not self._has_refblock(rt_index):
             if not create:
                 return None
-            self._grow_reftable(rt_index + 1)
+            # QEMU's update_refcount: alloc_refcount_block, -EAGAIN, try again
+            while not self._has_refblock(rt_index):
+                self._new_refblock(rt_index, max(cluster, rt_index << self._rb_entries_bits))
         off = self._reftable[rt_index] & REFT_OFFSET_MASK
-        if not off:
-            if not create:
-                return None
-            return self._new_refblock(rt_index)
         blk = self._rb_cache.get(off)
         if blk is None:
             if off % self.cluster_size or off >= MAX_HOST_OFFSET:
@@ -826,6 +824,10 @@ class Qcow2Image:
                 self._evict_refblock()
             self._rb_cache[off] = blk
         return blk
+
+    def _has_refblock(self, rt_index: int) -> bool:
+        return rt_index < len(self._reftable) and bool(self._reftable[rt_index]
+                                                       & REFT_OFFSET_MASK)
 
     def _signal_or_raise(self, reason: str) -> None:
         if self.readonly:
@@ -849,7 +851,7 @@ class Qcow2Image:
 
     def _update_refcount(self, cluster_index: int, delta: int) -> int:
         rt_index = cluster_index >> self._rb_entries_bits
-        blk = self._refblock(rt_index, create=True)
+        blk = self._refblock(rt_index, create=True, cluster=cluster_index)
         assert blk is not None
         i = cluster_index & (self._rb_entries - 1)
         cur = rc.get_refcount(blk, i, self._rc_order)
@@ -868,59 +870,76 @@ class Qcow2Image:
                 self._free_hint = cluster_index
         return new
 
-    def _new_refblock(self, rt_index: int) -> bytearray:
-        """Create the refcount block of group ``rt_index``.
+    def _new_refblock(self, rt_index: int, cluster_index: int) -> None:
+        """QEMU 7.2's alloc_refcount_block for group ``rt_index`` (which has no block), as
+        the caller then retries: the same clusters, so the same file layout.
 
-        Like QEMU, the block goes to the first free cluster when that cluster's group already
-        has a refblock to count it in; otherwise it describes itself from inside its own
-        group. Callers that were about to allocate retry, since the block may have taken a
-        cluster they had picked.
+        The block takes the first free cluster from the allocation cursor (QEMU's
+        free_cluster_index, past the run being allocated). Inside its own group it counts
+        itself; elsewhere its group's block counts it, and when that group has no block
+        either, only that one is made this round (QEMU's nested -EAGAIN). A group past the
+        end of the refcount table grows the table (``_grow_reftable``).
         """
         rbb = self._rb_entries_bits
         idx = self._find_free_run(1, self._free_hint)
+        self._free_hint = idx + 1
+        if idx == 0:
+            self._signal_or_raise("refusing to place a refcount block at offset 0")
         g = idx >> rbb
-        if g != rt_index and (g >= len(self._reftable)
-                              or not self._reftable[g] & REFT_OFFSET_MASK):
-            g = rt_index
-            idx = rt_index << rbb
-            while idx in self._meta:
-                idx += 1
+        if g != rt_index and not self._has_refblock(g):
+            self._new_refblock(g, idx)
+            self._free_hint = min(self._free_hint, idx)
+            return
         off = idx << self.cluster_bits
         blk = bytearray(self.cluster_size)
+        if g == rt_index:
+            rc.set_refcount(blk, idx & (self._rb_entries - 1), self._rc_order, 1)
+        else:
+            self._update_refcount(idx, 1)
         self._meta[idx] = "refcount block"
         if len(self._rb_cache) >= self._rb_cache_max:
             self._evict_refblock()
         self._rb_cache[off] = blk
         self._rb_dirty.add(off)
-        self._reftable[rt_index] = off
-        self._reftable_dirty = True
-        if g == rt_index:
-            rc.set_refcount(blk, idx & (self._rb_entries - 1), self._rc_order, 1)
+        if rt_index < len(self._reftable):
+            self._reftable[rt_index] = off
+            self._reftable_dirty = True
         else:
-            self._update_refcount(idx, 1)
-        return blk
+            self._grow_reftable(rt_index, idx, cluster_index)
 
     def _alloc_clusters(self, n: int) -> int:
-        """Allocate ``n`` contiguous host clusters with refcount 1; return the byte offset."""
+        """Allocate ``n`` contiguous host clusters with refcount 1; return the byte offset.
+
+        QEMU 7.2's qcow2_alloc_clusters: the first free run from the cursor; when a group
+        of the run has no refcount block, that block is made and the search starts again
+        no later than the run (QEMU's -EAGAIN and rollback), so the layout is QEMU's.
+        """
+        rbb = self._rb_entries_bits
+        again = -1  # the run found last time, when the search would find it again
+        group = 0
         while True:
-            start = self._find_free_run(n, self._free_hint)
+            if again < 0:
+                start = self._find_free_run(n, self._free_hint)
+                group = start >> rbb
+            else:
+                start = again
             end = start + n
-            # make sure each group has its refblock; creating one may take a cluster we wanted
-            retry = False
-            rbb = self._rb_entries_bits
-            for g in range(start >> rbb, ((end - 1) >> rbb) + 1):
-                if g >= len(self._reftable) or not (self._reftable[g] & REFT_OFFSET_MASK):
-                    self._refblock(g, create=True)
-                    retry = True
-            if retry:
-                continue
-            for idx in range(start, end):
-                self._update_refcount(idx, 1)
             # as QEMU's free_cluster_index: past the run, even over holes too small for it
-            # (they are found again once a free moves the hint back); rescanning them on
+            # (they are found again once a free moves the cursor back); rescanning them on
             # every allocation is quadratic
             self._free_hint = end
-            return start << self.cluster_bits
+            missing = next((g for g in range(group, ((end - 1) >> rbb) + 1)
+                            if not self._has_refblock(g)), None)
+            if missing is None:
+                for idx in range(start, end):
+                    self._update_refcount(idx, 1)
+                return start << self.cluster_bits
+            self._new_refblock(missing, max(start, missing << rbb))
+            # New blocks land past the run; only a free below it (the old refcount table
+            # after a growth) can make the search find another run.
+            again = start if self._free_hint >= start else -1
+            group = missing
+            self._free_hint = min(self._free_hint, start)
 
     def _alloc_limit(self) -> int:
         """Host cluster index no allocation of a sane image can reach.
@@ -988,78 +1007,63 @@ class Qcow2Image:
             pos = blk.find(zero, pos + width - pos % width)
         return base + (pos // width if pos != -1 else self._rb_entries)
 
-    def _grow_reftable(self, min_entries: int) -> None:
-        """Move the refcount table to a larger place past everything in use.
+    def _grow_reftable(self, rt_index: int, new_block: int, cluster_index: int) -> None:
+        """QEMU 7.2's reftable growth (alloc_refcount_block + qcow2_refcount_area).
 
-        The new table and any refblocks it needs for its own clusters are laid out together,
-        written, synced, and only then does the header switch to them.
+        New refcount blocks and a table half again as large as needed go right after the
+        last group in use, the blocks first, counting themselves and the table. They are
+        written and synced, then the header switches to them (synced), then the old table
+        is freed at once: nothing durable names it any more.
         """
         cs = self.cluster_size
         cb = self.cluster_bits
-        rbb = self._rb_entries_bits
-        old_off = self.hc.header.refcount_table_offset
-        old_clusters = self.hc.header.refcount_table_clusters
-        start = max(self._end_cluster(), (min_entries - 1) << rbb if min_entries else 0)
-        entries = max(min_entries, len(self._reftable) * 2)
-        extra_blocks: list[int] = []
-        while True:
-            t_clusters = (entries * 8 + cs - 1) // cs
-            if t_clusters * cs > MAX_REFTABLE_BYTES:
-                raise ImageError("refcount table would exceed its maximum size")
-            # groups touched by [start, start + t_clusters + len(blocks)) lacking a refblock
-            blocks: list[int] = []
-            while True:
-                end = start + t_clusters + len(blocks)
-                need = [g for g in range(start >> rbb, ((end - 1) >> rbb) + 1)
-                        if g >= len(self._reftable) or not (self._reftable[g] & REFT_OFFSET_MASK)]
-                if len(need) == len(blocks):
-                    blocks = need
-                    break
-                blocks = need
-            top_group = ((start + t_clusters + len(blocks) - 1) >> rbb) + 1
-            if top_group <= entries:
-                extra_blocks = blocks
-                break
-            entries = top_group
-        table = self._reftable + [0] * (entries - len(self._reftable))
-        table = table[:max(entries, len(table))]
-        blk_pos = start + t_clusters
+        rbe = self._rb_entries
+        blocks_used = -(-max(cluster_index + 1, new_block + 1) // rbe)
+        meta = blocks_used * rbe
+        total = rc.refcount_blocks_needed(meta, cs, self._rc_order, generous=True)
+        table_size = total + -(-total // 2)
+        per_cluster = cs // 8
+        table_size = -(-table_size // per_cluster) * per_cluster
+        t_clusters = table_size // per_cluster
+        if t_clusters * cs > MAX_REFTABLE_BYTES:
+            raise ImageError("refcount table would exceed its maximum size")
+        table = (self._reftable + [0] * table_size)[:table_size]
+        table[rt_index] = new_block << cb
+        # the groups from ``meta`` on are past the old table's and the new block's: every
+        # block there is new (QEMU would reuse one it found)
+        table_at = meta + total - blocks_used
+        end = table_at + t_clusters
         new_blocks: dict[int, bytearray] = {}
-        for i, g in enumerate(extra_blocks):
-            table[g] = (blk_pos + i) << cb
-            new_blocks[(blk_pos + i) << cb] = bytearray(cs)
-        # refcounts of the new table clusters and new blocks
-        used = list(range(start, start + t_clusters + len(extra_blocks)))
-        for idx in used:
-            g = idx >> rbb
-            boff = table[g] & REFT_OFFSET_MASK
-            blk = new_blocks.get(boff)
-            if blk is None:
-                blk = self._refblock(g, create=False)
-                assert blk is not None
-                self._rb_dirty.add(boff)
-            rc.set_refcount(blk, idx & (self._rb_entries - 1), self._rc_order, 1)
-        for idx in range(start, start + t_clusters):
+        for i in range(blocks_used, total):
+            pos = meta + i - blocks_used
+            blk = bytearray(cs)
+            table[i] = pos << cb
+            new_blocks[pos << cb] = blk
+            self._meta[pos] = "refcount block"
+            first = i * rbe
+            for j in range(max(meta - first, 0), max(0, min(end - first, rbe))):
+                rc.set_refcount(blk, j, self._rc_order, 1)
+        for idx in range(table_at, end):
             self._meta[idx] = "refcount table"
-        for i in range(len(extra_blocks)):
-            self._meta[blk_pos + i] = "refcount block"
         for boff, blk in new_blocks.items():
             self._pwrite_meta(boff, blk, "refcount block")
         self._write_dirty_refblocks()
-        raw = struct.pack(f">{len(table)}Q", *table)
-        raw += b"\0" * (t_clusters * cs - len(raw))
-        self._pwrite_meta(start << cb, raw, "refcount table")
+        raw = struct.pack(f">{table_size}Q", *table)
+        self._pwrite_meta(table_at << cb, raw, "refcount table")
         self._sync()
+        old_off = self.hc.header.refcount_table_offset
+        old_clusters = self.hc.header.refcount_table_clusters
         self._reftable = table
         for boff, blk in new_blocks.items():
+            if len(self._rb_cache) >= self._rb_cache_max:
+                self._evict_refblock()
             self._rb_cache[boff] = blk
-        for i in range(old_clusters):
-            self._meta.pop((old_off >> cb) + i, None)
-        self._set_header(self.hc.header.replace(refcount_table_offset=start << cb,
+        self._set_header(self.hc.header.replace(refcount_table_offset=table_at << cb,
                                                 refcount_table_clusters=t_clusters))
         self._reftable_dirty = False
         for i in range(old_clusters):
-            self._pending_frees.append((old_off >> cb) + i)
+            self._meta.pop((old_off >> cb) + i, None)
+            self._update_refcount((old_off >> cb) + i, -1)
 
     def _end_cluster(self) -> int:
         """First host cluster index past the file and everything allocated in memory."""

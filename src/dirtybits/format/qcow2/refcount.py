@@ -125,3 +125,28 @@ def all_refcounts(block: bytes | bytearray, order: int) -> list[int]:
         return list(struct.unpack(f">{n}{fmt.format[-1]}", bytes(block[:n * fmt.size])))
     n = len(block) * 8 >> order
     return [get_refcount(block, i, order) for i in range(n)]
+
+
+def refcount_blocks_needed(clusters: int, cluster_size: int, refcount_order: int, *,
+                           generous: bool = False) -> int:
+    """Refcount blocks that count ``clusters`` clusters plus the refcount structure itself
+    (QEMU's qcow2_refcount_metadata_size, the fixed point of blocks and table clusters).
+
+    ``generous``: room for a table half again as large (QEMU's generous_increase), which
+    is what QEMU sizes a grown refcount table from.
+    """
+    per_table_cluster = cluster_size // 8
+    per_block = cluster_size * 8 >> refcount_order
+    table = blocks = 0
+    n = 0
+    while True:
+        last = n
+        blocks = -(-(clusters + table + blocks) // per_block)
+        table = -(-blocks // per_table_cluster)
+        n = clusters + blocks + table
+        if n == last and generous:
+            clusters += -(-table // 2)
+            n = 0
+            generous = False
+        if n == last:
+            return blocks
