@@ -1132,20 +1132,9 @@ class Qcow2Image:
             self._sync()
             self._pwrite_meta(old_off, old, "active L2 table")
             self._l2_dirty.discard(old_off)
-        tbl = bytearray(old)
-        off = self._alloc_clusters(1)
-        self._meta[off >> self.cluster_bits] = "active L2 table"
-        if len(self._l2_cache) >= self._l2_cache_max:
-            self._evict_l2()
-        self._l2_cache[off] = tbl
-        self._l2_dirty.add(off)
-        self._l1[l1_index] = off | OFLAG_COPIED
-        self._l1_dirty = True
-        self._l1_dirty_idx.add(l1_index)
+        tbl = self._install_l2(l1_index, bytearray(old))
         self._meta[old_off >> self.cluster_bits] = "inactive L2 table"
         self._queue_free(old_off >> self.cluster_bits)
-        self._last_l2_key = l1_index
-        self._last_l2 = tbl
         return tbl
 
     def _evict_l2(self) -> None:
@@ -1162,9 +1151,13 @@ class Qcow2Image:
             return
 
     def _new_l2(self, l1_index: int) -> bytearray:
+        return self._install_l2(l1_index, bytearray(self.cluster_size))
+
+    def _install_l2(self, l1_index: int, tbl: bytearray) -> bytearray:
+        """Give ``tbl`` (a new table's contents) a new cluster, the cache and L1 entry
+        ``l1_index`` (with COPIED); both are written at the next flush, the table first."""
         off = self._alloc_clusters(1)
         self._meta[off >> self.cluster_bits] = "active L2 table"
-        tbl = bytearray(self.cluster_size)
         if len(self._l2_cache) >= self._l2_cache_max:
             self._evict_l2()
         self._l2_cache[off] = tbl
@@ -1941,20 +1934,24 @@ class Qcow2Image:
         for idx in frees:
             if self._update_refcount(idx, -1) == 0 and idx in punch:
                 holes.append(idx)
+        self._punch_clusters(holes)
+        self._write_dirty_refblocks()
+        self._sync()
+
+    def _punch_clusters(self, clusters: list[int]) -> None:
+        """Punch these (freed) host clusters out of the file, a run of neighbours at a time.
+        Without punch support (tmpfs of old kernels, other systems) the space stays, as in
+        QEMU where discard is advisory."""
         cb = self.cluster_bits
-        holes.sort()
+        holes = sorted(clusters)
         i = 0
         while i < len(holes):
             j = i + 1
             while j < len(holes) and holes[j] == holes[j - 1] + 1:
                 j += 1
-            # no punch support (tmpfs of old kernels, other systems): the space stays, as
-            # in QEMU where discard is advisory
             self._unsynced = True
             punch_hole(self._fd, holes[i] << cb, (j - i) << cb)
             i = j
-        self._write_dirty_refblocks()
-        self._sync()
 
     def resize(self, new_size: int, *,
                extensions: dict[int, bytes | None] | None = None) -> None:

@@ -58,7 +58,6 @@ from dirtybits.format.qcow2.tables import (
     REFT_OFFSET_MASK,
     compressed_offset_bits,
 )
-from dirtybits.osfile import punch_hole
 
 if TYPE_CHECKING:
     from dirtybits.qcow2.image import Qcow2Image
@@ -270,20 +269,7 @@ def _drop_refcounts(img: Qcow2Image, refs: Counter[int]) -> None:
         img._l2_dirty.discard(c << cb)
     img._last_l2_key = -1
     img._last_l2 = None
-    _punch(img, freed)
-
-
-def _punch(img: Qcow2Image, clusters: list[int]) -> None:
-    cb = img.cluster_bits
-    clusters = sorted(clusters)
-    i = 0
-    while i < len(clusters):
-        j = i + 1
-        while j < len(clusters) and clusters[j] == clusters[j - 1] + 1:
-            j += 1
-        img._unsynced = True
-        punch_hole(img._fd, clusters[i] << cb, (j - i) << cb)
-        i = j
+    img._punch_clusters(freed)
 
 
 def _fixed_table(img: Qcow2Image, tbl: bytes | bytearray) -> bytearray | None:
