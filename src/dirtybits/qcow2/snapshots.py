@@ -450,8 +450,16 @@ def apply(img: Qcow2Image, index: int) -> None:
     img._sync()
     h = img.hc.header
     if new_l1:
-        img._pwrite_meta(h.l1_table_offset, struct.pack(f">{len(new_l1)}Q", *new_l1),
-                         "active L1 table")
+        try:
+            img._pwrite_meta(h.l1_table_offset, struct.pack(f">{len(new_l1)}Q", *new_l1),
+                             "active L1 table")
+        except BaseException:
+            # part of it may have landed (a short write, a late error): the next flush
+            # (the close's) writes the old table back, so the disk shows one view, never a
+            # mix of two (both views' refcounts are raised: leaks at worst)
+            img._l1_dirty = True
+            img._l1_dirty_idx.update(range(len(old_l1)))
+            raise
     img._sync()
     img._l1 = new_l1
     img._l1_dirty = False
