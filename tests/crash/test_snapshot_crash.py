@@ -5,8 +5,9 @@ bitmaps and a disabled one) and ``c512`` (512-byte clusters: a 1 KiB L1 table, m
 tables, compressed clusters; two snapshots, no bitmap). The operations, each as the CLI runs
 it (``dirtybits.block.snapshot``, the block layer for guest writes):
 
-- ``create`` (snapshot -c), ``delete`` (snapshot -d of the older snapshot, whose clusters the
-  other views share), ``apply`` (snapshot -a, on ``c512``: QEMU refuses it with bitmaps);
+- ``create`` (snapshot -c), ``delete`` (snapshot -d: of the newer snapshot on ``bm4k``, so
+  clusters the active view shares with it drop to refcount 1; of the older on ``c512``,
+  whose own clusters are freed), ``apply`` (snapshot -a, on ``c512``: QEMU refuses it with bitmaps);
 - ``cow``: guest writes over clusters and L2 tables the snapshots share (partial and whole
   clusters, across L2 tables, into compressed clusters), a flush, more writes (now in place),
   a close; on ``bm4k`` the bitmaps track them.
@@ -25,10 +26,10 @@ write. Then (``follow-up``) the engine writes over shared clusters and takes and
 snapshot on the crashed image: the snapshots keep their data and QEMU checks it clean but
 for leaks.
 
-Kills and ``partial`` hit every call; ``fail``, ``fail-after`` and the sticky EIO take turns
-(each call gets one of them); identical images are judged once, the follow-up runs on the
-kill states that are not clean. ``DIRTYBITS_SNAPCRASH_LONG=1``: every fault on every call,
-the follow-up on every image. Planted engine bugs show the judge can fail.
+Both kills hit every call; the four faults take turns (each call gets one of them).
+Identical images are judged once; the follow-up runs on the kill states that are not clean.
+``DIRTYBITS_SNAPCRASH_LONG=1``: every fault on every call, the follow-up on every image.
+Planted engine bugs show the judge can fail.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ CASES: dict[str, tuple[str, int, bool]] = {
     "partial-ENOSPC": ("partial", errno.ENOSPC, False),
     "sticky-EIO": ("fail", errno.EIO, True),
 }
-# In a normal run these take turns (each call gets one of them); the others hit every call.
-ROTATED = ("fail-EIO", "fail-after-EIO", "sticky-EIO")
+# In a normal run these take turns (each call gets one of them); the kills hit every call.
+ROTATED = ("partial-ENOSPC", "fail-EIO", "fail-after-EIO", "sticky-EIO")
 
 
 # ---------------------------------------------------------------------------- base images
@@ -154,10 +155,15 @@ def op_create(path: str, progress: Progress) -> None:
     create_snapshot(path, "new")
 
 
-def op_delete(path: str, progress: Progress) -> None:
-    from dirtybits.block.snapshot import delete_snapshot
+DELETE = {"bm4k": "s2", "c512": "s1"}  # the snapshot ``delete`` deletes
 
-    delete_snapshot(path, "s1")
+
+def op_delete(base: Base) -> Callable[[str, Progress], None]:
+    def run(path: str, progress: Progress) -> None:
+        from dirtybits.block.snapshot import delete_snapshot
+
+        delete_snapshot(path, DELETE[base.name])
+    return run
 
 
 def op_apply(path: str, progress: Progress) -> None:
@@ -197,7 +203,7 @@ def expect_for(base: Base, op: str, done: set[str]) -> sj.Expect:
         t1 = [*t0, ((str(top + 1), "new"), sj.digest(base.active))]
         return sj.Expect([t0, t1], [base.active], **common)
     if op == "delete":
-        first = next(i for i, (k, _) in enumerate(t0) if k[1] == "s1")
+        first = next(i for i, (k, _) in enumerate(t0) if k[1] == DELETE[base.name])
         return sj.Expect([t0, t0[:first] + t0[first + 1:]], [base.active], **common)
     if op == "apply":
         return sj.Expect([t0], [base.active, base.s1], **common)
@@ -233,8 +239,9 @@ OPS: dict[str, tuple[str, ...]] = {"bm4k": ("create", "delete", "cow"),
 
 
 def runner(base: Base, op: str) -> Callable[[str, Progress], None]:
-    return {"create": op_create, "delete": op_delete, "apply": op_apply}.get(op) or op_cow(
-        base)
+    if op == "delete":
+        return op_delete(base)
+    return {"create": op_create, "apply": op_apply}.get(op) or op_cow(base)
 
 
 # ---------------------------------------------------------------------------- one child

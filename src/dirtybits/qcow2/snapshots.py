@@ -17,7 +17,12 @@ Order of the steps, the same as QEMU's, with what a crash at each point leaves:
   leaks) and COPIED is set where a refcount fell to 1.
 * apply: raise the refcounts of the snapshot's view, durable; switch the active L1 table to
   the snapshot's (COPIED clear: every cluster is shared at that point, where QEMU writes the
-  stale flags until its last step); drop the old view's references; set COPIED.
+  stale flags until its last step); drop the old view's references; set COPIED. A crash
+  leaves the old view or the new one, with leaks. An L1 table of one sector is overwritten
+  in place, as QEMU does; a larger one is written to new clusters and the header switched
+  to them, where QEMU overwrites it in place too (a power cut there can leave some entries
+  old and some new: a disk that is neither state). A failed in-place write is undone by
+  the next flush (the table written back whole).
 
 What QEMU refuses, so does this module, with QEMU's words: any snapshot operation on an
 image with an external data file; apply on an image with persistent bitmaps (they would not
@@ -449,7 +454,12 @@ def apply(img: Qcow2Image, index: int) -> None:
     new_l1 = [e & ~OFLAG_COPIED for e in sn_l1] + [0] * (len(old_l1) - len(sn_l1))
     img._sync()
     h = img.hc.header
-    if new_l1:
+    if len(new_l1) * 8 > 512:
+        # more than one sector, which a power cut may tear into a mix of two views if
+        # written in place (as QEMU does): the table goes to new clusters instead, durable,
+        # and the header (written whole) switches to it
+        _move_l1(img, new_l1)
+    elif new_l1:
         try:
             img._pwrite_meta(h.l1_table_offset, struct.pack(f">{len(new_l1)}Q", *new_l1),
                              "active L1 table")
@@ -460,7 +470,7 @@ def apply(img: Qcow2Image, index: int) -> None:
             img._l1_dirty = True
             img._l1_dirty_idx.update(range(len(old_l1)))
             raise
-    img._sync()
+        img._sync()
     img._l1 = new_l1
     img._l1_dirty = False
     img._l1_dirty_idx.clear()
@@ -480,6 +490,24 @@ def apply(img: Qcow2Image, index: int) -> None:
     _fix_active_copied(img)
     img.flush()
     log.info("%s: snapshot %s (%r) applied", img.path, sn.id_str, sn.name)
+
+
+def _move_l1(img: Qcow2Image, l1: list[int]) -> None:
+    """Make ``l1`` the active L1 table by writing it to new clusters, durable, and switching
+    the header to them; the old table's clusters are freed once the header is durable."""
+    cb, cs = img.cluster_bits, img.cluster_size
+    h = img.hc.header
+    n = (len(l1) * 8 + cs - 1) >> cb
+    off = img._alloc_clusters(n)
+    for i in range(n):
+        img._meta[(off >> cb) + i] = "active L1 table"
+    raw = struct.pack(f">{len(l1)}Q", *l1)
+    img._write_dirty_refblocks()
+    img._pwrite_meta(off, raw + bytes(n * cs - len(raw)), "active L1 table")
+    img._sync()
+    img._set_header(h.replace(l1_table_offset=off))
+    old = h.l1_table_offset >> cb
+    _drop_refcounts(img, Counter(range(old, old + n)))
 
 
 def load(img: Qcow2Image, index: int) -> None:
