@@ -128,21 +128,25 @@ def copied_on_shared(data: bytes) -> list[str]:
     those tables name (a compressed entry on each host cluster its payload touches), as QEMU
     counts them.
     """
-    def u64s(off: int, n: int) -> list[int]:
-        raw = data[off:off + 8 * n]
-        raw += bytes(8 * n - len(raw))
-        return list(struct.unpack(f">{n}Q", raw))
+    def at(off: int, n: int) -> bytes:  # (what lies past the end of the file reads as 0)
+        raw = data[off:off + n]
+        return raw + bytes(n - len(raw))
 
-    cb = struct.unpack_from(">I", data, 20)[0]
+    def u64s(off: int, n: int) -> list[int]:
+        return list(struct.unpack(f">{n}Q", at(off, 8 * n)))
+
+    cb = struct.unpack(">I", at(20, 4))[0]
+    if not 9 <= cb <= 21:
+        return [f"cluster_bits {cb}"]
     cs = 1 << cb
-    l1_size, l1_off = struct.unpack_from(">IQ", data, 36)
-    nb, sn_off = struct.unpack_from(">IQ", data, 60)
+    l1_size, l1_off = struct.unpack(">IQ", at(36, 12))
+    nb, sn_off = struct.unpack(">IQ", at(60, 12))
     views: list[tuple[str, int, int]] = [("active", l1_off, l1_size)]
     pos = sn_off
     for _ in range(nb):
-        off, size, id_size, name_size = struct.unpack_from(">QIHH", data, pos)
-        extra = struct.unpack_from(">I", data, pos + 36)[0]
-        sid = data[pos + 40 + extra:pos + 40 + extra + id_size].decode(errors="replace")
+        off, size, id_size, name_size = struct.unpack(">QIHH", at(pos, 16))
+        extra = struct.unpack(">I", at(pos + 36, 4))[0]
+        sid = at(pos + 40 + extra, id_size).decode(errors="replace")
         views.append((f"snapshot {sid}", off, size))
         pos += (40 + extra + id_size + name_size + 7) & ~7
     refs: Counter[int] = Counter()

@@ -24,6 +24,11 @@ Order of the steps, the same as QEMU's, with what a crash at each point leaves:
   old and some new: a disk that is neither state). A failed in-place write is undone by
   the next flush (the table written back whole).
 
+A sync only where a later write must not reach the disk before an earlier one
+(``tests/crash/test_power_loss.py`` removes each in turn): fewer than QEMU, whose flush
+between allocating a snapshot table and writing it, and between raising refcounts and
+clearing the flags of an inactive view, order nothing a crash could tell apart.
+
 What QEMU refuses, so does this module, with QEMU's words: any snapshot operation on an
 image with an external data file; apply on an image with persistent bitmaps (they would not
 know the data changed under them).
@@ -321,9 +326,8 @@ def _write_table(img: Qcow2Image, entries: list[SnapshotTableEntry]) -> None:
         for i in range(n):
             img._meta[(off >> cb) + i] = "snapshot table"
         img._write_dirty_refblocks()
-        img._sync()
         img._pwrite_meta(off, data, "snapshot table")
-        img._sync()
+        img._sync()  # the table and its refcounts, durable before the header names it
     img._set_header(h.replace(nb_snapshots=len(entries), snapshots_offset=off))
     if old_off and h.nb_snapshots:
         first = old_off >> cb
@@ -401,7 +405,8 @@ def delete(img: Qcow2Image, index: int) -> None:
     # nothing on disk names the snapshot now: its references can go
     _drop_refcounts(img, refs)
     img._write_dirty_refblocks()
-    img._sync()
+    # COPIED set where a refcount fell to 1: in the active tables after the flush's first
+    # sync, so after the decrements; an inactive view's flags are trusted by nobody
     active = {e & L1E_OFFSET_MASK for e in img._l1}
     _fix_inactive_copied(img, sn_l1, active)
     _fix_active_copied(img)
@@ -443,7 +448,6 @@ def apply(img: Qcow2Image, index: int) -> None:
     old_refs = references(img, old_l1)
     _raise_refcounts(img, new_refs)
     img._write_dirty_refblocks()
-    img._sync()
     # the snapshot's own tables lose COPIED (everything they name is shared now), as QEMU
     _fix_inactive_copied(img, sn_l1, set())
     if sn.l1_size:
@@ -452,14 +456,16 @@ def apply(img: Qcow2Image, index: int) -> None:
             img._pwrite_meta(sn.l1_table_offset, struct.pack(f">{sn.l1_size}Q", *cleared),
                              "inactive L1 table")
     new_l1 = [e & ~OFLAG_COPIED for e in sn_l1] + [0] * (len(old_l1) - len(sn_l1))
-    img._sync()
     h = img.hc.header
+    # the raised refcounts and the cleared flags are durable before the switch (by the
+    # sync that makes the new table durable, or by this one)
     if len(new_l1) * 8 > 512:
         # more than one sector, which a power cut may tear into a mix of two views if
         # written in place (as QEMU does): the table goes to new clusters instead, durable,
         # and the header (written whole) switches to it
         _move_l1(img, new_l1)
     elif new_l1:
+        img._sync()
         try:
             img._pwrite_meta(h.l1_table_offset, struct.pack(f">{len(new_l1)}Q", *new_l1),
                              "active L1 table")
@@ -484,7 +490,7 @@ def apply(img: Qcow2Image, index: int) -> None:
             img._meta[off >> cb] = "active L2 table"
     _drop_refcounts(img, old_refs)
     img._write_dirty_refblocks()
-    img._sync()
+    # COPIED set where a refcount fell to 1 by the flush below, after its first sync
     if size < img.size:
         img._set_header(img.hc.header.replace(size=size))
     _fix_active_copied(img)
