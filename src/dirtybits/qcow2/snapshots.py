@@ -184,9 +184,32 @@ def _raise_refcounts(img: Qcow2Image, refs: Counter[int]) -> None:
         img._update_refcount(c, k)
 
 
-def _drop_refcounts(img: Qcow2Image, refs: Counter[int]) -> None:
+# what a view's references may name: its tables (the rest is metadata the image owns)
+_L2_ROLES = ("inactive L2 table", "active L2 table")
+_VIEW_ROLES = (*_L2_ROLES, "inactive L1 table")
+
+
+def _check_l2_tables(img: Qcow2Image, sn: SnapshotTableEntry, l1: list[int]) -> None:
+    """Refuse a snapshot whose L1 table names other metadata as an L2 table (a damaged
+    table): made active, its "L2 tables" would be written over the metadata. QEMU finds out
+    half-way, at the write, and marks the image corrupt."""
+    cb = img.cluster_bits
+    for i, ent in enumerate(l1):
+        off = ent & L1E_OFFSET_MASK
+        role = img._meta.get(off >> cb) if off else None
+        if role is not None and role not in _L2_ROLES:
+            raise ImageError(f"{img.path}: snapshot {sn.id_str}: L1 entry {i} names the "
+                             f"{role} at {off:#x} as an L2 table")
+
+
+def _drop_refcounts(img: Qcow2Image, refs: Counter[int], *, views: bool = False) -> None:
     """Take ``refs`` away (nothing on disk names them any more); a cluster whose refcount
     is already too low to give them is left alone (it leaks rather than underflows).
+
+    ``views``: the references of a snapshot's or the old active view, as its tables say;
+    a damaged table may name the header, a refcount block, the snapshot table or bitmap
+    data, or an active L2 table as data: those keep their count (a leak), where QEMU takes it
+    and can free and discard the header itself.
 
     A cluster that falls to 0 is punched out of the file at once, as QEMU does for what
     snapshots free (its discard-snapshot option is on by default): nothing names it and
@@ -196,9 +219,15 @@ def _drop_refcounts(img: Qcow2Image, refs: Counter[int]) -> None:
     freed: list[int] = []
     for c, k in sorted(refs.items()):
         have = img.get_refcount(c)
+        role = img._meta.get(c)
         if have < k:
             log.warning("%s: cluster %#x has refcount %d, below the %d references of the "
                         "snapshot; left as it is", img.path, c << cb, have, k)
+            continue
+        if views and role is not None and (role not in _VIEW_ROLES
+                                           or (role == "active L2 table" and have <= k)):
+            log.warning("%s: a damaged snapshot table names the %s at %#x; its refcount "
+                        "(%d) is left as it is", img.path, role, c << cb, have)
             continue
         if img._update_refcount(c, -k) == 0:
             off = c << cb
@@ -281,11 +310,12 @@ def _fix_inactive_copied(img: Qcow2Image, l1: list[int], skip: set[int]) -> None
     cb = img.cluster_bits
     for ent in l1:
         off = ent & L1E_OFFSET_MASK
-        if not off or off in skip or not img.get_refcount(off >> cb):
+        role = img._meta.get(off >> cb, "inactive L2 table")
+        if not off or off in skip or not img.get_refcount(off >> cb) \
+                or role not in _L2_ROLES:  # (a damaged table naming other metadata)
             continue
         fixed = _fixed_table(img, _table(img, off))
         if fixed is not None:
-            role = img._meta.get(off >> cb, "inactive L2 table")
             img._pwrite_meta(off, fixed, role)
             cached = img._l2_cache.get(off)
             if cached is not None:
@@ -296,7 +326,8 @@ def _read_l1(img: Qcow2Image, sn: SnapshotTableEntry) -> list[int]:
     """A snapshot's L1 table, after QEMU's qcow2_validate_table checks."""
     if sn.l1_size * 8 > MAX_L1_BYTES:
         raise ImageError(f"{img.path}: Snapshot L1 table too large")
-    if sn.l1_table_offset & (img.cluster_size - 1):
+    if sn.l1_table_offset & (img.cluster_size - 1) or \
+            (1 << 63) - 1 - sn.l1_size * 8 < sn.l1_table_offset:
         raise ImageError(f"{img.path}: Snapshot L1 table offset invalid")
     if not sn.l1_size:
         return []
@@ -328,7 +359,8 @@ def _write_table(img: Qcow2Image, entries: list[SnapshotTableEntry]) -> None:
         img._write_dirty_refblocks()
         img._pwrite_meta(off, data, "snapshot table")
         img._sync()  # the table and its refcounts, durable before the header names it
-    img._set_header(h.replace(nb_snapshots=len(entries), snapshots_offset=off))
+    # (the header as it is now: the allocation may have moved the refcount table)
+    img._set_header(img.hc.header.replace(nb_snapshots=len(entries), snapshots_offset=off))
     if old_off and h.nb_snapshots:
         first = old_off >> cb
         old = Counter(c for c in range(first, ((old_off + max(1, old_size) - 1) >> cb) + 1)
@@ -403,7 +435,7 @@ def delete(img: Qcow2Image, index: int) -> None:
         refs[c] += 1
     _write_table(img, [s for i, s in enumerate(img.snapshots) if i != index])
     # nothing on disk names the snapshot now: its references can go
-    _drop_refcounts(img, refs)
+    _drop_refcounts(img, refs, views=True)
     img._write_dirty_refblocks()
     # COPIED set where a refcount fell to 1: in the active tables after the flush's first
     # sync, so after the decrements; an inactive view's flags are trusted by nobody
@@ -427,7 +459,8 @@ def apply(img: Qcow2Image, index: int) -> None:
     snapshot's size.
 
     Raises SnapshotError (bitmaps: EBUSY, "Device has active dirty bitmaps"; external data
-    file), ImageError (its L1 table is invalid), ReadOnlyError, ImageIOError.
+    file; a disk size not a multiple of 512: EINVAL), ImageError (its L1 table is invalid or
+    names other metadata as L2 tables), ReadOnlyError, ImageIOError.
     """
     img._check_writable()
     _refuse_data_file(img)
@@ -435,7 +468,11 @@ def apply(img: Qcow2Image, index: int) -> None:
         raise SnapshotError("Device has active dirty bitmaps", errno=errno.EBUSY)
     sn = img.snapshots[index]
     sn_l1 = _read_l1(img, sn)
+    _check_l2_tables(img, sn, sn_l1)
     size = sn.disk_size if sn.disk_size is not None else img.size
+    if size % 512:  # QEMU's truncate refuses it, before anything changes
+        log.error("The new size must be a multiple of 512")
+        raise SnapshotError("Failed to load snapshot: Invalid argument", errno=errno.EINVAL)
     if size > img.size:
         img.resize(size)
     if len(sn_l1) > len(img._l1):
@@ -488,7 +525,7 @@ def apply(img: Qcow2Image, index: int) -> None:
         off = ent & L1E_OFFSET_MASK
         if off:
             img._meta[off >> cb] = "active L2 table"
-    _drop_refcounts(img, old_refs)
+    _drop_refcounts(img, old_refs, views=True)
     img._write_dirty_refblocks()
     # COPIED set where a refcount fell to 1 by the flush below, after its first sync
     if size < img.size:
@@ -511,7 +548,8 @@ def _move_l1(img: Qcow2Image, l1: list[int]) -> None:
     img._write_dirty_refblocks()
     img._pwrite_meta(off, raw + bytes(n * cs - len(raw)), "active L1 table")
     img._sync()
-    img._set_header(h.replace(l1_table_offset=off))
+    # (the header as it is now: the allocation may have moved the refcount table)
+    img._set_header(img.hc.header.replace(l1_table_offset=off))
     old = h.l1_table_offset >> cb
     _drop_refcounts(img, Counter(range(old, old + n)))
 
