@@ -14,6 +14,11 @@ the ``at``-th one (0-based, among the kinds selected) gets the fault:
 
 After the first fault, ``sticky=True`` makes every later call of the selected kinds fail too
 (a disk that stays broken); otherwise later calls succeed (a transient error).
+
+Hole punches (``PUNCH``: ``osfile.punch_hole`` as the engine and ``qcow2.snapshots`` call it)
+are counted only when ``kinds`` names them. A punch that fails reports False as the real one
+does (the engine treats a punch as advisory): ``fail`` skips it, ``fail-after`` and
+``partial`` do all or half of it, and every one of them then answers False.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from typing import Any
 
 WRITES = ("pwrite", "pwritev", "write", "ftruncate")
 SYNCS = ("fdatasync", "fsync")
+PUNCH = ("punch_hole",)
 ACTIONS = ("fail", "fail-after", "partial", "kill-before", "kill-after")
+PUNCHING_MODULES = ("dirtybits.qcow2.image", "dirtybits.qcow2.snapshots")
 
 
 @dataclass
@@ -86,6 +93,38 @@ class OsProxy:
         return result
 
 
+def _punch_proxy(real: Callable[[int, int, int], bool],
+                 fault: Fault) -> Callable[[int, int, int], bool]:
+    def punch(fd: int, offset: int, length: int) -> bool:
+        f = fault
+        if "punch_hole" not in f.kinds or (f.match is not None
+                                           and not f.match("punch_hole", (fd, offset, length))):
+            return real(fd, offset, length)
+        index = f.calls
+        f.calls += 1
+        f.log.append("punch_hole")
+        if f.fired is not None and f.sticky:
+            return False
+        if index != f.at:
+            return real(fd, offset, length)
+        f.fired = f"punch_hole#{index}"
+        if f.action == "kill-before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if f.action == "fail":
+            return False
+        if f.action == "partial":
+            half = length // 2 // 512 * 512
+            if half:
+                real(fd, offset, half)
+            return False
+        done = real(fd, offset, length)
+        if f.action == "kill-after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return False if f.action == "fail-after" else done
+
+    return punch
+
+
 def write_length(name: str, args: tuple[Any, ...]) -> int | None:
     """Bytes a ``pwrite``/``pwritev`` call writes; None for any other call."""
     if name == "pwrite":
@@ -97,12 +136,23 @@ def write_length(name: str, args: tuple[Any, ...]) -> int | None:
 
 @contextlib.contextmanager
 def inject(fault: Fault) -> Iterator[Fault]:
-    """Route the engine's file calls through ``OsProxy`` for the duration."""
+    """Route the engine's file calls through ``OsProxy`` (and its hole punches, when
+    ``fault.kinds`` selects them) for the duration."""
+    import importlib
+
     import dirtybits.qcow2.image as image_mod
 
     real = getattr(image_mod, "os")  # noqa: B009 (not an exported name)
     setattr(image_mod, "os", OsProxy(real, fault))  # noqa: B010
+    punches: list[tuple[Any, Any]] = []
+    if "punch_hole" in fault.kinds:
+        for name in PUNCHING_MODULES:
+            mod = importlib.import_module(name)
+            punches.append((mod, mod.punch_hole))
+            mod.punch_hole = _punch_proxy(mod.punch_hole, fault)
     try:
         yield fault
     finally:
         setattr(image_mod, "os", real)  # noqa: B010
+        for mod, fn in punches:
+            mod.punch_hole = fn

@@ -3,8 +3,9 @@
 A kill -9 keeps the page cache, so it cannot tell a missing ``fdatasync`` from a present one.
 Here a workload runs to the end with the file calls of the drivers (``dirtybits.qcow2.image``,
 ``dirtybits.block.raw``: the only modules that write image files) traced: each ``pwrite`` /
-``pwritev`` (with ``RWF_DSYNC`` or not), ``ftruncate``, hole punch, ``fdatasync``/``fsync``,
-with the engine function that issued it (its *site*). From the trace, the disk a power cut
+``pwritev`` (with ``RWF_DSYNC`` or not), ``ftruncate``, hole punch (the engine's and the
+snapshot module's), ``fdatasync``/``fsync``, with the engine function that issued it (its
+*site*). From the trace, the disk a power cut
 could leave at any moment is rebuilt:
 
 - a write is *pending* from its issue until an ``fdatasync`` of its file completes (or, with
@@ -60,7 +61,7 @@ import harness
 KiB, MiB = 1 << 10, 1 << 20
 SECTOR = 512
 ATOMIC_HEAD = 4096  # the header sector of a 4K disk: written whole or not at all
-TRACED = ("dirtybits.qcow2.image", "dirtybits.block.raw")
+TRACED = ("dirtybits.qcow2.image", "dirtybits.block.raw", "dirtybits.qcow2.snapshots")
 # frames that only carry a write or sync down: the site is the first frame above them
 PLUMBING = {"_sync", "_fdatasync", "sync", "_pwrite", "_pwrite_dsync", "_pwrite_meta",
             "write_metadata_durable", "write_metadata", "_write", "_write_data",
@@ -71,7 +72,7 @@ _RWF_DSYNC = getattr(os, "RWF_DSYNC", 0)
 # ---------------------------------------------------------------------------- the trace
 @dataclass
 class Event:
-    kind: str  # write | sync | failed-sync | dropped-sync | trunc | op | flushed
+    kind: str  # write | sync | failed-sync | dropped-sync | trunc | op | flushed | mark
     file: int = -1
     offset: int = 0
     data: bytes = b""
@@ -160,8 +161,9 @@ class Recorder:
     def __enter__(self) -> Trace:
         for name in TRACED:
             mod = importlib.import_module(name)
-            self._saved.append((mod, "os", mod.os))
-            mod.os = _TracingOs(self._real, self)
+            if hasattr(mod, "os"):  # (qcow2.snapshots only punches holes)
+                self._saved.append((mod, "os", mod.os))
+                mod.os = _TracingOs(self._real, self)
             for attr in ("punch_hole", "_punch_hole"):
                 fn = getattr(mod, attr, None)
                 if fn is not None:
@@ -231,6 +233,10 @@ class Recorder:
         """A flush returned: ``guest`` (the model's data) is durable."""
         self.trace.snapshots.append(guest)
         self.add(Event("flushed", length=len(self.trace.snapshots) - 1))
+
+    def mark(self, **note: Any) -> None:
+        """A snapshot operation begins or ends (``note``: what the judge needs to know)."""
+        self.add(Event("mark", data=json.dumps(note).encode()))
 
 
 # ---------------------------------------------------------------------------- crash states
@@ -384,7 +390,7 @@ class Workload:
     name: str
     template: str | None  # harness template the image starts from
     run: Callable[[Any, Recorder], None]  # (context, recorder)
-    kind: str = "image"  # image | resilient | recovery | container
+    kind: str = "image"  # image | resilient | recovery | container | snapshot
 
 
 NO_TIMERS = {"interval": None, "idle": None, "threshold_bits": None}
@@ -630,6 +636,129 @@ def _container_run(ctx: Any, rec: Recorder) -> None:
     guest_steps(Guest(node, rec, model), len(model), ctx.seed, ctx.ops)
 
 
+class SnapBook:
+    """Snapshot operations through ``dirtybits.block.snapshot`` (what ``dirtybits snapshot``
+    runs), each between a ``begin`` and an ``end`` mark that carry the snapshot table before
+    and after (IDs, names, the digest of each snapshot's data) and the active data's digest."""
+
+    def __init__(self, rec: Recorder, path: Path, model: bytearray):
+        self.rec, self.path, self.model = rec, path, model
+        self.table: list[tuple[list[str], str]] = []  # ([id, name], digest)
+        self.data: dict[str, bytes] = {}  # id -> the snapshot's guest data
+
+    def _begin(self, op: str) -> None:
+        self.rec.mark(kind="begin", op=op, table=self.table,
+                      active=hashlib.sha256(self.model).hexdigest())
+
+    def _end(self, op: str) -> None:
+        self.rec.mark(kind="end", op=op, table=self.table,
+                      active=hashlib.sha256(self.model).hexdigest())
+
+    def create(self, name: str) -> None:
+        from dirtybits.block.snapshot import create_snapshot
+
+        self._begin("create")
+        sn = create_snapshot(str(self.path), name)
+        self.table = [*self.table, ([sn.id_str, name], hashlib.sha256(self.model).hexdigest())]
+        self.data[sn.id_str] = bytes(self.model)
+        self._end("create")
+
+    def delete(self, name: str) -> None:
+        from dirtybits.block.snapshot import delete_snapshot
+
+        self._begin("delete")
+        delete_snapshot(str(self.path), name)
+        i = next(i for i, (k, _) in enumerate(self.table) if k[1] == name)
+        self.table = self.table[:i] + self.table[i + 1:]
+        self._end("delete")
+
+    def apply(self, name: str) -> None:
+        from dirtybits.block.snapshot import apply_snapshot
+
+        self._begin("apply")
+        self.rec.op(0, len(self.model))  # the whole disk may change
+        apply_snapshot(str(self.path), name)
+        sid = next(k[0] for k, _ in self.table if k[1] == name)
+        self.model[:] = self.data[sid]
+        self.rec.flushed(bytes(self.model))
+        self._end("apply")
+
+
+def _session(ctx: Any, rec: Recorder, model: bytearray, rng: random.Random, n: int,
+             tracked: bool) -> None:
+    """Open, ``n`` guest requests (writes over what the snapshots share, zeroes, discards,
+    flushes, checkpoints), close."""
+    import dirtybits
+
+    size = len(model)
+    node = dirtybits.open(str(ctx.image), bitmaps="auto" if tracked else "no",
+                          checkpoint=dirtybits.CheckpointPolicy(**NO_TIMERS))
+    g = Guest(node, rec, model)
+    for _ in range(n):
+        r = rng.random()
+        length = rng.choice((512, 4096, 6144, rng.randrange(1, 24) * 4096))
+        offset = rng.randrange(0, (size - length) // 512) * 512
+        if r < 0.65:
+            g.write(offset, rng.randbytes(length))
+        elif r < 0.75:
+            g.zero(offset, length, unmap=rng.random() < 0.5)
+        elif r < 0.8:
+            g.discard(offset, length)
+        elif r < 0.9 and tracked:
+            g.checkpoint()
+        else:
+            g.flush()
+    g.close()
+
+
+def _snapshot_run(ctx: Any, rec: Recorder) -> None:
+    """Tracked writes, snapshot a, copy-on-write writes, snapshot b, more, delete a, more:
+    bitmaps kept through the snapshot operations (QEMU refuses apply with bitmaps)."""
+    model = bytearray(ctx.tpl.pre.tobytes())
+    rng = random.Random(ctx.seed)
+    book = SnapBook(rec, ctx.image, model)
+    n = max(4, ctx.ops // 4)
+    _session(ctx, rec, model, rng, n, True)
+    book.create("a")
+    _session(ctx, rec, model, rng, n, True)
+    book.create("b")
+    _session(ctx, rec, model, rng, n, True)
+    book.delete("a")
+    _session(ctx, rec, model, rng, n, True)
+
+
+def _snapshot_apply_run(ctx: Any, rec: Recorder) -> None:
+    """An image without bitmaps: snapshots a and b among writes; delete a (b's tables get
+    COPIED where a's references went), apply b (the flags must be cleared before the
+    switch), write, snapshot c, write, apply c, delete b, write."""
+    model = bytearray(ctx.tpl.pre.tobytes())
+    rng = random.Random(ctx.seed)
+    book = SnapBook(rec, ctx.image, model)
+    n = max(3, ctx.ops // 6)
+    _session(ctx, rec, model, rng, n, False)
+    book.create("a")
+    _session(ctx, rec, model, rng, n, False)
+    book.create("b")
+    _session(ctx, rec, model, rng, n, False)
+    book.delete("a")
+    book.apply("b")
+    _session(ctx, rec, model, rng, n, False)
+    book.create("c")
+    _session(ctx, rec, model, rng, n, False)
+    book.apply("c")
+    book.delete("b")
+    _session(ctx, rec, model, rng, n, False)
+
+
+# small disks: every crash state reads each snapshot whole; 512-byte clusters give a 1 KiB
+# L1 table (two sectors, which a power cut may tear) and many L2 tables
+SNAPSHOT_TEMPLATES = (
+    harness.TemplateSpec("s4k", 4 * KiB, {"g512": 512, "g16k": 16 * KiB,
+                                          harness.FROZEN: 64 * KiB}, size=8 * MiB),
+    harness.TemplateSpec("s512", 512, {"g512": 512, "g16k": 16 * KiB,
+                                       harness.FROZEN: 64 * KiB}, size=4 * MiB),
+)
+
 WORKLOADS = {
     "tracking-c64k": Workload("tracking-c64k", "c64k", _image_run),
     "tracking-c4k": Workload("tracking-c4k", "c4k", _image_run),
@@ -643,6 +772,11 @@ WORKLOADS = {
     "extl2": Workload("extl2", "x64k", _extl2_run),
     "extl2-tracking": Workload("extl2-tracking", "x64k", _extl2_tracking_run),
     "compressed": Workload("compressed", "c64k", _compressed_run),
+    "snapshot": Workload("snapshot", "s4k", _snapshot_run, "snapshot"),
+    # a one-sector L1 table, switched in place; a two-sector one, moved (512-byte clusters)
+    "snapshot-apply": Workload("snapshot-apply", "s4k", _snapshot_apply_run, "snapshot"),
+    "snapshot-apply-s512": Workload("snapshot-apply-s512", "s512", _snapshot_apply_run,
+                                    "snapshot"),
 }
 
 
@@ -678,6 +812,10 @@ def prepare(w: Workload, templates: dict[str, Any], work: Path, seed: int,
         shutil.copyfile(ctx.tpl.qcow2, ctx.image)
         ctx.enabled = tuple(n for n in ctx.tpl.spec.bitmaps
                             if n not in (harness.FROZEN, harness.STALE))
+    if w.name.startswith("snapshot-apply"):  # QEMU refuses apply with bitmaps
+        for name in ctx.tpl.spec.bitmaps:
+            harness.sh("qemu-img", "bitmap", "--remove", str(ctx.image), name)
+        ctx.enabled = ()
     if w.kind == "recovery":
         # the backup is the pre-image; then a writer is killed: its bitmaps stay in_use
         ctx.backup = work / "backup.raw"
@@ -750,6 +888,11 @@ def judge(ctx: Context, trace: Trace, point: Point, files: list[bytearray],
                                           mode="power", in_use=list(res.in_use))
                 harness.reopen_and_verify(image, ctx.tpl, plan, res2)
                 problems += res2.problems
+        elif w.kind == "snapshot":
+            image = names.get(ctx.image, scratch / ctx.image.name)
+            if ctx.image not in names:
+                shutil.copyfile(ctx.image, image)
+            problems += _judge_snapshot(ctx, trace, point, image, scratch)
         elif w.kind == "recovery":
             problems += _judge_recovery(ctx, names.get(ctx.image, ctx.image))
         else:
@@ -809,6 +952,41 @@ def _covers(store: Any, name: str, data: bytes, pre: bytes, what: str) -> list[s
     missed = int((changed & ~bits).sum())
     return [f"bitmap {name} consistent but misses {missed} changed granules ({what})"] \
         if missed else []
+
+
+def _judge_snapshot(ctx: Context, trace: Trace, point: Point, image: Path,
+                    scratch: Path) -> list[str]:
+    """``snapjudge``: the snapshot table is the one of the last completed operation, or of
+    the one in flight; every snapshot reads as the model says; no COPIED on a shared
+    cluster; QEMU's check finds no more than leaks and the OFLAG_COPIED window; no bitmap
+    misses a change. Then the active data: what a completed flush made durable is there, and
+    an apply in flight left the whole disk before or after."""
+    import snapjudge as sj
+
+    marks = [json.loads(e.data) for e in trace.events[:point.index] if e.kind == "mark"]
+    last = marks[-1] if marks else {"kind": "end", "table": [], "active": ""}
+    tables = [last["table"]]
+    if last["kind"] == "begin":
+        later = [json.loads(e.data) for e in trace.events[point.index:] if e.kind == "mark"]
+        tables.append(later[0]["table"])
+    bitmaps = {} if not ctx.enabled else {
+        name: (gran, name != harness.FROZEN, ctx.tpl.pre_bits[name])
+        for name, gran in ctx.tpl.spec.bitmaps.items()}
+    expect = sj.Expect([[((k[0], k[1]), d) for k, d in t] for t in tables], [],
+                       pre=ctx.tpl.pre.tobytes(), bitmaps=bitmaps)
+    verdict = sj.judge(image, expect, scratch / "snapjudge")
+    problems = verdict.problems
+    if point.first_after_flush and verdict.check.leaks:
+        problems.append(f"{verdict.check.leaks} leaked clusters right after a completed flush")
+    if verdict.view is not None and not problems:
+        problems += _durability(trace, point, verdict.view.active)
+        if last["kind"] == "begin" and last["op"] == "apply":
+            later = [json.loads(e.data) for e in trace.events[point.index:] if e.kind == "mark"]
+            now = hashlib.sha256(verdict.view.active).hexdigest()
+            if now not in (last["active"], later[0]["active"]):
+                problems.append("an interrupted apply left neither the old disk nor the "
+                                "snapshot's")
+    return problems
 
 
 def _judge_recovery(ctx: Context, image: Path) -> list[str]:
@@ -925,9 +1103,13 @@ def explore(ctx: Context, trace: Trace, *, randoms: int, max_states: int, seed: 
 
 def near(trace: Trace, sites: set[str], window: int = 3) -> Callable[[Point], bool]:
     """Crash points among the first ``window`` sync points after each sync of ``sites``
-    (where a sync that is missing shows)."""
+    (where a sync that is missing shows): after each removed one, when it was removed (a
+    site's writes can be everywhere: the refcount blocks every flush writes)."""
     marks = [i for i, e in enumerate(trace.events) if e.site in sites
-             and e.kind in ("sync", "dropped-sync", "write")]
+             and e.kind == "dropped-sync"]
+    if not marks:  # an RWF_DSYNC write site, or syncs kept: where the site wrote or synced
+        marks = [i for i, e in enumerate(trace.events) if e.site in sites
+                 and e.kind in ("sync", "dropped-sync", "write")]
     sync_points = [i for i, e in enumerate(trace.events)
                    if e.kind == "sync" or (e.kind == "write" and e.dsync)]
     wanted: set[int] = set()
@@ -942,7 +1124,7 @@ def near(trace: Trace, sites: set[str], window: int = 3) -> Callable[[Point], bo
 
 
 def templates_in(directory: Path, names: set[str]) -> dict[str, Any]:
-    specs = tuple(s for s in harness.ALL_TEMPLATES if s.name in names)
+    specs = tuple(s for s in harness.ALL_TEMPLATES + SNAPSHOT_TEMPLATES if s.name in names)
     harness.build_templates(directory, specs)
     return harness.load_templates(directory, specs)
 

@@ -1,6 +1,7 @@
 """Power loss (only what was synced survives), judged over crash states built from a trace of
 every write and sync (``powerloss.py``): tracking, checkpoints, ``bitmaps=no``, resilient mode,
-recovery from a backup, raw drives with a bitmap container, and compressed writes.
+recovery from a backup, raw drives with a bitmap container, compressed writes, and internal
+snapshots (create, delete and apply among copy-on-write writes, judged by ``snapjudge.py``).
 
 - every path: the crash states (subsets, reorderings and 512-byte tears of the writes after
   the last sync) show no corruption, no silent miss, no lost flushed data, no leak right
@@ -61,7 +62,7 @@ def test_power_loss_states_are_sound(templates: dict[str, Any], tmp_path: Path, 
 # Where to look first for each site's effect (a site is caught once any path fails).
 ORDER = ("tracking-c4k", "untracked-c4k", "resilient-r64k", "tracking-c64k", "container",
          "recovery", "resilient-r1m", "resize-c4k", "resize-r1m", "extl2",
-         "extl2-tracking", "compressed")
+         "extl2-tracking", "compressed", "snapshot", "snapshot-apply", "snapshot-apply-s512")
 
 
 def _sites(templates: dict[str, Any], work: Path) -> dict[str, list[str]]:
@@ -84,7 +85,8 @@ def test_removing_any_sync_produces_a_failing_state(templates: dict[str, Any],
     # the persistence protocol's own durable steps are among them
     for needed in ("BlockNode._checkpoint", "Qcow2BitmapStore._write_flags",
                    "WriteIntentMap.mark", "Qcow2Image.flush", "Qcow2Image.update_header",
-                   "RawImage.flush"):
+                   "RawImage.flush", "snapshots._write_table", "snapshots.apply",
+                   "snapshots._move_l1"):
         assert any(needed in s for s in where), (needed, sorted(where))
     lines, missed = [], []
     for site, names in sorted(where.items()):

@@ -1089,6 +1089,10 @@ class Qcow2Image:
             self._pwrite_meta(off, self._rb_cache[off], "refcount block")
         self._rb_dirty.clear()
         if self._reftable_dirty:
+            # a new refcount block, and the count of its own cluster, durable before the
+            # table names it (as QEMU's alloc_refcount_block): else a power cut can leave a
+            # table entry past the end of the file, or a block with refcount 0
+            self._sync()
             h = self.hc.header
             raw = struct.pack(f">{len(self._reftable)}Q", *self._reftable)
             self._pwrite_meta(h.refcount_table_offset, raw, "refcount table")

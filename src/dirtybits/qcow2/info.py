@@ -271,15 +271,17 @@ def read_snapshots(path: str, offset: int, count: int) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     pos = offset
     for _ in range(count):
-        head = _pread_file(path, pos, _SNAPSHOT_HEADER.size)
-        if len(head) < _SNAPSHOT_HEADER.size:
-            raise FormatError("snapshot table truncated", structure="snapshot table", offset=pos)
+        # past the end of the file reads as zeros, as QEMU reads it (and lists the entries)
+        head = _pread_file(path, pos, _SNAPSHOT_HEADER.size).ljust(_SNAPSHOT_HEADER.size,
+                                                                    b"\0")
         (_l1_off, _l1_size, id_size, name_size, date_sec, date_nsec, vm_clock_nsec,
          vm_state_size, extra_size) = _SNAPSHOT_HEADER.unpack(head)
         if extra_size > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
             raise FormatError(f"Too much extra metadata in snapshot table entry {len(out)}",
                               structure="snapshot table", offset=pos)
-        rest = _pread_file(path, pos + _SNAPSHOT_HEADER.size, extra_size + id_size + name_size)
+        rest = _pread_file(path, pos + _SNAPSHOT_HEADER.size,
+                           extra_size + id_size + name_size).ljust(
+            extra_size + id_size + name_size, b"\0")
         extra = rest[:extra_size]
         id_str = rest[extra_size:extra_size + id_size].decode("utf-8", errors="replace")
         name = rest[extra_size + id_size:].decode("utf-8", errors="replace")

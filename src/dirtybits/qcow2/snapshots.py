@@ -17,7 +17,17 @@ Order of the steps, the same as QEMU's, with what a crash at each point leaves:
   leaks) and COPIED is set where a refcount fell to 1.
 * apply: raise the refcounts of the snapshot's view, durable; switch the active L1 table to
   the snapshot's (COPIED clear: every cluster is shared at that point, where QEMU writes the
-  stale flags until its last step); drop the old view's references; set COPIED.
+  stale flags until its last step); drop the old view's references; set COPIED. A crash
+  leaves the old view or the new one, with leaks. An L1 table of one sector is overwritten
+  in place, as QEMU does; a larger one is written to new clusters and the header switched
+  to them, where QEMU overwrites it in place too (a power cut there can leave some entries
+  old and some new: a disk that is neither state). A failed in-place write is undone by
+  the next flush (the table written back whole).
+
+A sync only where a later write must not reach the disk before an earlier one
+(``tests/crash/test_power_loss.py`` removes each in turn): fewer than QEMU, whose flush
+between allocating a snapshot table and writing it, and between raising refcounts and
+clearing the flags of an inactive view, order nothing a crash could tell apart.
 
 What QEMU refuses, so does this module, with QEMU's words: any snapshot operation on an
 image with an external data file; apply on an image with persistent bitmaps (they would not
@@ -243,9 +253,32 @@ def _raise_refcounts(img: Qcow2Image, refs: Counter[int]) -> None:
     _add_refcounts(img, refs, 1)
 
 
-def _drop_refcounts(img: Qcow2Image, refs: Counter[int]) -> None:
+# what a view's references may name: its tables (the rest is metadata the image owns)
+_L2_ROLES = ("inactive L2 table", "active L2 table")
+_VIEW_ROLES = (*_L2_ROLES, "inactive L1 table")
+
+
+def _check_l2_tables(img: Qcow2Image, sn: SnapshotTableEntry, l1: list[int]) -> None:
+    """Refuse a snapshot whose L1 table names other metadata as an L2 table (a damaged
+    table): made active, its "L2 tables" would be written over the metadata. QEMU finds out
+    half-way, at the write, and marks the image corrupt."""
+    cb = img.cluster_bits
+    for i, ent in enumerate(l1):
+        off = ent & L1E_OFFSET_MASK
+        role = img._meta.get(off >> cb) if off else None
+        if role is not None and role not in _L2_ROLES:
+            raise ImageError(f"{img.path}: snapshot {sn.id_str}: L1 entry {i} names the "
+                             f"{role} at {off:#x} as an L2 table")
+
+
+def _drop_refcounts(img: Qcow2Image, refs: Counter[int], *, views: bool = False) -> None:
     """Take ``refs`` away (nothing on disk names them any more); a cluster whose refcount
     is already too low to give them is left alone (it leaks rather than underflows).
+
+    ``views``: the references of a snapshot's or the old active view, as its tables say;
+    a damaged table may name the header, a refcount block, the snapshot table or bitmap
+    data, or an active L2 table as data: those keep their count (a leak), where QEMU takes it
+    and can free and discard the header itself.
 
     A cluster that falls to 0 is punched out of the file at once, as QEMU does for what
     snapshots free (its discard-snapshot option is on by default): nothing names it and
@@ -258,9 +291,15 @@ def _drop_refcounts(img: Qcow2Image, refs: Counter[int]) -> None:
     have = _refcounts(img, clusters)
     ok: Counter[int] = Counter()
     for c, k, h in zip(clusters.tolist(), refs.values(), have.tolist(), strict=True):
+        role = img._meta.get(c)
         if h < k:
             log.warning("%s: cluster %#x has refcount %d, below the %d references of the "
                         "snapshot; left as it is", img.path, c << cb, h, k)
+            continue
+        if views and role is not None and (role not in _VIEW_ROLES
+                                           or (role == "active L2 table" and h <= k)):
+            log.warning("%s: a damaged snapshot table names the %s at %#x; its refcount "
+                        "(%d) is left as it is", img.path, role, c << cb, h)
             continue
         ok[c] = k
     freed = _add_refcounts(img, ok, -1)
@@ -325,11 +364,12 @@ def _fix_inactive_copied(img: Qcow2Image, l1: list[int], skip: set[int]) -> None
     cb = img.cluster_bits
     for ent in l1:
         off = ent & L1E_OFFSET_MASK
-        if not off or off in skip or not img.get_refcount(off >> cb):
+        role = img._meta.get(off >> cb, "inactive L2 table")
+        if not off or off in skip or not img.get_refcount(off >> cb) \
+                or role not in _L2_ROLES:  # (a damaged table naming other metadata)
             continue
         fixed = _fixed_table(img, _table(img, off))
         if fixed is not None:
-            role = img._meta.get(off >> cb, "inactive L2 table")
             img._pwrite_meta(off, fixed, role)
             cached = img._l2_cache.get(off)
             if cached is not None:
@@ -340,7 +380,8 @@ def _read_l1(img: Qcow2Image, sn: SnapshotTableEntry) -> list[int]:
     """A snapshot's L1 table, after QEMU's qcow2_validate_table checks."""
     if sn.l1_size * 8 > MAX_L1_BYTES:
         raise ImageError(f"{img.path}: Snapshot L1 table too large")
-    if sn.l1_table_offset & (img.cluster_size - 1):
+    if sn.l1_table_offset & (img.cluster_size - 1) or \
+            (1 << 63) - 1 - sn.l1_size * 8 < sn.l1_table_offset:
         raise ImageError(f"{img.path}: Snapshot L1 table offset invalid")
     if not sn.l1_size:
         return []
@@ -370,10 +411,10 @@ def _write_table(img: Qcow2Image, entries: list[SnapshotTableEntry]) -> None:
         for i in range(n):
             img._meta[(off >> cb) + i] = "snapshot table"
         img._write_dirty_refblocks()
-        img._sync()
         img._pwrite_meta(off, data, "snapshot table")
-        img._sync()
-    img._set_header(h.replace(nb_snapshots=len(entries), snapshots_offset=off))
+        img._sync()  # the table and its refcounts, durable before the header names it
+    # (the header as it is now: the allocation may have moved the refcount table)
+    img._set_header(img.hc.header.replace(nb_snapshots=len(entries), snapshots_offset=off))
     if old_off and h.nb_snapshots:
         first = old_off >> cb
         old = Counter(c for c in range(first, ((old_off + max(1, old_size) - 1) >> cb) + 1)
@@ -446,9 +487,10 @@ def delete(img: Qcow2Image, index: int) -> None:
         refs[c] += 1
     _write_table(img, [s for i, s in enumerate(img.snapshots) if i != index])
     # nothing on disk names the snapshot now: its references can go
-    _drop_refcounts(img, refs)
+    _drop_refcounts(img, refs, views=True)
     img._write_dirty_refblocks()
-    img._sync()
+    # COPIED set where a refcount fell to 1: in the active tables after the flush's first
+    # sync, so after the decrements; an inactive view's flags are trusted by nobody
     active = {e & L1E_OFFSET_MASK for e in img._l1}
     _fix_inactive_copied(img, sn_l1, active)
     _fix_active_copied(img)
@@ -469,7 +511,8 @@ def apply(img: Qcow2Image, index: int) -> None:
     snapshot's size.
 
     Raises SnapshotError (bitmaps: EBUSY, "Device has active dirty bitmaps"; external data
-    file), ImageError (its L1 table is invalid), ReadOnlyError, ImageIOError.
+    file; a disk size not a multiple of 512: EINVAL), ImageError (its L1 table is invalid or
+    names other metadata as L2 tables), ReadOnlyError, ImageIOError.
     """
     img._check_writable()
     _refuse_data_file(img)
@@ -477,7 +520,11 @@ def apply(img: Qcow2Image, index: int) -> None:
         raise SnapshotError("Device has active dirty bitmaps", errno=errno.EBUSY)
     sn = img.snapshots[index]
     sn_l1 = _read_l1(img, sn)
+    _check_l2_tables(img, sn, sn_l1)
     size = sn.disk_size if sn.disk_size is not None else img.size
+    if size % 512:  # QEMU's truncate refuses it, before anything changes
+        log.error("The new size must be a multiple of 512")
+        raise SnapshotError("Failed to load snapshot: Invalid argument", errno=errno.EINVAL)
     if size > img.size:
         img.resize(size)
     if len(sn_l1) > len(img._l1):
@@ -490,7 +537,6 @@ def apply(img: Qcow2Image, index: int) -> None:
     old_refs = references(img, old_l1)
     _raise_refcounts(img, new_refs)
     img._write_dirty_refblocks()
-    img._sync()
     # the snapshot's own tables lose COPIED (everything they name is shared now), as QEMU
     _fix_inactive_copied(img, sn_l1, set())
     if sn.l1_size:
@@ -499,12 +545,27 @@ def apply(img: Qcow2Image, index: int) -> None:
             img._pwrite_meta(sn.l1_table_offset, struct.pack(f">{sn.l1_size}Q", *cleared),
                              "inactive L1 table")
     new_l1 = [e & ~OFLAG_COPIED for e in sn_l1] + [0] * (len(old_l1) - len(sn_l1))
-    img._sync()
     h = img.hc.header
-    if new_l1:
-        img._pwrite_meta(h.l1_table_offset, struct.pack(f">{len(new_l1)}Q", *new_l1),
-                         "active L1 table")
-    img._sync()
+    # the raised refcounts and the cleared flags are durable before the switch (by the
+    # sync that makes the new table durable, or by this one)
+    if len(new_l1) * 8 > 512:
+        # more than one sector, which a power cut may tear into a mix of two views if
+        # written in place (as QEMU does): the table goes to new clusters instead, durable,
+        # and the header (written whole) switches to it
+        _move_l1(img, new_l1)
+    elif new_l1:
+        img._sync()
+        try:
+            img._pwrite_meta(h.l1_table_offset, struct.pack(f">{len(new_l1)}Q", *new_l1),
+                             "active L1 table")
+        except BaseException:
+            # part of it may have landed (a short write, a late error): the next flush
+            # (the close's) writes the old table back, so the disk shows one view, never a
+            # mix of two (both views' refcounts are raised: leaks at worst)
+            img._l1_dirty = True
+            img._l1_dirty_idx.update(range(len(old_l1)))
+            raise
+        img._sync()
     img._l1 = new_l1
     img._l1_dirty = False
     img._l1_dirty_idx.clear()
@@ -516,16 +577,36 @@ def apply(img: Qcow2Image, index: int) -> None:
         off = ent & L1E_OFFSET_MASK
         if off:
             img._meta[off >> cb] = "active L2 table"
-    _drop_refcounts(img, old_refs)
+    _drop_refcounts(img, old_refs, views=True)
     img._write_dirty_refblocks()
-    img._sync()
-    # the old view's tables that other snapshots still hold get their COPIED flags right
+    # COPIED set where a refcount fell to 1 by the flush below, after its first sync; the
+    # old view's tables other snapshots still hold get theirs now (check reads only the
+    # active view's, so no order is needed)
     _fix_inactive_copied(img, old_l1, {e & L1E_OFFSET_MASK for e in new_l1})
     if size < img.size:
         img._set_header(img.hc.header.replace(size=size))
     _fix_active_copied(img)
     img.flush()
     log.info("%s: snapshot %s (%r) applied", img.path, sn.id_str, sn.name)
+
+
+def _move_l1(img: Qcow2Image, l1: list[int]) -> None:
+    """Make ``l1`` the active L1 table by writing it to new clusters, durable, and switching
+    the header to them; the old table's clusters are freed once the header is durable."""
+    cb, cs = img.cluster_bits, img.cluster_size
+    h = img.hc.header
+    n = (len(l1) * 8 + cs - 1) >> cb
+    off = img._alloc_clusters(n)
+    for i in range(n):
+        img._meta[(off >> cb) + i] = "active L1 table"
+    raw = struct.pack(f">{len(l1)}Q", *l1)
+    img._write_dirty_refblocks()
+    img._pwrite_meta(off, raw + bytes(n * cs - len(raw)), "active L1 table")
+    img._sync()
+    # (the header as it is now: the allocation may have moved the refcount table)
+    img._set_header(img.hc.header.replace(l1_table_offset=off))
+    old = h.l1_table_offset >> cb
+    _drop_refcounts(img, Counter(range(old, old + n)))
 
 
 def load(img: Qcow2Image, index: int) -> None:
