@@ -15,7 +15,7 @@ the ``at``-th one (0-based, among the kinds selected) gets the fault:
 After the first fault, ``sticky=True`` makes every later call of the selected kinds fail too
 (a disk that stays broken); otherwise later calls succeed (a transient error).
 
-Hole punches (``PUNCH``: ``osfile.punch_hole`` as the engine and ``qcow2.snapshots`` call it)
+Hole punches (``PUNCH``: ``osfile.punch_hole`` as the engine calls it, for snapshots too)
 are counted only when ``kinds`` names them. A punch that fails reports False as the real one
 does (the engine treats a punch as advisory): ``fail`` skips it, ``fail-after`` and
 ``partial`` do all or half of it, and every one of them then answers False.
@@ -35,7 +35,7 @@ WRITES = ("pwrite", "pwritev", "write", "ftruncate")
 SYNCS = ("fdatasync", "fsync")
 PUNCH = ("punch_hole",)
 ACTIONS = ("fail", "fail-after", "partial", "kill-before", "kill-after")
-PUNCHING_MODULES = ("dirtybits.qcow2.image", "dirtybits.qcow2.snapshots")
+PUNCHING_MODULES = ("dirtybits.qcow2.image",)  # every punch goes through the engine
 
 
 @dataclass

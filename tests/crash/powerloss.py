@@ -61,7 +61,7 @@ import harness
 KiB, MiB = 1 << 10, 1 << 20
 SECTOR = 512
 ATOMIC_HEAD = 4096  # the header sector of a 4K disk: written whole or not at all
-TRACED = ("dirtybits.qcow2.image", "dirtybits.block.raw", "dirtybits.qcow2.snapshots")
+TRACED = ("dirtybits.qcow2.image", "dirtybits.block.raw")
 # frames that only carry a write or sync down: the site is the first frame above them
 PLUMBING = {"_sync", "_fdatasync", "sync", "_pwrite", "_pwrite_dsync", "_pwrite_meta",
             "write_metadata_durable", "write_metadata", "_write", "_write_data",
@@ -161,7 +161,7 @@ class Recorder:
     def __enter__(self) -> Trace:
         for name in TRACED:
             mod = importlib.import_module(name)
-            if hasattr(mod, "os"):  # (qcow2.snapshots only punches holes)
+            if hasattr(mod, "os"):
                 self._saved.append((mod, "os", mod.os))
                 mod.os = _TracingOs(self._real, self)
             for attr in ("punch_hole", "_punch_hole"):
