@@ -41,7 +41,6 @@ subprocess one with N // 5); when ``CI`` is set the runs are derandomized.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import resource
@@ -61,6 +60,9 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fuzzfiles import file_digest
 
 from dirtybits.block.open import open_image
 from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
@@ -764,31 +766,6 @@ def exercise_readonly(path: str) -> list[str]:
     attempt("info", lambda: image_info(path), outcomes)
     attempt("info-chain", lambda: backing_chain_info(path), outcomes)
     return outcomes
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's size and data extents (a write may leave a huge sparse file)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        fd = f.fileno()
-        size = os.fstat(fd).st_size
-        h.update(str(size).encode())
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            h.update(str(start).encode())
-            while start < end:
-                chunk = os.pread(fd, min(end - start, 1 << 20), start)
-                if not chunk:
-                    break
-                h.update(chunk)
-                start += len(chunk)
-            pos = end
-    return h.hexdigest()
 
 
 def snapshot_dir(d: Path) -> dict[str, str]:

@@ -30,12 +30,12 @@ ours than in QEMU's copy.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
 import struct
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +45,9 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fuzzfiles import file_digest
 
 from dirtybits.errors import DirtybitsError
 
@@ -434,31 +437,6 @@ def corruptions(path: Path) -> int | None:
     return int(rep.get("corruptions", 0)) + int(rep.get("check-errors", 0))
 
 
-def digest(path: Path) -> str:
-    """sha256 of a file's size and data extents (a write may leave a huge sparse file)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        fd = f.fileno()
-        size = os.fstat(fd).st_size
-        h.update(str(size).encode())
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            h.update(str(start).encode())
-            while start < end:
-                chunk = os.pread(fd, min(end - start, 1 << 20), start)
-                if not chunk:
-                    break
-                h.update(chunk)
-                start += len(chunk)
-            pos = end
-    return h.hexdigest()
-
-
 # A known slow path, left to the checker's owners: ``check -r all`` walks every L2 table each
 # L1 entry names entry by entry in Python when a table has anomalies, and zeroes each bad
 # entry with its own sync: a snapshot L1 table of 512K entries reaching into other data took
@@ -490,9 +468,9 @@ def exercise(m: Mutant, work: Path) -> list[str]:
         p.unlink()
     path = work / IMAGE
     path.write_bytes(m.data)
-    before = digest(path)
+    before = file_digest(path)
     ro = readonly_consumers(path)
-    assert digest(path) == before, "a read-only consumer changed the file"
+    assert file_digest(path) == before, "a read-only consumer changed the file"
     assert sorted(p.name for p in work.iterdir()) == [IMAGE], "a consumer made a file"
     outcomes = [f"{k}: {v}" for k, v in ro.items()]
     refusal = qemu_refusal(path)
@@ -512,14 +490,14 @@ def exercise(m: Mutant, work: Path) -> list[str]:
         result = answer(lambda: writable(op)(str(ours)))  # noqa: B023 (called at once)
         qemu = qemu_op(op, twin)
         did = qemu == "did"
-        untouched = digest(twin) == before
+        untouched = file_digest(twin) == before
         outcomes.append(f"{op}: {result}, QEMU {'did it' if did else qemu}"
                         f"{'' if did or untouched else ' (after writing)'}")
         if qemu == "refused" and untouched:
             assert result != "ok" or op == "repair", (
                 f"{op} done where QEMU refuses the image untouched")
             if result != "ok":
-                assert digest(ours) == before, f"{op} refused, but after writing"
+                assert file_digest(ours) == before, f"{op} refused, but after writing"
         # (an image QEMU already finds corrupt can get worse from any allocation, in ways
         # that depend on where each engine allocates: no yardstick there)
         if result == "ok" and did and op != "repair" and start == 0:
