@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
     from dirtybits.block.checkpoint import CheckpointPolicy
     from dirtybits.block.driver import Buffer, ImageDriver
+    from dirtybits.block.owner import BlockOwner
     from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore, StoredBitmap
     from dirtybits.qcow2.image import Qcow2Image
 
@@ -280,7 +281,8 @@ class Container:
         self.store = store
         self.table = table
         self._closed = False
-        self.node: DriveNode | None = None  # the open drive: one at a time (shared store)
+        self.nodes: dict[str, DriveNode] = {}  # open drives by id: many at once (one store)
+        self._users = 0  # open drives sharing this container in the process (open_drive)
 
     # ------------------------------------------------------------------ create / open
     @classmethod
@@ -603,26 +605,28 @@ class Container:
     # ------------------------------------------------------------------ tracking
     def open_drive(self, raw_path: str, *, readonly: bool = False,
                    checkpoint: CheckpointPolicy | None = None, track: bool = True,
-                   owns_container: bool = False, cache: str = "writeback") -> DriveNode:
+                   owns_container: bool = False, cache: str = "writeback",
+                   owner: BlockOwner | None = None) -> DriveNode:
         """A node writing ``raw_path`` and recording into its drive's enabled bitmaps.
 
-        One drive at a time: nodes would share the bitmap store, each with its own lock and
-        checkpoint timer.
+        Many drives may be open at once: their nodes share this container's bitmap store
+        and its owner (the block thread), each with its own registry over its own names.
+        A drive already open is refused.
         """
         from dirtybits.block.raw import RawImage
 
-        if self.node is not None:
-            raise ContainerError(f"drive '{self.node.drive_id}' of {self.path} is open; "
-                                 "close it first (one drive at a time per container)")
         rec = self.find_drive(raw_path)
+        if rec.id in self.nodes:
+            raise ContainerError(f"drive '{rec.id}' of {self.path} is already open")
         raw = RawImage(raw_path, readonly=readonly, cache=cache)
         try:
             if raw.size != rec.size:  # changed between the check and the open
                 raise DriveMismatchError(f"'{raw_path}': size changed to {raw.size} bytes, "
                                          f"the bitmaps are for {rec.size}")
-            self.node = DriveNode(raw, self, rec, policy=checkpoint, track=track,
-                                  owns_container=owns_container)
-            return self.node
+            node = DriveNode(raw, self, rec, policy=checkpoint, track=track,
+                             owns_container=owns_container, cache=cache, owner=owner)
+            self.nodes[rec.id] = node
+            return node
         except BaseException:
             raw.close()
             raise
@@ -638,25 +642,29 @@ class DriveNode(BlockNode):
 
     def __init__(self, driver: ImageDriver, container: Container, rec: DriveRecord, *,
                  policy: CheckpointPolicy | None = None, track: bool = True,
-                 owns_container: bool = False):
+                 owns_container: bool = False, cache: str = "writeback",
+                 owner: BlockOwner | None = None):
         self.container = container
         self.drive_id = rec.id
         self._owns_container = owns_container
-        names = [sb.name for sb in container.bitmaps_of(rec.id)]
-        super().__init__(driver, container.store, policy=policy, track=track, only=names)
+        super().__init__(driver, container.store, policy=policy, track=track,
+                         prefix=bitmap_name(rec.id, ""), node_name=rec.id, cache=cache,
+                         owner=owner)
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.driver.size:
             raise ImageError(f"request [{offset}, {offset + length}) is outside the image "
                              f"(size {self.driver.size})")
 
-    def write(self, offset: int, data: Buffer, *, compress: bool = False) -> None:
+    def write(self, offset: int, data: Buffer, *, compress: bool = False,
+              fua: bool = False) -> None:
         self._check(offset, len(data))
-        super().write(offset, data, compress=compress)
+        super().write(offset, data, compress=compress, fua=fua)
 
-    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False,
+                     fua: bool = False) -> None:
         self._check(offset, length)
-        super().write_zeroes(offset, length, unmap=unmap)
+        super().write_zeroes(offset, length, unmap=unmap, fua=fua)
 
     def discard(self, offset: int, length: int) -> None:
         self._check(offset, length)
@@ -670,11 +678,11 @@ class DriveNode(BlockNode):
             "resize the file, then run 'dirtybits container rebind'")
 
     def load_bitmap(self, name: str) -> DirtyBitmap:
-        full = name if self.container.store.find(name) is not None and name.startswith(
-            self.drive_id + "/") else bitmap_name(self.drive_id, name)
-        bm = super().load_bitmap(full)
-        bm.truncate(self.driver.size)
-        return bm
+        """A bitmap's bits over the drive's size (a drive-local name, or the stored one)."""
+        prefix = bitmap_name(self.drive_id, "")
+        if name.startswith(prefix) and self.bitmaps.find(name) is None:
+            name = name[len(prefix):]
+        return super().load_bitmap(name)
 
     def __enter__(self) -> DriveNode:
         return self
@@ -683,15 +691,15 @@ class DriveNode(BlockNode):
         try:
             super().close()
         finally:
-            if self.container.node is self:
-                self.container.node = None
+            if self.container.nodes.get(self.drive_id) is self:
+                del self.container.nodes[self.drive_id]
             if self._owns_container:
-                self.container.close()
+                _release_container(self.container)
 
 
 def open_drive(container_path: str, raw_path: str, *, readonly: bool = False,
                checkpoint: CheckpointPolicy | None = None, bitmaps: str = "auto",
-               cache: str = "writeback") -> DriveNode:
+               cache: str = "writeback", owner: BlockOwner | None = None) -> DriveNode:
     """Open raw drive ``raw_path`` with its bitmaps from container ``container_path``.
 
     The drive's identity and size are checked against its record; its enabled bitmaps record
@@ -699,14 +707,53 @@ def open_drive(container_path: str, raw_path: str, *, readonly: bool = False,
     """
     if bitmaps not in ("auto", "no"):
         raise UsageError(f"bitmaps must be 'auto' or 'no', not '{bitmaps}'")
-    container = Container.open(container_path, readonly=readonly)
+    container = _share_container(container_path, readonly)
     try:
         return container.open_drive(raw_path, readonly=readonly, checkpoint=checkpoint,
                                     track=bitmaps == "auto", owns_container=True,
-                                    cache=cache)
+                                    cache=cache, owner=owner)
     except BaseException:
-        container.close()
+        _release_container(container)
         raise
+
+
+# Containers open in this process, by file identity: two drives of one container opened with
+# ``open_drive`` share one open container (a second open would fail on its write lock).
+_OPEN: dict[tuple[int, int], Container] = {}
+
+
+def _share_container(path: str, readonly: bool) -> Container:
+    from dirtybits.block.owner import default_owner
+
+    with default_owner().lock:
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        if st is not None:
+            found = _OPEN.get((st.st_dev, st.st_ino))
+            if found is not None and not found._closed and (readonly or
+                                                            not found.img.readonly):
+                found._users += 1
+                return found
+        container = Container.open(path, readonly=readonly)
+        if st is not None:
+            _OPEN[(st.st_dev, st.st_ino)] = container
+        container._users = 1
+        return container
+
+
+def _release_container(container: Container) -> None:
+    from dirtybits.block.owner import default_owner
+
+    with default_owner().lock:
+        container._users -= 1
+        if container._users > 0:
+            return
+        for key, c in list(_OPEN.items()):
+            if c is container:
+                del _OPEN[key]
+        container.close()
 
 
 __all__ = [

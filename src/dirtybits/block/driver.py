@@ -5,7 +5,7 @@ Offsets and lengths are guest bytes. Drivers raise ``DirtybitsError`` subclasses
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Protocol, runtime_checkable
 
@@ -40,7 +40,7 @@ class ImageDriver(Protocol):
 
     def resize(self, new_size: int) -> None: ...
 
-    def block_status(self, offset: int, length: int) -> Iterator[MapExtent]: ...
+    def block_status(self, offset: int, length: int) -> Iterable[MapExtent]: ...
 
     def close(self) -> None: ...
 
