@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import subprocess
 import threading
@@ -55,7 +56,7 @@ def test_tasks_and_threads_on_two_nodes_and_a_shared_container(tmp_path: Path) -
     c, ra, rb = str(tmp_path / "c.qcow2"), str(tmp_path / "a.raw"), str(tmp_path / "b.raw")
     for r in (ra, rb):
         Path(r).write_bytes(b"")
-        Path(r).open("r+b").truncate(8 * MiB)
+        os.truncate(r, 8 * MiB)
     Container.create(c, 64 * MiB)
     with Container.open(c) as ct:
         for r, drive in ((ra, "a"), (rb, "b")):

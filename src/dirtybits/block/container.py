@@ -62,6 +62,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from dirtybits.block.node import BlockNode
+from dirtybits.block.qcow2_bitmaps import default_granularity
 from dirtybits.errors import DirtybitsError, ImageError, UsageError
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ if TYPE_CHECKING:
     from dirtybits.block.driver import Buffer, ImageDriver
     from dirtybits.block.owner import BlockOwner
     from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore, StoredBitmap
+    from dirtybits.block.registry import BitmapRegistry
     from dirtybits.qcow2.image import Qcow2Image
 
 EXT_DRIVES = 0x44425244  # "DBRD"
@@ -459,8 +461,10 @@ class Container:
                 f"drive '{drive_id}' has bitmaps "
                 f"({', '.join(n.partition('/')[2] for n in names)}); remove them or "
                 "use --force")
+        reg = self.registry(drive_id) if names else None
         for name in names:  # bitmaps first: a crash leaves a drive without them, never
-            self.store.remove(name)  # bitmaps without a drive
+            assert reg is not None  # bitmaps without a drive
+            reg.remove(name.partition("/")[2])
         self._write_table(replace(self.table, drives=tuple(
             d for d in self.table.drives if d is not rec)))
         return names
@@ -548,6 +552,18 @@ class Container:
         return [sb.name for sb in self.store.bitmaps
                 if (split_name(sb.name) or ("", ""))[0] not in ids]
 
+    def registry(self, drive_id: str) -> BitmapRegistry:
+        """The bitmap registry of a drive: its open node's, or one over the container alone
+        (every bitmap operation goes through a registry, never to the store directly)."""
+        node = self.nodes.get(drive_id)
+        if node is not None:
+            return node.bitmaps
+        from dirtybits.block.registry import BitmapRegistry, StoreView
+
+        rec = self.drive(drive_id)
+        return BitmapRegistry(drive_id, rec.size, StoreView(self.store, bitmap_name(drive_id, "")),
+                              readonly=self.img.readonly, cluster_size=self.img.cluster_size)
+
     def add_bitmap(self, drive_id: str, name: str, granularity: int | None = None, *,
                    disabled: bool = False) -> str:
         self.verify(drive_id)
@@ -558,7 +574,14 @@ class Container:
             raise ContainerError(
                 f"Bitmap '{name}' already exists for drive '{drive_id}' in {self.path} "
                 f"(stored as '{full}'; names are unique per container)")
-        self.store.add(full, granularity, disabled=disabled)
+        gran = granularity or default_granularity(self.img.cluster_size)
+        try:
+            self.registry(drive_id).add(name, gran, persistent=True, disabled=disabled)
+        except ContainerError:
+            raise
+        except DirtybitsError as exc:  # the store's own words, without the node prefix
+            raise ContainerError(str(exc).split(": ", 1)[-1] if "persistent in" in str(exc)
+                                 else str(exc)) from exc
         return full
 
     def _stored(self, drive_id: str, name: str) -> str:
@@ -570,36 +593,39 @@ class Container:
 
     def remove_bitmap(self, drive_id: str, name: str) -> list[str]:
         """Remove a drive's bitmap; returns what it left allocated (``Qcow2BitmapStore.remove``)."""
-        return self.store.remove(self._stored(drive_id, name))
+        self._stored(drive_id, name)
+        return self.registry(drive_id).remove(name)
 
     def clear_bitmap(self, drive_id: str, name: str) -> None:
-        full = self._stored(drive_id, name)
+        self._stored(drive_id, name)
         self.verify(drive_id)
-        self.store.clear(full)
+        self.registry(drive_id).clear(name)
 
     def set_bitmap_enabled(self, drive_id: str, name: str, enabled: bool) -> None:
-        self.store.set_enabled(self._stored(drive_id, name), enabled)
+        self._stored(drive_id, name)
+        reg = self.registry(drive_id)
+        if enabled:
+            reg.enable(name)
+        else:
+            reg.disable(name)
 
     def load_bitmap(self, drive_id: str, name: str, *, verify: bool = True) -> DirtyBitmap:
         """The bitmap's bits over the drive's size (the drive is checked first)."""
-        full = self._stored(drive_id, name)
+        self._stored(drive_id, name)
         if verify:
             self.verify(drive_id)
-        bm = self.store.load(full)
-        bm.truncate(self.drive(drive_id).size)
-        return bm
+        return self.registry(drive_id).bits(name)
 
     def bitmap_infos(self, drive_id: str) -> list[BitmapInfo]:
-        size = self.drive(drive_id).size
+        reg = self.registry(drive_id)
         out = []
         for sb in self.bitmaps_of(drive_id):
-            state = "damaged" if sb.problems else "in_use" if sb.in_use else "consistent"
-            dirty = None
-            if state == "consistent":
-                bm = self.store.load(sb.name)
-                dirty = sum(n for _, n in bm.dirty_extents(0, min(size, bm.size)))
-            out.append(BitmapInfo(sb.name.partition("/")[2], sb.name, sb.entry.granularity,
-                                  sb.entry.auto, state, dirty, list(sb.problems)))
+            local = sb.name.partition("/")[2]
+            state = "damaged" if sb.problems else "in_use" if sb.in_use and \
+                sb.name not in self.store.ours else "consistent"
+            dirty = reg.count_bytes(local) if state == "consistent" else None
+            out.append(BitmapInfo(local, sb.name, sb.entry.granularity, sb.entry.auto, state,
+                                  dirty, list(sb.problems)))
         return out
 
     # ------------------------------------------------------------------ tracking

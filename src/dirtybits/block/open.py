@@ -114,3 +114,21 @@ def open_node(path: str, fmt: str | None = None, *, readonly: bool = False,
                       force_share=force_share, owner=owner)
     assert isinstance(node, BlockNode)
     return node
+
+
+def open_for_bitmaps(path: str, *, readonly: bool, open_backing: bool = True) -> BlockNode:
+    """A qcow2 image opened to manage its bitmaps (``dirtybits bitmap``, as ``qemu-img
+    bitmap`` opens it), as a node whose registry does the work. No timed checkpoints: every
+    operation stores its result before it returns."""
+    from dirtybits.block.checkpoint import CheckpointPolicy
+    from dirtybits.block.node import BlockNode
+    from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
+    from dirtybits.qcow2.image import Qcow2Image
+
+    img = Qcow2Image.open(path, readonly=readonly, keep_bitmaps=True, open_backing=open_backing)
+    try:
+        return BlockNode(img, Qcow2BitmapStore(img),
+                         policy=CheckpointPolicy(interval=None, idle=None, threshold_bits=None))
+    except BaseException:
+        img.close()
+        raise
