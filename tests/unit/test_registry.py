@@ -285,3 +285,70 @@ def test_background_checkpoint_failure_is_an_event(image: str,
         monkeypatch.undo()
     assert disk_flags(image) == {"a": False}
     assert stored_granules(image, "a") == {0, 1}
+
+
+# ---------------------------------------------------------------------- node lifecycle
+def test_inactivate_stores_bitmaps_and_releases_locks(image: str) -> None:
+    from dirtybits.block.node import NodeInactiveError
+    from dirtybits.errors import LockError
+
+    with dirtybits.open(image, checkpoint=NO_TIMERS) as d:
+        d.write(0, b"x")
+        assert disk_flags(image) == {"a": True}
+        d.inactivate()
+        assert disk_flags(image) == {"a": False}
+        assert stored_granules(image, "a") == {0}
+        with pytest.raises(NodeInactiveError):
+            d.write(0, b"y")
+        with Qcow2Image.open(image, keep_bitmaps=True):  # free for another writer now
+            with pytest.raises(LockError):
+                d.activate()
+            assert d.inactive
+        d.activate()
+        d.write(65536, b"y")
+    assert stored_granules(image, "a") == {0, 1}
+
+
+def test_corruption_makes_the_node_read_only_and_says_so(image: str) -> None:
+    from dirtybits.errors import CorruptImageError
+
+    events: list[NodeEvent] = []
+    with dirtybits.open(image, checkpoint=NO_TIMERS) as d:
+        d.subscribe(events.append)
+        d.write(0, b"x" * 65536)
+        assert isinstance(d.driver, Qcow2Image)
+        real = d.driver.write
+
+        def corrupt(*args: object, **kwargs: object) -> None:
+            raise CorruptImageError("L2 table offset 0x0 overlaps the header")
+
+        d.driver.write = corrupt  # type: ignore[method-assign]
+        with pytest.raises(CorruptImageError):
+            d.write(65536, b"y")
+        d.driver.write = real  # type: ignore[method-assign]
+        with pytest.raises(CorruptImageError, match="read-only after corruption"):
+            d.write(2 * 65536, b"z")
+        assert d.info().corrupt
+    assert [e.kind for e in events if e.kind is NodeEventKind.CORRUPTED] == [
+        NodeEventKind.CORRUPTED]
+    assert events[-1].fatal
+    assert disk_flags(image) == {"a": False}
+
+
+def test_node_info_is_live(image: str) -> None:
+    with dirtybits.open(image, checkpoint=NO_TIMERS) as d:
+        d.bitmaps.add("t", 4096)
+        info = d.info()
+        assert (info.format, info.cluster_size, info.size) == ("qcow2", 65536, 64 * MiB)
+        assert [b.name for b in info.bitmaps] == ["t", "a"]
+
+
+def test_activate_refuses_an_image_changed_while_inactive(image: str) -> None:
+    from dirtybits.block.node import NodeInactiveError
+
+    with dirtybits.open(image, checkpoint=NO_TIMERS) as d:
+        d.inactivate()
+        with Qcow2Image.open(image, keep_bitmaps=True) as other:
+            other.write(0, b"q" * 512)
+        with pytest.raises(NodeInactiveError, match="changed while"):
+            d.activate()

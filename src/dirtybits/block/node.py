@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
     from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
     from dirtybits.block.write_intent import WriteIntentMap
+    from dirtybits.filelock import FileLock, Perms
 
 NodeStats = RegistryStats
 RETRY_AFTER = 1.0  # seconds before a failed background checkpoint is tried again
@@ -107,6 +108,8 @@ class BlockNode:
         self._inactive = False
         self._corrupt: str | None = None
         self._retry_at = 0.0
+        self._held: list[tuple[FileLock, Perms]] = []
+        self._stamp = (0, 0)
         self.listeners: list[Callable[[NodeEvent], None]] = []
         view = StoreView(store, prefix) if store is not None else None
         cs = getattr(driver, "cluster_size", None)
@@ -382,18 +385,56 @@ class BlockNode:
 
     # ------------------------------------------------------------------ activation
     def inactivate(self) -> None:
-        """Store every persistent bitmap clean and refuse writes until ``activate`` (what
-        QEMU does before a migration hands the image over)."""
+        """Store every persistent bitmap clean, release the image locks and refuse writes
+        until ``activate`` (what QEMU does before a migration hands the image over)."""
+        from dirtybits.filelock import PERM_ALL, Perms
+
         with self._lock:
             if self._inactive:
                 return
-            self.driver.flush()
-            self.bitmaps.checkpoint()
+            if not self.readonly:
+                self.driver.flush()
+                self.bitmaps.checkpoint()
+            self._stamp = self._file_stamp()
+            self._held = [(lk, lk.perms) for lk in self.driver.locks()]
+            for lk, _ in self._held:
+                lk.apply(Perms(0, PERM_ALL))  # hold nothing, share everything
             self._inactive = True
+            log.info("%s: inactive (bitmaps stored, locks released)", self.node_name)
 
     def activate(self) -> None:
+        """Take the locks back (``LockError`` if another process has the image now: the
+        node stays inactive) and accept writes again. An image that was written meanwhile
+        is refused (``NodeInactiveError``): reopen it."""
+        from dirtybits.filelock import PERM_ALL, Perms
+
         with self._lock:
+            if not self._inactive:
+                return
+            done = []
+            try:
+                for lk, perms in self._held:
+                    lk.apply(perms)
+                    done.append(lk)
+            except BaseException:
+                for lk in done:
+                    lk.apply(Perms(0, PERM_ALL))
+                raise
+            if self._file_stamp() != self._stamp:
+                for lk in done:
+                    lk.apply(Perms(0, PERM_ALL))
+                raise NodeInactiveError(
+                    f"'{self.path}' changed while node '{self.node_name}' was inactive: its "
+                    "cached metadata and bitmaps may be stale; close and open it again")
+            self._held = []
             self._inactive = False
+
+    def _file_stamp(self) -> tuple[int, int]:
+        st = os.stat(self.path)
+        return st.st_size, st.st_mtime_ns
+
+    def locks(self) -> list[FileLock]:
+        return self.driver.locks()
 
     @property
     def inactive(self) -> bool:

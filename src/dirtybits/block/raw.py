@@ -239,6 +239,10 @@ class RawImage:
             yield MapExtent(pos, hole - pos, 0, True, False, True, pos, self.path)
             pos = hole
 
+    def locks(self) -> list[FileLock]:
+        """The lock description held on the file (for inactivation)."""
+        return [self._lock] if self._lock is not None else []
+
     def close(self) -> None:
         """Flush (as QEMU does at close), then release the lock and the descriptors."""
         if not self._closed:

@@ -2170,6 +2170,10 @@ class Qcow2Image:
         snapshots.load(self, index)
 
     # ------------------------------------------------------------------ close
+    def locks(self) -> list[FileLock]:
+        """The lock descriptions held on the image and its data file (for inactivation)."""
+        return [lk for lk in (self._lock, self._data_lock) if lk is not None]
+
     def close(self) -> None:
         if self._closed:
             return
