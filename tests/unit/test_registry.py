@@ -352,3 +352,23 @@ def test_activate_refuses_an_image_changed_while_inactive(image: str) -> None:
             other.write(0, b"q" * 512)
         with pytest.raises(NodeInactiveError, match="changed while"):
             d.activate()
+
+
+def test_sha256_is_kept_until_a_bit_changes(image: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
+
+    with dirtybits.open(image, checkpoint=NO_TIMERS) as d:
+        d.write(0, b"x")
+        first = d.bitmaps.sha256("a")
+        calls: list[int] = []
+        real = DirtyBitmap.sha256
+        monkeypatch.setattr(DirtyBitmap, "sha256", lambda self: calls.append(1) or real(self))
+        assert d.bitmaps.sha256("a") == first and calls == []
+        d.write(0, b"y")  # no bit flips: still valid
+        assert d.bitmaps.sha256("a") == first and calls == []
+        d.write(65536, b"y")
+        second = d.bitmaps.sha256("a")
+        assert second != first and calls == [1]
+        d.checkpoint()  # the checkpoint writer's take does not hide changes from the digest
+        d.bitmaps.clear("a")
+        assert d.bitmaps.sha256("a") == DirtyBitmap(64 * MiB, 65536).sha256()

@@ -55,8 +55,19 @@ class AsyncBlockLayer:
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` on the block thread and return its (plain) result;
         its exception is raised here. Raises ``LazyResultError`` for a lazy result."""
-        fut = self.owner.submit(_checked, fn, args, kwargs)
-        return await asyncio.wrap_future(fut)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+
+        def settle(ok: bool, value: Any) -> None:
+            if not fut.done():
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+
+        self.owner.post(lambda: _checked(fn, args, kwargs),
+                        lambda ok, value: loop.call_soon_threadsafe(settle, ok, value))
+        return await fut
 
     async def open(self, path: str, fmt: str | None = None, **options: Any) -> BlockNode:
         """``dirtybits.open`` on the block thread; the node belongs to this layer's owner."""

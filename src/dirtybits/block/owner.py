@@ -44,7 +44,8 @@ class BlockOwner:
         self.name = name
         self.lock = threading.RLock()
         self._nodes: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._queue: queue.Queue[tuple[Callable[[], Any], Future[Any]] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Callable[[], Any], Callable[[bool, Any], object]] | None] = (
+            queue.Queue())
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._stopped = False
@@ -71,9 +72,22 @@ class BlockOwner:
         """Run ``fn(*args, **kwargs)`` on the block thread; its result or error lands in the
         returned future."""
         fut: Future[T] = Future()
-        self._ensure_thread()
-        self._queue.put((lambda: fn(*args, **kwargs), fut))
+
+        def done(ok: bool, value: Any) -> None:
+            if fut.set_running_or_notify_cancel():
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+
+        self.post(lambda: fn(*args, **kwargs), done)
         return fut
+
+    def post(self, fn: Callable[[], Any], done: Callable[[bool, Any], object]) -> None:
+        """Run ``fn()`` on the block thread, then ``done(True, result)`` or
+        ``done(False, exception)`` there (the cheapest hand-off: no future on this side)."""
+        self._ensure_thread()
+        self._queue.put((fn, done))
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` as the owner: inline under the lock (the caller's thread borrows
@@ -106,15 +120,20 @@ class BlockOwner:
             except queue.Empty:
                 item = None
             if item is not None:
-                fn, fut = item
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        with self.lock:
-                            result = fn()
-                    except BaseException as exc:
-                        fut.set_exception(exc)
-                    else:
-                        fut.set_result(result)
+                fn, done = item
+                try:
+                    with self.lock:
+                        result = fn()
+                except BaseException as exc:
+                    outcome: tuple[bool, Any] = (False, exc)
+                else:
+                    outcome = (True, result)
+                try:
+                    done(*outcome)
+                except Exception:  # e.g. the caller's event loop closed: nobody waits
+                    log.debug("%s: a result was not delivered", self.name, exc_info=True)
+                if not self._queue.empty():
+                    continue  # more calls waiting: what is due runs in the next lull
             self._run_due()
 
     def _run_due(self) -> None:
