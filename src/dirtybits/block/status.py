@@ -23,6 +23,7 @@ read allocation through the same class, and so can an NBD export's ``base:alloca
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -32,6 +33,8 @@ from dirtybits.block.options import INT64_MAX, SECTOR
 
 if TYPE_CHECKING:
     from dirtybits.block.driver import ImageDriver
+
+log = logging.getLogger(__name__)
 
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
@@ -165,6 +168,9 @@ class ChainStatus:
                     if layer.get_refcount(i):
                         count += 1
                 found = count >= threshold
+                if found:
+                    log.debug("%s: looks metadata-preallocated; its data runs are cut at "
+                              "the holes of the file", layer.path)
             self._prealloc[depth] = found
         return self._prealloc[depth]
 
