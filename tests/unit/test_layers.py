@@ -126,7 +126,7 @@ def test_imports_point_down() -> None:
 def test_known_upward_imports_still_exist() -> None:
     """An allowlist entry whose import is gone must go too, so it cannot hide a new one."""
     stale = KNOWN_UPWARD - set(upward_imports())
-    assert not stale, f"remove from KNOWN_UPWARD: {sorted(stale)}"
+    assert not stale, f"these imports are gone: remove them from KNOWN_UPWARD: {sorted(stale)}"
 
 
 def test_nothing_outside_cli_imports_cli() -> None:
@@ -152,9 +152,9 @@ def test_the_rule(importer: str, imported: str, ok: bool) -> None:
     assert allowed(importer, imported) is ok
 
 
-def test_imports_are_found_everywhere(tmp_path: Path) -> None:
+def test_imports_are_found_everywhere() -> None:
     """Function bodies, TYPE_CHECKING blocks and ``from pkg import submodule`` all count."""
     imports = imports_of(PACKAGE / "qcow2" / "image.py")
-    assert "dirtybits.block.open" in imports  # inside a method
+    assert "dirtybits.qcow2.compress" in imports  # inside a method
     assert "dirtybits.qcow2.snapshots" in imports  # ``from dirtybits.qcow2 import snapshots``
     assert "dirtybits.block.driver" in imports_of(PACKAGE / "cli" / "io.py")  # TYPE_CHECKING
