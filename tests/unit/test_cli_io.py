@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 
 from dirtybits.block.raw import RawImage
-from dirtybits.cli.io import Executor, cvtstr, dump_buffer, parse_io_args, report, timestr
+from dirtybits.cli.io import parse_io_args
 from dirtybits.cli.main import main
 from dirtybits.errors import ImageError, UsageError
 from dirtybits.qcow2.extent import MapExtent
+from dirtybits.services.qemu_io import Executor, cvtstr, dump_buffer, report, timestr
 
 MiB = 1 << 20
 STATS = re.compile(r"^\S+ \S+, 1 ops; (\d\d\.\d\d sec|\d+:\d\d:\d\d\.\d\d) "

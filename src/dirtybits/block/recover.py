@@ -20,6 +20,7 @@ interrupted run changes nothing and can simply be rerun.
 
 from __future__ import annotations
 
+import logging
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from dirtybits.block.qcow2_bitmaps import BitmapOperationError, Qcow2BitmapStore
 
 if TYPE_CHECKING:
     from dirtybits.block.registry import BitmapRegistry
+
+log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20
 _ZEROS = bytes(CHUNK)
@@ -269,9 +272,13 @@ def recover_bitmap(store: Qcow2BitmapStore | None, name: str, ref: ImageDriver, 
             f"Bitmap '{name}' is damaged and cannot be used ({'; '.join(sb.problems)}); "
             "it can only be removed")
     job = DataCompare(store.img, ref, sb.entry.granularity)
+    log.info("%s: rebuilding bitmap '%s' against %s (%d bytes to compare)", store.img.path,
+             name, ref.path, job.total)
     result = job.run(progress(job.total) if progress is not None else None)
     if registry is not None:
         registry.replace_inconsistent(name, result.bitmap)
     else:
         store.replace_inconsistent(name, result.bitmap)
+    log.info("%s: bitmap '%s' rebuilt: %d bytes differ, %d compared, %d skipped",
+             store.img.path, name, result.bitmap.count(), result.compared, result.skipped)
     return result

@@ -56,7 +56,7 @@ def add_parser(sub: Any) -> None:
 
 
 def _parse_granularity(text: str) -> int:
-    from dirtybits.cli.qemu_io_syntax import parse_size
+    from dirtybits.sizes import parse_size
 
     try:
         return int(parse_size(text))

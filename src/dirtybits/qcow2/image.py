@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import mmap
 import os
 import struct
@@ -106,6 +107,8 @@ from dirtybits.osfile import (
     reopen_same_file,
 )
 from dirtybits.qcow2.extent import MapExtent
+
+log = logging.getLogger(__name__)
 
 _Q = struct.Struct(">Q")
 _unpack_q = _Q.unpack_from
@@ -254,6 +257,9 @@ class Qcow2Image:
                 if keep_bitmaps:
                     img._refuse_unreadable_bitmaps()
                 img._on_writable_open(keep_bitmaps)
+            log.debug("%s: opened %s (qcow2 v%d, %d-byte clusters, %d bytes, cache=%s%s)",
+                      path, "read-only" if readonly else "read-write", hc.header.version,
+                      img.cluster_size, img.size, cache, ", shared" if force_share else "")
             return img
         except FormatError as exc:
             cls._abandon(img, fd, lock)
@@ -469,6 +475,8 @@ class Qcow2Image:
         keep = (AUTOCLEAR_KNOWN | AUTOCLEAR_WRITE_INTENT if keep_bitmaps
                 else AUTOCLEAR_KNOWN & ~AUTOCLEAR_BITMAPS)
         if h.autoclear_features & ~keep:
+            log.info("%s: clearing autoclear bits %#x at a writable open (no one keeps "
+                     "them up to date)", self.path, h.autoclear_features & ~keep)
             self._set_header(h.replace(autoclear_features=h.autoclear_features & keep))
 
     # ------------------------------------------------------------------ properties
@@ -792,6 +800,7 @@ class Qcow2Image:
         """Mark the image corrupt (QEMU's qcow2_signal_corruption) and refuse the write."""
         msg = f"{reason}; image marked as corrupt"
         if not self.readonly and self._corrupt_reason is None:
+            log.info("%s: %s; marking the image corrupt", self.path, reason)
             self._corrupt_reason = reason
             h = self.hc.header
             if h.version >= 3:
@@ -2177,6 +2186,7 @@ class Qcow2Image:
     def close(self) -> None:
         if self._closed:
             return
+        log.debug("%s: closing (%s)", self.path, "read-only" if self.readonly else "read-write")
         try:
             if not self.readonly:
                 self.flush()
