@@ -206,3 +206,25 @@ def test_qcow2_same_file_bytes(name: str, qemu_tools: dict[str, str], dirtybits_
     assert q.returncode == d.returncode == 0, d.stdout + d.stderr
     assert ours.stat().st_size == ref.stat().st_size
     assert ours.read_bytes() == ref.read_bytes()
+
+
+@pytest.mark.parametrize("options", [(), ("-r",)])
+@pytest.mark.parametrize("layout", ["plain", "data-file"])
+def test_info_lists_bitmaps_as_qemu_io(options: tuple[str, ...], layout: str,
+                                       qemu_tools: dict[str, str], dirtybits_cli: CliRunner,
+                                       workdir: Path) -> None:
+    """``io -c info`` on an image with bitmaps (was: "cluster size: 0 bytes" and no format
+    block, or no bitmaps with -r): qemu-io's text, bitmaps block included."""
+    img = workdir / "b.qcow2"
+    extra = ["-o", f"data_file={workdir / 'b.raw'},data_file_raw=on"] \
+        if layout == "data-file" else []
+    subprocess.run([tools_img := qemu_tools["qemu-img"], "create", "-q", "-f", "qcow2", *extra,
+                    str(img), "1M"], check=True)
+    subprocess.run([tools_img, "bitmap", "--add", str(img), "b0"], check=True)
+    subprocess.run([tools_img, "bitmap", "--add", "--disable", "-g", "4096", str(img), "b1"],
+                   check=True)
+    q = subprocess.run([qemu_tools["qemu-io"], *options, "-c", "info", str(img)],
+                       capture_output=True, text=True, timeout=120)
+    d = dirtybits_cli("io", *options, "-c", "info", str(img))
+    assert "bitmaps:" in q.stdout and "cluster size: 64 KiB" in q.stdout
+    assert_same_behaviour(q, d)

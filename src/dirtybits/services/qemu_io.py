@@ -37,6 +37,8 @@ from dirtybits.proto import qemu_io as syn
 
 if TYPE_CHECKING:
     from dirtybits.block.driver import ImageDriver
+    from dirtybits.block.node import BlockNode
+    from dirtybits.qcow2.image import Qcow2Image
 
 log = logging.getLogger(__name__)
 
@@ -284,16 +286,21 @@ class Executor:
         return True
 
     def _info(self, c: syn.Info) -> bool:
-        cluster = int(getattr(self.driver, "cluster_size", 0) or 0)
-        vm_state = 0
-        if cluster:
+        from dirtybits.block.node import BlockNode
+        from dirtybits.qcow2.image import Qcow2Image
+
+        node = self.driver if isinstance(self.driver, BlockNode) else None
+        engine = node.driver if node is not None else self.driver
+        cluster = vm_state = 0
+        if isinstance(engine, Qcow2Image):
+            cluster = engine.cluster_size
             # qcow2 puts the VM state after the last L1 entry the disk needs.
-            span = cluster * int(getattr(self.driver, "l2_entries", cluster // 8))
-            vm_state = -(-self.driver.size // span) * span
-        self.out.write(f"format name: {self.driver.format_name}\n"
+            span = cluster * engine.l2_entries
+            vm_state = -(-engine.size // span) * span
+        self.out.write(f"format name: {engine.format_name}\n"
                        f"cluster size: {cvtstr(cluster)}\n"
                        f"vm state offset: {cvtstr(vm_state)}\n"
-                       f"{_format_specific(self.driver)}")
+                       f"{_format_specific(engine, node)}")
         return True
 
     def _allocated_runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
@@ -355,11 +362,14 @@ class Executor:
         return True
 
 
-def _format_specific(driver: ImageDriver) -> str:
-    """qcow2's "Format specific information" block, from the header (bitmaps not listed)."""
-    header = getattr(driver, "header", None)
-    if driver.format_name != "qcow2" or header is None:
+def _format_specific(engine: ImageDriver, node: BlockNode | None) -> str:
+    """qcow2's "Format specific information" block, from the live header, with the bitmaps
+    block as qemu-io prints it."""
+    from dirtybits.qcow2.image import Qcow2Image
+
+    if not isinstance(engine, Qcow2Image):
         return ""
+    header = engine.header
     from dirtybits.format.qcow2 import header as h
 
     def flag(value: int) -> str:
@@ -372,15 +382,50 @@ def _format_specific(driver: ImageDriver) -> str:
                  f"refcount bits: {refcount_bits}"]
     else:
         lines = ["compat: 1.1", f"compression type: {compression}",
-                 f"lazy refcounts: {flag(header.compatible_features & h.COMPAT_LAZY_REFCOUNTS)}",
-                 f"refcount bits: {refcount_bits}"]
-        data_file = getattr(getattr(driver, "hc", None), "data_file", None)
+                 f"lazy refcounts: {flag(header.compatible_features & h.COMPAT_LAZY_REFCOUNTS)}"]
+        lines += _bitmap_lines(engine, node)
+        lines.append(f"refcount bits: {refcount_bits}")
+        data_file = engine.hc.data_file
         if data_file is not None:
             raw = header.autoclear_features & h.AUTOCLEAR_DATA_FILE_RAW
             lines += [f"data file: {data_file}", f"data file raw: {flag(raw)}"]
         lines += [f"corrupt: {flag(header.incompatible_features & h.INCOMPAT_CORRUPT)}",
                   f"extended l2: {flag(header.incompatible_features & h.INCOMPAT_EXTL2)}"]
     return "Format specific information:\n" + "".join(f"    {line}\n" for line in lines)
+
+
+def _bitmap_lines(engine: Qcow2Image, node: BlockNode | None) -> list[str]:
+    """The stored bitmaps, in directory order, as qemu-io's ``info`` lists them.
+
+    QEMU sets ``in_use`` on every bitmap when it opens an image read-write, so its listing
+    shows "in-use" for all of them then; dirtybits sets the flag only before the first write,
+    but the bitmaps are just as much in use by this writer, so the listing says the same.
+    A read-only open shows the flags as stored."""
+    from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
+    from dirtybits.format.qcow2.header import AUTOCLEAR_BITMAPS, EXT_BITMAPS
+
+    if engine.hc.extension(EXT_BITMAPS) is None or \
+            not engine.header.autoclear_features & AUTOCLEAR_BITMAPS:
+        return []
+    store = node.store if node is not None and node.store is not None else None
+    if store is None:
+        try:
+            store = Qcow2BitmapStore(engine)
+        except DirtybitsError:
+            return []
+    if not store.bitmaps:
+        return []
+    lines = ["bitmaps:"]
+    for i, sb in enumerate(store.bitmaps):
+        flags = []
+        if sb.entry.in_use or not engine.readonly:
+            flags.append("in-use")
+        if sb.entry.auto:
+            flags.append("auto")
+        lines += [f"    [{i}]:", "        flags:"]
+        lines += [f"            [{k}]: {f}" for k, f in enumerate(flags)]
+        lines += [f"        name: {sb.name}", f"        granularity: {sb.entry.granularity}"]
+    return lines
 
 
 def _reason(exc: DirtybitsError) -> str:
