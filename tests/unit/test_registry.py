@@ -372,3 +372,17 @@ def test_sha256_is_kept_until_a_bit_changes(image: str, monkeypatch: pytest.Monk
         d.checkpoint()  # the checkpoint writer's take does not hide changes from the digest
         d.bitmaps.clear("a")
         assert d.bitmaps.sha256("a") == DirtyBitmap(64 * MiB, 65536).sha256()
+
+
+def test_allocation_is_chain_aware_with_depth(tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    top = tmp_path / "top.qcow2"
+    Qcow2Image.create(str(base), 4 * MiB)
+    with dirtybits.open(str(base)) as b:
+        b.write(0, b"b" * 65536)
+    Qcow2Image.create(str(top), 4 * MiB, backing_file=str(base), backing_format="qcow2")
+    with dirtybits.open(str(top)) as t:
+        t.write(65536, b"t" * 65536)
+        got = [(e.start, e.length, e.depth, e.data) for e in t.allocation()]
+    assert got == [(0, 65536, 1, True), (65536, 65536, 0, True), (131072, 4 * MiB - 131072,
+                                                                  1, False)]

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
     from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
+    from dirtybits.block.status import Entry
     from dirtybits.block.write_intent import WriteIntentMap
     from dirtybits.filelock import FileLock, Perms
 
@@ -333,6 +334,16 @@ class BlockNode:
         """The driver's allocation status of ``[offset, offset+length)``, as a list."""
         with self._lock:
             return list(self.driver.block_status(offset, length))
+
+    def allocation(self, offset: int = 0, length: int | None = None) -> list[Entry]:
+        """Chain-aware block status with allocation depth over ``[offset, offset+length)``:
+        qemu-img map's entries (``dirtybits.block.status``), as a list."""
+        from dirtybits.block.status import map_entries
+
+        with self._lock:
+            if length is None:
+                return list(map_entries(self.driver, offset))
+            return list(map_entries(self.driver, offset, length))
 
     # ------------------------------------------------------------------ bitmaps (compat)
     def load_bitmap(self, name: str) -> DirtyBitmap:
