@@ -7,6 +7,26 @@
   is missing.
 - ``dirtybits_cli``: runs ``python -m dirtybits.cli.main ARGS...`` in a subprocess.
 - ``workdir``: an empty directory for the test's files.
+
+Running the QEMU peers: the ``peers`` package (``tests/peers``), importable from every test
+directory and from ``bench/`` (pyproject's pytest config puts ``tests/`` on ``sys.path``):
+``peers.sh/qemu_img/qemu_io/db`` run a command and check its exit status, ``peers.qemu_nbd``
+serves an image on a unix socket, ``peers.nbd_map`` is ``nbdinfo --map`` through it, and
+``peers.qmp`` starts ``qemu-system-x86_64 -M none`` or ``qemu-storage-daemon`` with a
+connected ``qemu.qmp`` client.
+
+Timeouts (pytest-timeout): every test has a default of 600 s (``timeout`` in pyproject), far
+above the slowest test of a full run on the 2-core machine (about 100 s, measured with
+``--durations``: the power-loss and fault-injection sweeps, the fuzzers); it fails a hung test
+(``timeout_method = "signal"``: SIGALRM raises in the test, so ``finally`` blocks and context
+managers still stop the servers and processes it started) instead of hanging CI. Tests that
+start servers (qemu-nbd, QEMU over QMP, our own) must set a short timeout of their own,
+``@pytest.mark.timeout(N)``, N a few times what they need. Tests that arm SIGALRM themselves
+(``tests/unit/test_wrong_paths.py``, ``tests/fuzz/test_fuzz_snapshots.py``) replace that
+timer while they run their own guard.
+
+Asyncio tests (pytest-asyncio, strict mode) are marked ``@pytest.mark.asyncio``; each gets an
+event loop of its own.
 """
 
 from __future__ import annotations
@@ -22,7 +42,9 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-QEMU_TOOLS = ("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")
+import peers
+
+QEMU_TOOLS = peers.QEMU_TOOLS
 INTEROP_DIR = Path(__file__).parent / "interop"
 
 

@@ -1,0 +1,223 @@
+"""Running the QEMU peers (and our CLI) from tests and benchmarks: one copy of the plumbing.
+
+``import peers`` works from every test directory (pytest puts ``tests/`` on ``sys.path``:
+``pythonpath`` in pyproject's pytest config) and from ``bench/`` (``bench/common.py`` and the
+scripts that run alone put it there). ``peers.qmp`` starts ``qemu-system-x86_64 -M none`` and
+``qemu-storage-daemon`` with a QMP socket (it needs ``qemu.qmp``, from the test extras).
+
+Every command runs with a timeout, its output captured as text (undecodable bytes replaced);
+the functions that check the exit status take ``ok`` (the statuses allowed, ``None`` for any)
+and fail with an ``AssertionError`` that shows the command and its output.
+
+    from peers import db, nbd_map, qemu_img, qemu_io
+
+    qemu_img("create", "-q", "-f", "qcow2", img, "64M")
+    qemu_img("bitmap", "--add", img, "b0")
+    qemu_io(img, "write -P 0x5a 0 1M")
+    assert nbd_map(img, "b0") == db("bitmap", "--dump", img, "b0").stdout
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+Arg = str | os.PathLike[str]
+Done = subprocess.CompletedProcess[str]
+Ok = tuple[int, ...] | None
+
+TIMEOUT = 120.0  # seconds one tool run may take (every call here has one)
+QEMU_TOOLS = ("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")
+DIRTYBITS = (sys.executable, "-m", "dirtybits.cli.main")  # the CLI as a user runs it
+
+
+# ---------------------------------------------------------------------------- running commands
+def argv(*cmd: Arg) -> list[str]:
+    return [os.fspath(c) for c in cmd]
+
+
+def sh(*cmd: Arg, ok: Ok = (0,), cwd: Arg | None = None, input: str | None = None,
+       timeout: float = TIMEOUT, env: Mapping[str, str] | None = None) -> Done:
+    """Run a command, output captured; its exit status must be in ``ok`` (``None``: any)."""
+    proc = subprocess.run(argv(*cmd), capture_output=True, text=True, errors="replace",
+                          cwd=cwd, input=input, timeout=timeout,
+                          env=None if env is None else dict(env),
+                          stdin=subprocess.DEVNULL if input is None else None)
+    assert ok is None or proc.returncode in ok, (
+        f"{' '.join(argv(*cmd))} exited {proc.returncode} (allowed: {ok})\n"
+        f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def run(*cmd: Arg, cwd: Arg | None = None, input: str | None = None,
+        timeout: float = TIMEOUT, env: Mapping[str, str] | None = None) -> Done:
+    """Run a command, output captured, whatever its exit status."""
+    return sh(*cmd, ok=None, cwd=cwd, input=input, timeout=timeout, env=env)
+
+
+def qemu_img(*args: Arg, ok: Ok = (0,), cwd: Arg | None = None,
+             timeout: float = TIMEOUT) -> Done:
+    """``qemu-img ARGS``."""
+    return sh("qemu-img", *args, ok=ok, cwd=cwd, timeout=timeout)
+
+
+def qemu_io(image: Arg, *commands: str, fmt: str | None = None, readonly: bool = False,
+            options: Iterable[Arg] = (), ok: Ok = (0,), cwd: Arg | None = None,
+            input: str | None = None, timeout: float = TIMEOUT) -> Done:
+    """``qemu-io [-f FMT] [-r] OPTIONS -c COMMAND... IMAGE`` (commands in order)."""
+    return sh("qemu-io", *(["-f", fmt] if fmt else []), *(["-r"] if readonly else []),
+              *options, *[a for c in commands for a in ("-c", c)], image,
+              ok=ok, cwd=cwd, input=input, timeout=timeout)
+
+
+def qemu_bitmaps(image: Arg, *, force_share: bool = False,
+                 cwd: Arg | None = None) -> list[dict[str, object]]:
+    """``format-specific.data.bitmaps`` of ``qemu-img info --output=json``."""
+    info = json.loads(qemu_img("info", "--output=json", *(["-U"] if force_share else []),
+                               image, cwd=cwd).stdout)
+    return list(info["format-specific"]["data"].get("bitmaps", []))
+
+
+def db(*args: Arg, ok: Ok = (0,), cwd: Arg | None = None, input: str | None = None,
+       timeout: float = TIMEOUT, env: Mapping[str, str] | None = None) -> Done:
+    """``dirtybits ARGS`` in a fresh interpreter, as a user runs it."""
+    return sh(*DIRTYBITS, *args, ok=ok, cwd=cwd, input=input, timeout=timeout, env=env)
+
+
+def db_session(*args: Arg, cwd: Arg | None = None,
+               stderr: int | None = None) -> subprocess.Popen[str]:
+    """``dirtybits ARGS`` (an interactive ``io`` session, say) with a pipe to its standard
+    input and one from its standard output, both text. The caller ends it (``communicate``,
+    a kill): ``with db_session(...) as proc:`` waits for it."""
+    return subprocess.Popen(argv(*DIRTYBITS, *args), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=cwd)
+
+
+def db_crash_after(img: Arg, *commands: str) -> None:
+    """Run ``dirtybits io`` commands in a session (no checkpoints) that is then killed with
+    SIGKILL, once each command has been done."""
+    with db_session("io", "--checkpoint=none", img) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        for c in commands:
+            proc.stdin.write(c + "\nlength\n")
+            proc.stdin.flush()
+            while not proc.stdout.readline().endswith(" MiB\n"):
+                pass
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+# ---------------------------------------------------------------------------- servers
+def stop(proc: subprocess.Popen[str] | subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL when it has not exited within ``timeout`` seconds; reaped."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def listening(sock: Path) -> bool:
+    """Whether a process listens on the unix socket ``sock`` (``/proc/net/unix``: the socket
+    file exists a moment before its server calls listen())."""
+    path = os.fspath(sock)
+    with open("/proc/net/unix") as f:
+        next(f)  # Num RefCount Protocol Flags Type St Inode Path
+        for line in f:
+            fields = line.split(None, 7)
+            if len(fields) == 8 and fields[7].rstrip("\n") == path \
+                    and int(fields[3], 16) & 0x10000:  # __SO_ACCEPTCON: listening
+                return True
+    return False
+
+
+@contextmanager
+def socket_dir(prefix: str) -> Iterator[Path]:
+    """A fresh private directory under /tmp for unix sockets (a socket's path must stay short:
+    108 bytes; a test's tmp_path may be longer), removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@dataclass
+class NbdServer:
+    """A running ``qemu-nbd``: ``uri`` is what nbdinfo and other clients take."""
+
+    proc: subprocess.Popen[str]
+    sock: Path
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.sock}"
+
+
+@contextmanager
+def qemu_nbd(image: Arg, *, fmt: str | None = "qcow2", bitmaps: Iterable[str] = (),
+             readonly: bool = True, options: Iterable[Arg] = (), cwd: Arg | None = None,
+             timeout: float = 10) -> Iterator[NbdServer]:
+    """Serve ``image`` with ``qemu-nbd`` (persistent, ``-t``) on a fresh unix socket, each of
+    ``bitmaps`` exported (``-B``); yields once it listens (within ``timeout`` seconds, or
+    fails with its stderr). Stopped (SIGTERM, then SIGKILL) and its socket removed after."""
+    with socket_dir("dirtybits-nbd-") as d, open(d / "stderr", "w+") as err:
+        sock = d / "s"
+        cmd = argv("qemu-nbd", "-t", "-k", sock, *(["-f", fmt] if fmt else []),
+                   *(["-r"] if readonly else []), *[a for b in bitmaps for a in ("-B", b)],
+                   *options, image)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err, text=True, cwd=cwd)
+        try:
+            deadline = time.monotonic() + timeout
+            while not listening(sock):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    stop(proc)
+                    err.seek(0)
+                    raise AssertionError(f"{' '.join(cmd)} did not come up (exit "
+                                         f"{proc.returncode}): {err.read().strip()}")
+                time.sleep(0.01)
+            yield NbdServer(proc, sock)
+        finally:
+            stop(proc)
+
+
+def nbdinfo_map(uri: str, context: str = "base:allocation", *extra: str,
+                ok: Ok = (0,)) -> Done:
+    """``nbdinfo --map=CONTEXT EXTRA... URI``."""
+    return sh("nbdinfo", f"--map={context}", *extra, uri, ok=ok)
+
+
+def nbd_map(image: Arg, bitmap: str, *extra: str, fmt: str | None = "qcow2") -> str:
+    """What ``nbdinfo --map=qemu:dirty-bitmap:BITMAP EXTRA...`` prints through ``qemu-nbd -r
+    -B BITMAP``."""
+    with qemu_nbd(image, fmt=fmt, bitmaps=[bitmap]) as nbd:
+        return nbdinfo_map(nbd.uri, f"qemu:dirty-bitmap:{bitmap}", *extra).stdout
+
+
+def nbd_dirty_runs(image: Arg, bitmap: str) -> list[tuple[int, int]]:
+    """(offset, length) of each dirty extent nbdinfo reports through ``qemu-nbd -B``."""
+    return [(e["offset"], e["length"]) for e in json.loads(nbd_map(image, bitmap, "--json"))
+            if e["type"] == 1]
+
+
+def nbd_dirty_bytes(image: Arg, bitmap: str) -> int:
+    """Sum of the dirty extents nbdinfo reports through ``qemu-nbd -B``."""
+    return sum(length for _, length in nbd_dirty_runs(image, bitmap))
+
+
+def missing_tools(tools: Iterable[str] = QEMU_TOOLS) -> list[str]:
+    """The tools (of ``QEMU_TOOLS`` by default) not on PATH."""
+    return [t for t in tools if shutil.which(t) is None]
