@@ -69,6 +69,6 @@ def test_qemu_nbd_serves_on_a_unix_socket_and_stops(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_qemu_nbd_that_cannot_start_says_why(tmp_path: Path) -> None:
-    with pytest.raises(AssertionError, match="did not come up.*No such file"), \
+    with pytest.raises(AssertionError, match=r"did not come up.*No such file"), \
             peers.qemu_nbd(tmp_path / "absent.qcow2"):
         pass

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from peers import Arg, db, nbd_map, sh
 
 pytestmark = pytest.mark.interop

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +36,7 @@ Arg = str | os.PathLike[str]
 Done = subprocess.CompletedProcess[str]
 Ok = tuple[int, ...] | None
 
-TIMEOUT = 120.0  # seconds one tool run may take (every call here has one)
+TIMEOUT = 300.0  # seconds one tool run may take (every call here has one)
 QEMU_TOOLS = ("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")
 DIRTYBITS = (sys.executable, "-m", "dirtybits.cli.main")  # the CLI as a user runs it
 
@@ -94,27 +94,54 @@ def db(*args: Arg, ok: Ok = (0,), cwd: Arg | None = None, input: str | None = No
     return sh(*DIRTYBITS, *args, ok=ok, cwd=cwd, input=input, timeout=timeout, env=env)
 
 
+def session(*cmd: Arg, cwd: Arg | None = None,
+            stderr: int | None = None) -> subprocess.Popen[str]:
+    """An interactive process (``qemu-io IMAGE``, ``dirtybits io IMAGE``) with a pipe to its
+    standard input and one from its standard output, both text: ``say`` talks to it. The
+    caller ends it (``communicate``, ``kill_after``); ``with session(...) as proc:`` waits for
+    it at the end."""
+    return subprocess.Popen(argv(*cmd), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=stderr, text=True, cwd=cwd)
+
+
 def db_session(*args: Arg, cwd: Arg | None = None,
                stderr: int | None = None) -> subprocess.Popen[str]:
-    """``dirtybits ARGS`` (an interactive ``io`` session, say) with a pipe to its standard
-    input and one from its standard output, both text. The caller ends it (``communicate``,
-    a kill): ``with db_session(...) as proc:`` waits for it."""
-    return subprocess.Popen(argv(*DIRTYBITS, *args), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=cwd)
+    """``session`` of ``dirtybits ARGS`` (``io IMAGE``, say)."""
+    return session(*DIRTYBITS, *args, cwd=cwd, stderr=stderr)
+
+
+Until = str | Callable[[str], bool]  # a line that contains this string, or that passes this test
+
+
+def say(proc: subprocess.Popen[str], line: str, until: Until) -> str:
+    """Send ``line`` to a ``session``, then read its output up to the first line that contains
+    ``until`` (or for which ``until(line)`` is true): that line, with its newline (fails when
+    the output ends first)."""
+    assert proc.stdin is not None and proc.stdout is not None
+    done = until if callable(until) else lambda out: until in out
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+    while not done(out := proc.stdout.readline()):
+        assert out, f"{line!r}: the output ended before the line awaited ({until!r})"
+    return out
+
+
+def kill_after(proc: subprocess.Popen[str], commands: Iterable[str], until: Until) -> None:
+    """``say`` each command to a ``session`` (each done once a line shows ``until``), then kill
+    it with SIGKILL (also when a command failed) and reap it."""
+    try:
+        for c in commands:
+            say(proc, c, until)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
 
 
 def db_crash_after(img: Arg, *commands: str) -> None:
     """Run ``dirtybits io`` commands in a session (no checkpoints) that is then killed with
     SIGKILL, once each command has been done."""
-    with db_session("io", "--checkpoint=none", img) as proc:
-        assert proc.stdin is not None and proc.stdout is not None
-        for c in commands:
-            proc.stdin.write(c + "\nlength\n")
-            proc.stdin.flush()
-            while not proc.stdout.readline().endswith(" MiB\n"):
-                pass
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    proc = db_session("io", "--checkpoint=none", img)
+    kill_after(proc, (f"{c}\nlength" for c in commands), lambda out: out.endswith(" MiB\n"))
 
 
 # ---------------------------------------------------------------------------- servers
