@@ -128,19 +128,20 @@ def say(proc: subprocess.Popen[str], line: str, until: Until) -> str:
 
 def kill_after(proc: subprocess.Popen[str], commands: Iterable[str], until: Until) -> None:
     """``say`` each command to a ``session`` (each done once a line shows ``until``), then kill
-    it with SIGKILL (also when a command failed) and reap it."""
-    try:
-        for c in commands:
-            say(proc, c, until)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    it with SIGKILL (also when a command failed), reap it and close its pipes."""
+    with proc:
+        try:
+            for c in commands:
+                say(proc, c, until)
+        finally:
+            proc.send_signal(signal.SIGKILL)
 
 
-def db_crash_after(img: Arg, *commands: str) -> None:
-    """Run ``dirtybits io`` commands in a session (no checkpoints) that is then killed with
-    SIGKILL, once each command has been done."""
-    proc = db_session("io", "--checkpoint=none", img)
+def db_crash_after(img: Arg, *commands: str,
+                   options: Iterable[Arg] = ("--checkpoint=none",)) -> None:
+    """Run commands in ``dirtybits io OPTIONS IMG`` (by default with no checkpoints), killed
+    with SIGKILL once each command has been done (a ``length`` after it is the fence)."""
+    proc = db_session("io", *options, img)
     kill_after(proc, (f"{c}\nlength" for c in commands), lambda out: out.endswith(" MiB\n"))
 
 
