@@ -5,7 +5,7 @@
 scripts that run alone put it there). ``peers.qmp`` starts ``qemu-system-x86_64 -M none`` and
 ``qemu-storage-daemon`` with a QMP socket (it needs ``qemu.qmp``, from the test extras).
 
-Every command runs with a timeout, its output captured as text (undecodable bytes replaced);
+Every command runs with a timeout, its output captured as UTF-8 text (bad bytes replaced);
 the functions that check the exit status take ``ok`` (the statuses allowed, ``None`` for any)
 and fail with an ``AssertionError`` that shows the command and its output.
 
@@ -49,7 +49,7 @@ def argv(*cmd: Arg) -> list[str]:
 def sh(*cmd: Arg, ok: Ok = (0,), cwd: Arg | None = None, input: str | None = None,
        timeout: float = TIMEOUT, env: Mapping[str, str] | None = None) -> Done:
     """Run a command, output captured; its exit status must be in ``ok`` (``None``: any)."""
-    proc = subprocess.run(argv(*cmd), capture_output=True, text=True, errors="replace",
+    proc = subprocess.run(argv(*cmd), capture_output=True, encoding="utf-8", errors="replace",
                           cwd=cwd, input=input, timeout=timeout,
                           env=None if env is None else dict(env),
                           stdin=subprocess.DEVNULL if input is None else None)
@@ -101,7 +101,7 @@ def session(*cmd: Arg, cwd: Arg | None = None,
     caller ends it (``communicate``, ``kill_after``); ``with session(...) as proc:`` waits for
     it at the end."""
     return subprocess.Popen(argv(*cmd), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=stderr, text=True, cwd=cwd)
+                            stderr=stderr, encoding="utf-8", cwd=cwd)
 
 
 def db_session(*args: Arg, cwd: Arg | None = None,
