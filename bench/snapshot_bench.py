@@ -42,6 +42,7 @@ from common import (
     median,
     need,
     parse_size,
+    peers,
     run_commands,
     warm_bytecode,
     write_json,
@@ -58,7 +59,7 @@ def tools(mode: str) -> dict[str, tuple[list[str], str]]:
 
 
 def sh(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, check=True)
+    return peers.sh(*argv, timeout=3600)
 
 
 def make_base(path: Path, size: int) -> None:
