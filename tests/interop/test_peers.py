@@ -3,6 +3,8 @@ none`` and ``qemu-storage-daemon`` over QMP (``qemu.qmp``), ``qemu-nbd`` on a un
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,32 @@ async def test_qmp_client_talks_to_qemu_storage_daemon() -> None:
         nodes = await qsd.execute("query-named-block-nodes", {"flat": True})
         assert [n["node-name"] for n in nodes] == ["null0"]
         assert await qsd.quit() == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_test_past_its_timeout_still_stops_its_qemu(tmp_path: Path) -> None:
+    """pytest-timeout's signal method fails the test inside the event loop; the loop's
+    teardown cancels the test, and ``qemu_system`` stops its process on the way out."""
+    need(qmp.QEMU_SYSTEM)
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "test_hang.py").write_text(
+        "import asyncio\n"
+        "import pytest\n"
+        "from peers import qmp\n\n\n"
+        "@pytest.mark.asyncio\n"
+        "@pytest.mark.timeout(3)\n"
+        "async def test_hangs() -> None:\n"
+        "    async with qmp.qemu_system() as vm:\n"
+        "        open('pid', 'w').write(str(vm.proc.pid))\n"
+        "        await asyncio.sleep(60)\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c",
+         str(root / "pyproject.toml"), "--rootdir", str(tmp_path), "test_hang.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 1 and "Timeout (>3.0s)" in proc.stdout, proc.stdout
+    pid = int((tmp_path / "pid").read_text())
+    assert not Path(f"/proc/{pid}").exists() or "qemu" not in Path(
+        f"/proc/{pid}/cmdline").read_text(errors="replace"), f"qemu-system {pid} still runs"
 
 
 @pytest.mark.timeout(60)

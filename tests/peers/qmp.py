@@ -30,7 +30,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from . import Arg, argv, stop
+from . import Arg, argv, listening, stop
 
 QEMU_SYSTEM = "qemu-system-x86_64"
 STORAGE_DAEMON = "qemu-storage-daemon"
@@ -80,16 +80,13 @@ async def _with_qmp(name: str, command: Callable[[Path], list[str]],
         qmp = QMPClient(name)
         try:
             deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    await qmp.connect(str(sock))
-                    break
-                except Exception as exc:  # ConnectError: no socket yet, or not listening
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise AssertionError(
-                            f"{' '.join(cmd)}: no QMP on {sock} (exit {proc.returncode}): "
-                            f"{errpath.read_text(errors='replace').strip()}") from exc
-                await asyncio.sleep(0.02)
+            while not listening(sock):  # (connecting earlier would log an error per try)
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"{' '.join(cmd)}: no QMP on {sock} (exit {proc.returncode}): "
+                        f"{errpath.read_text(errors='replace').strip()}")
+                await asyncio.sleep(0.01)
+            await asyncio.wait_for(qmp.connect(str(sock)), max(1.0, deadline - time.monotonic()))
             try:
                 yield Qemu(proc, qmp, sock, d, errpath)
             finally:
