@@ -132,14 +132,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     secs[tool].append(run.seconds)
                     images[tool] = img
             for tool, img in images.items():
-                chk = subprocess.run(["qemu-img", "check", str(img)], capture_output=True,
-                                     text=True)
+                chk = peers.run("qemu-img", "check", img, timeout=3600)
                 if chk.returncode:
                     problems.append(f"qemu-img check {tool}: {chk.stdout[-300:]}")
                 if snapshot_digest(img, scratch) != before:
                     problems.append(f"{tool}: the snapshot changed")
-            cmp = subprocess.run(["qemu-img", "compare", *images.values()],
-                                 capture_output=True, text=True)
+            cmp = peers.run("qemu-img", "compare", *images.values(), timeout=3600)
             if cmp.returncode:
                 problems.append(f"results differ: {cmp.stdout.strip()}")
             rate = {t: ops / median(s) for t, s in secs.items()}

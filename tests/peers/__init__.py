@@ -1,9 +1,12 @@
 """Running the QEMU peers (and our CLI) from tests and benchmarks: one copy of the plumbing.
 
 ``import peers`` works from every test directory (pytest puts ``tests/`` on ``sys.path``:
-``pythonpath`` in pyproject's pytest config) and from ``bench/`` (``bench/common.py`` and the
-scripts that run alone put it there). ``peers.qmp`` starts ``qemu-system-x86_64 -M none`` and
-``qemu-storage-daemon`` with a QMP socket (it needs ``qemu.qmp``, from the test extras).
+``pythonpath`` in pyproject's pytest config). Modules that also run as scripts put ``tests/``
+there themselves: ``bench/common.py`` (the benches use ``from common import peers``),
+``tests/crash/harness.py`` (its workers, ``powerloss.py``, ``bench/torture``) and
+``tests/fuzz/test_fuzz_images.py`` (its ``--worker`` child). ``peers.qmp`` starts
+``qemu-system-x86_64 -M none`` and ``qemu-storage-daemon`` with a QMP socket (it needs
+``qemu.qmp``, from the test extras).
 
 Every command runs with a timeout, its output captured as UTF-8 text (bad bytes replaced);
 the functions that check the exit status take ``ok`` (the statuses allowed, ``None`` for any)
