@@ -19,9 +19,9 @@ Timeouts (pytest-timeout): every test has a default of 600 s (``timeout`` in pyp
 times the slowest test of a full run on the shared 2-core machine (``--durations``, load 5-7:
 ``test_removing_any_sync_produces_a_failing_state`` 128-145 s, the kill -9 sweeps 33-122 s,
 ``test_create_matches_qemu_img`` of a 128G image on 512-byte clusters 66 s, nothing else over
-35 s); it fails a hung test
-(``timeout_method = "signal"``: SIGALRM raises in the test, so ``finally`` blocks and context
-managers still stop the servers and processes it started) instead of hanging CI. Tests that
+35 s); it fails a hung test (``timeout_method = "signal"``: SIGALRM raises in the test, so
+``finally`` blocks and context managers still stop the servers and processes it started)
+instead of hanging CI. Tests that
 start servers (qemu-nbd, QEMU over QMP, our own) must set a short timeout of their own,
 ``@pytest.mark.timeout(N)``, N a few times what they need. Tests that arm SIGALRM themselves
 (``tests/unit/test_wrong_paths.py``, ``tests/fuzz/test_fuzz_snapshots.py``) replace that
