@@ -386,3 +386,18 @@ def test_allocation_is_chain_aware_with_depth(tmp_path: Path) -> None:
         got = [(e.start, e.length, e.depth, e.data) for e in t.allocation()]
     assert got == [(0, 65536, 1, True), (65536, 65536, 0, True), (131072, 4 * MiB - 131072,
                                                                   1, False)]
+
+
+def test_the_store_refuses_changes_behind_the_nodes_back(image: str) -> None:
+    """Was a silent miss: ``d.store.add`` on an open node made a bitmap the node never
+    recorded into, stored as consistent."""
+    with dirtybits.open(image, checkpoint=NO_TIMERS) as d:
+        assert d.store is not None
+        for change in (lambda: d.store.add("new", 65536), lambda: d.store.clear("a"),
+                       lambda: d.store.remove("a")):
+            with pytest.raises(BitmapOperationError, match="through node.bitmaps"):
+                change()
+        d.write(0, b"x")
+    assert disk_flags(image) == {"a": False}
+    with Qcow2Image.open(image, keep_bitmaps=True) as img:  # offline, the store is the owner
+        Qcow2BitmapStore(img).add("new", 65536)

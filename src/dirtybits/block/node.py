@@ -113,6 +113,8 @@ class BlockNode:
         self._stamp = (0, 0)
         self.listeners: list[Callable[[NodeEvent], None]] = []
         view = StoreView(store, prefix) if store is not None else None
+        if store is not None:
+            store.owners += 1  # from now on its bitmaps change only through self.bitmaps
         cs = getattr(driver, "cluster_size", None)
         self.bitmaps = BitmapRegistry(self.node_name, driver.size, view,
                                       readonly=driver.readonly, track=track, intent=intent,
@@ -308,7 +310,8 @@ class BlockNode:
             region = intent.rec.region_size if intent is not None and intent.rec else None
             if intent is not None:
                 intent.invalidate()
-            store.resize(new_size)
+            with store.by_owner():
+                store.resize(new_size)
             reg.resized(store.disk_size)
             if intent is not None:
                 reg.intent = self._new_intent(region)
@@ -458,6 +461,8 @@ class BlockNode:
         self.owner.release(self)
         with self._lock:
             self._closed = True
+            if self.store is not None:
+                self.store.owners -= 1
             try:
                 if not self._inactive:
                     self.bitmaps.checkpoint()

@@ -16,6 +16,7 @@ as consistent without the writes it missed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections.abc import Collection, Iterator
@@ -76,7 +77,26 @@ class Qcow2BitmapStore:
         self.stale = False  # extension present, autoclear bit clear: all bitmaps invalid
         self._ext: BitmapsExtension | None = None
         self.ours: set[str] = set()  # bitmaps this store set in_use (live tracking)
+        self.owners = 0  # open block nodes whose registries own these bitmaps
+        self._by_owner = 0
         self._load_directory()
+
+    # ------------------------------------------------------------------ ownership
+    @contextlib.contextmanager
+    def by_owner(self) -> Iterator[None]:
+        """Calls from the owning registry (while a node has these bitmaps open, they change
+        only through its ``node.bitmaps``: a change behind its back would go unrecorded)."""
+        self._by_owner += 1
+        try:
+            yield
+        finally:
+            self._by_owner -= 1
+
+    def _direct(self) -> None:
+        if self.owners and not self._by_owner:
+            raise BitmapOperationError(
+                f"the bitmaps of '{self.img.path}' belong to an open block node: change them "
+                "through node.bitmaps (its registry), not through the store")
 
     # ------------------------------------------------------------------ loading
     @property
@@ -304,6 +324,7 @@ class Qcow2BitmapStore:
 
     # ------------------------------------------------------------------ operations
     def add(self, name: str, granularity: int | None = None, *, disabled: bool = False) -> None:
+        self._direct()
         if not name:
             raise BitmapOperationError("Bitmap name cannot be empty")
         if self.find(name) is not None:
@@ -343,10 +364,12 @@ class Qcow2BitmapStore:
         """Drop a bitmap (damaged ones too) and free its clusters where they are provably its
         own; returns what was left allocated (``check -r leaks`` reclaims it), in words for
         the user. Raises ``BitmapOperationError`` when there is no such bitmap."""
+        self._direct()
         sb = self._get(name)
         return self._commit([b for b in self.bitmaps if b is not sb], [sb])
 
     def clear(self, name: str) -> None:
+        self._direct()
         sb = self._get(name)
         self._require_usable(sb)
         table_off, n, table = self._write_empty_table(sb.entry.granularity)
@@ -355,6 +378,7 @@ class Qcow2BitmapStore:
 
     def store(self, name: str, bm: DirtyBitmap) -> None:
         """Replace a bitmap's bits (copy-on-write)."""
+        self._direct()
         sb = self._get(name)
         self._require_usable(sb)
         table_off, n, table = self._write_bitmap(bm)
@@ -370,6 +394,7 @@ class Qcow2BitmapStore:
         Allowed on a consistent bitmap too; damaged entries and bitmaps a live tracker holds
         are refused.
         """
+        self._direct()
         sb = self._get(name)
         if sb.problems:
             self._require_usable(sb)  # raises the damaged-bitmap error
@@ -385,6 +410,7 @@ class Qcow2BitmapStore:
         self._replace(sb, StoredBitmap(entry, [], table), release_old=True)
 
     def set_enabled(self, name: str, enabled: bool) -> None:
+        self._direct()
         sb = self._get(name)
         self._require_usable(sb)
         flags = (sb.entry.flags | BME_FLAG_AUTO) if enabled else (sb.entry.flags & ~BME_FLAG_AUTO)
@@ -394,6 +420,7 @@ class Qcow2BitmapStore:
                       release_old=False)
 
     def merge(self, target: str, sources: list[DirtyBitmap]) -> None:
+        self._direct()
         if not sources:
             raise BitmapOperationError("At least one source bitmap is needed for a merge")
         bm = self.load(target)
@@ -408,6 +435,7 @@ class Qcow2BitmapStore:
         self.store(target, merged)
 
     def rename(self, name: str, new_name: str) -> None:
+        self._direct()
         sb = self._get(name)
         if not new_name:
             raise BitmapOperationError("Bitmap name cannot be empty")
@@ -422,6 +450,7 @@ class Qcow2BitmapStore:
                       release_old=False)
 
     def copy(self, name: str, new_name: str) -> None:
+        self._direct()
         sb = self._get(name)
         self._require_usable(sb)
         if self.find(new_name) is not None:
@@ -451,6 +480,7 @@ class Qcow2BitmapStore:
         inconsistent ones the same way. Raises ``BitmapOperationError``,
         ``UnsupportedFeatureError`` (shrinking), ``ImageIOError``.
         """
+        self._direct()
         from dirtybits.errors import UnsupportedFeatureError
 
         img, cs = self.img, self.cluster_size
@@ -697,6 +727,7 @@ class Qcow2BitmapStore:
 
     def add_with_bits(self, name: str, bm: DirtyBitmap, *, disabled: bool = False) -> None:
         """A new bitmap holding ``bm``'s bits (copy-on-write: data, table, directory)."""
+        self._direct()
         if not name:
             raise BitmapOperationError("Bitmap name cannot be empty")
         if self.find(name) is not None:

@@ -774,9 +774,11 @@ class BitmapRegistry:
                             reason="stored consistent" if persistent else "not persistent")
             if full is not None and self.view is not None:
                 if bits is not None and bm.count_bits():
-                    self.view.store.add_with_bits(full, bm, disabled=disabled)
+                    with self.view.store.by_owner():
+                        self.view.store.add_with_bits(full, bm, disabled=disabled)
                 else:
-                    self.view.store.add(full, gran, disabled=disabled)
+                    with self.view.store.by_owner():
+                        self.view.store.add(full, gran, disabled=disabled)
             feed = ChangeFeed(bm, self.chunk_bytes)
             lb.bits, lb.feed, lb.cursor = bm, feed, feed.cursor()
             self._bitmaps[name] = lb
@@ -818,7 +820,8 @@ class BitmapRegistry:
     def _forget_stored(self, name: str) -> list[str]:
         assert self.view is not None
         full = self.view.full(name)
-        left = self.view.store.remove(full)
+        with self.view.store.by_owner():
+            left = self.view.store.remove(full)
         self.view.store.ours.discard(full)
         self._marked.discard(full)
         return left
@@ -895,7 +898,8 @@ class BitmapRegistry:
         def commit() -> None:
             for lb, g in unread:
                 assert self.view is not None
-                self.view.store.clear(self.view.full(lb.name))
+                with self.view.store.by_owner():
+                    self.view.store.clear(self.view.full(lb.name))
                 if g is not None and not g.members:
                     self._groups.pop(g.granularity, None)
 
@@ -927,7 +931,8 @@ class BitmapRegistry:
                 self._materialize(lb)  # a grouped bitmap leaves the group's record
             lb.enabled = on
             if lb.persistent and self.view is not None and not self.readonly:
-                self.view.store.set_enabled(self.view.full(lb.name), on)
+                with self.view.store.by_owner():
+                    self.view.store.set_enabled(self.view.full(lb.name), on)
 
         def prepare() -> None:
             lb = self.get(name)
@@ -993,7 +998,8 @@ class BitmapRegistry:
             if lb.persistent and self.view is not None:
                 if self.view.full(old) in self._marked:
                     self.checkpoint()  # the store renames only a bitmap not in_use
-                self.view.store.rename(self.view.full(old), self.view.full(new))
+                with self.view.store.by_owner():
+                    self.view.store.rename(self.view.full(old), self.view.full(new))
             del self._bitmaps[old]
             lb.name = new
             self._bitmaps[new] = lb
@@ -1068,7 +1074,8 @@ class BitmapRegistry:
         full = self.view.full(name)
         if full in self._marked or lb.recording:
             raise BitmapOperationError(f"Bitmap '{name}' is being tracked and cannot be replaced")
-        self.view.store.replace_inconsistent(full, bits)
+        with self.view.store.by_owner():
+            self.view.store.replace_inconsistent(full, bits)
         self._drop(lb)
         nlb = LiveBitmap(name, lb.granularity, True, lb.enabled, readonly=self.readonly,
                          disk_state=DiskState.REBUILT, seq=lb.seq,
