@@ -395,7 +395,7 @@ def test_the_store_refuses_changes_behind_the_nodes_back(image: str) -> None:
         assert d.store is not None
         for change in (lambda: d.store.add("new", 65536), lambda: d.store.clear("a"),
                        lambda: d.store.remove("a")):
-            with pytest.raises(BitmapOperationError, match="through node.bitmaps"):
+            with pytest.raises(BitmapOperationError, match=r"through node\.bitmaps"):
                 change()
         d.write(0, b"x")
     assert disk_flags(image) == {"a": False}
