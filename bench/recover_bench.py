@@ -65,13 +65,12 @@ RUN = 1 * MiB
 # until cli/bitmap.py wires ``--recover``).
 _STANDALONE = """
 import argparse, sys
-from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
+from dirtybits.block.open import open_for_bitmaps
 from dirtybits.cli.bitmap_recover import apply_recover
-from dirtybits.qcow2.image import Qcow2Image
 ref, img, name = sys.argv[1:4]
-with Qcow2Image.open(img, keep_bitmaps=True) as i:
+with open_for_bitmaps(img, readonly=False) as node:
     ns = argparse.Namespace(reference=ref, reference_format=None, progress=False)
-    apply_recover(Qcow2BitmapStore(i), name, ns, sys.stdout)
+    apply_recover(node, name, ns, sys.stdout)
 """
 
 

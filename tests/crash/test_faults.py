@@ -343,33 +343,41 @@ def test_close_after_failed_in_use_mark_leaves_bitmaps_consistent(
 
 
 @pytest.mark.interop
-def test_background_checkpoint_error_reaches_the_caller(
+def test_background_checkpoint_error_is_an_event_and_a_state(
         template: harness.Template, tmp_path: Path, qemu_tools: dict[str, str]) -> None:
-    """An idle checkpoint in the timer thread fails: the next request raises that error.
+    """An idle checkpoint on the block thread fails: the node says so with an event and the
+    bitmaps' state, never by raising into the next request (issue 12).
 
     It was an fdatasync: what it covered may be lost, so nothing is retried into success
     (every later flush fails, close too) and the bitmaps stay in_use on disk."""
     import time
 
     import dirtybits
+    from dirtybits.block.node import NodeEventKind
+    from dirtybits.block.registry import DiskState
     from dirtybits.errors import ImageIOError
 
     path = tmp_path / "d.qcow2"
     shutil.copyfile(template.qcow2, path)
     policy = dirtybits.CheckpointPolicy(interval=None, idle=0.02, threshold_bits=None)
     disk = dirtybits.open(str(path), checkpoint=policy)
+    events: list[Any] = []
+    disk.subscribe(events.append)
     try:
         disk.write(5 * MiB, b"\xd1" * 4096)
-        fault = faultfs.Fault(at=0, action="fail", kinds=faultfs.SYNCS)  # the timer's first sync
+        fault = faultfs.Fault(at=0, action="fail", kinds=faultfs.SYNCS)  # the thread's first sync
         with faultfs.inject(fault):
             deadline = time.monotonic() + 60
-            # wait (no timing assert) until the timer thread has hit the fault and kept it
-            while time.monotonic() < deadline and disk._timer.error is None:
+            # wait (no timing assert) until the block thread has hit the fault and said so
+            while time.monotonic() < deadline and not any(
+                    e.kind is NodeEventKind.CHECKPOINT_FAILED for e in events):
                 time.sleep(0.01)
         assert fault.fired, "the idle checkpoint never ran"
-        with pytest.raises(ImageIOError):
-            disk.write(6 * MiB, b"\xd2" * 4096)
-        disk.write(6 * MiB, b"\xd2" * 4096)  # reported once; writes carry on
+        failed = [e for e in events if e.kind is NodeEventKind.CHECKPOINT_FAILED]
+        assert failed and failed[0].node == disk.node_name
+        info = disk.bitmaps.info("g4k")
+        assert info.disk_state is DiskState.OPEN and "checkpoint failed" in info.reason
+        disk.write(6 * MiB, b"\xd2" * 4096)  # not raised into an unrelated request
         with pytest.raises(ImageIOError, match="earlier flush"):
             disk.flush()
     finally:

@@ -83,7 +83,7 @@ def test_removing_any_sync_produces_a_failing_state(templates: dict[str, Any],
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     where = _sites(templates, tmp_path)
     # the persistence protocol's own durable steps are among them
-    for needed in ("BlockNode._checkpoint", "Qcow2BitmapStore._write_flags",
+    for needed in ("BitmapRegistry.checkpoint", "Qcow2BitmapStore._write_flags",
                    "WriteIntentMap.mark", "Qcow2Image.flush", "Qcow2Image.update_header",
                    "RawImage.flush", "snapshots._write_table", "snapshots.apply",
                    "snapshots._move_l1"):

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
+from dirtybits.block.open import open_for_bitmaps
 from dirtybits.cli.bitmap_recover import apply_recover
-from dirtybits.qcow2.image import Qcow2Image
 from peers import db, db_session, kill_after, nbd_dirty_runs, qemu_bitmaps, run, session, sh
 
 pytestmark = pytest.mark.interop
@@ -61,9 +60,9 @@ def killed_writer(img: Path, writer: str) -> None:
 def recover(img: Path, ref: Path, name: str) -> str:
     """What ``dirtybits bitmap --recover --reference REF IMG NAME`` does after parsing."""
     out = io.StringIO()
-    with Qcow2Image.open(str(img), keep_bitmaps=True) as i:
+    with open_for_bitmaps(str(img), readonly=False) as node:
         args = argparse.Namespace(reference=str(ref), reference_format=None, progress=False)
-        apply_recover(Qcow2BitmapStore(i), name, args, out)
+        apply_recover(node, name, args, out)
     return out.getvalue()
 
 

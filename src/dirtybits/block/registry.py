@@ -298,6 +298,8 @@ class BitmapRegistry:
         self._groups: dict[int, _Group] = {}
         self._sinks: list[DirtyBitmap] = []
         self._marked: set[str] = set()  # stored names this registry set in_use
+        self._flags_unknown = False  # a flag write failed: the disk may hold any mix
+        self.checkpoint_error: str | None = None  # why the last checkpoint failed
         self._slow = True  # the next write must run _prepare_write first
         self._seq = 0
         self._tx_depth = 0
@@ -546,9 +548,14 @@ class BitmapRegistry:
             recording=lb.recording, busy=bool(lb.busy or lb.successor is not None),
             persistent=lb.persistent, inconsistent=lb.inconsistent, readonly=lb.readonly,
             status=lb.status, disk_state=disk,
-            reason=("changes since the last checkpoint are in memory (in_use set)"
-                    if disk is DiskState.OPEN else lb.reason),
+            reason=self._open_reason() if disk is DiskState.OPEN else lb.reason,
             owner=lb.busy)
+
+    def _open_reason(self) -> str:
+        if self.checkpoint_error is not None:
+            return (f"in_use: the last checkpoint failed ({self.checkpoint_error}); the changes "
+                    "are in memory and it is retried")
+        return "changes since the last checkpoint are in memory (in_use set)"
 
     def query(self) -> list[BitmapInfo]:
         """Every bitmap, newest first (QEMU's ``dirty-bitmaps`` order)."""
@@ -598,7 +605,7 @@ class BitmapRegistry:
             self.invalidated += [sb.name[len(view.prefix):] for sb in self._damaged]
             self._damaged = []
         tracked = [view.full(n) for n in self.tracked]
-        unmarked = [n for n in tracked if n not in self._marked]
+        unmarked = [n for n in tracked if n not in self._marked or self._flags_unknown]
         intent = self.intent
         if tracked and intent is not None and not intent.valid:
             intent.start([sb.entry.bitmap_table_offset for sb in store.bitmaps
@@ -616,19 +623,27 @@ class BitmapRegistry:
         self._slow = False
 
     def _mark(self, full_names: list[str]) -> None:
-        """Set in_use on these stored bitmaps, durable on return."""
+        """Set in_use on these stored bitmaps, durable on return.
+
+        After a flag write failed (here or in a checkpoint's clear) the disk may hold any mix
+        of flags: then every bitmap this registry tracks or marked is written again, so none
+        is left reading consistent while it records writes."""
         assert self.view is not None
+        if self._flags_unknown:
+            full_names = sorted(set(full_names) | self._marked |
+                                {self.view.full(n) for n in self.tracked})
         if not self._marked:
             self.in_use_since = time.monotonic()
-        # from here on some flag may be set on disk: a checkpoint must clear it
-        self._marked.update(full_names)
+        self._flags_unknown = True  # until the write returns, any mix may be on disk
         self.view.store.set_in_use(full_names, True, force=True)
+        self._marked.update(full_names)
+        self._flags_unknown = False
         log.debug("%s: in_use set on %s", self.node_name, ", ".join(full_names))
 
     def _ensure_marked(self, lb: LiveBitmap) -> None:
         if lb.persistent and self.view is not None and not self.readonly:
             full = self.view.full(lb.name)
-            if full not in self._marked:
+            if full not in self._marked or self._flags_unknown:
                 self._mark([full])
 
     def dirty_bits(self) -> int:
@@ -652,7 +667,7 @@ class BitmapRegistry:
         cleared. On failure the chunks are handed back (a retry writes them) and the
         bitmaps stay in_use. Returns the bytes written. Raises the store's errors.
         """
-        if not self._marked or self.view is None:
+        if (not self._marked and not self._flags_unknown) or self.view is None:
             return 0
         view = self.view
         store = view.store
@@ -683,14 +698,20 @@ class BitmapRegistry:
                 if chunks and full in store.ours:
                     written += store.write_chunks(full, src, chunks)
             store.img.sync()  # the bits are durable before in_use says they are complete
-            names = sorted(self._marked)
+            names = sorted(self._marked | ({view.full(n) for n in self.tracked}
+                                           if self._flags_unknown else set()))
+            self._flags_unknown = True  # until the clear returns, any mix may be on disk
             store.set_in_use(names, False, force=True)
+            self._flags_unknown = False
             if self.intent is not None and self.intent.valid:
                 self.intent.end_epoch()
-        except BaseException:
+        except BaseException as exc:
             for cur, chunks in taken:
                 cur.give_back(chunks)
+            self._slow = True  # the next write marks again what a failed flag write mixed
+            self.checkpoint_error = f"{type(exc).__name__}: {exc}"
             raise
+        self.checkpoint_error = None
         self._marked.clear()
         self._slow = True
         self._bits_at_checkpoint = self.dirty_bits()
