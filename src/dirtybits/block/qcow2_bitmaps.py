@@ -612,65 +612,16 @@ class Qcow2BitmapStore:
             self.bitmaps = new_list
 
     def write_changes(self, name: str, bits: DirtyBitmap, chunks: list[int]) -> int:
-        """OR the serialized chunks ``chunks`` of ``bits`` into the stored bitmap, in place.
+        """OR the serialized chunks ``chunks`` of ``bits`` into the stored bitmap, in place
+        (bits recorded since open, for a bitmap not held whole in memory).
 
         The bitmap must be in_use by us (its on-disk bits are not trusted while this runs).
         A chunk is one data cluster: an existing data cluster is read, merged and rewritten
         only where it changed (whole pages); an all-zeros entry gets a new cluster, and the
         table is rewritten after the new clusters' refcounts are durable; an all-ones entry
-        needs nothing.
-        Returns the bytes written (data clusters and table).
+        needs nothing. Returns the bytes written (data clusters and table).
         """
-        sb = self._get(name)
-        if sb.name not in self.ours or sb.table is None:
-            raise BitmapOperationError(f"Bitmap '{name}' is not being tracked")
-        img, cs = self.img, self.cluster_size
-        # one fstat a checkpoint, not one a chunk (clusters allocated below only make the
-        # file longer: a stale end judges more conservatively, never less)
-        end = os.fstat(img.fileno()).st_size
-        table = list(sb.table)
-        written = 0
-        for c in chunks:
-            if c >= len(table):
-                continue
-            te = BitmapTableEntry.decode(table[c], cs)
-            if te.kind is TableEntryKind.ONES:
-                continue
-            new = bits.to_bytes(c * cs, cs)
-            if te.kind is TableEntryKind.DATA and not self._owns(te.offset, "bitmap data",
-                                                                 end):
-                # refcount 0 (anything may be allocated there), shared, or another
-                # structure's cluster: never written in place; the bits move to a new one
-                old_bits = int.from_bytes(img.read_metadata(te.offset, cs, "bitmap data"), "big")
-                merged_raw = (old_bits | int.from_bytes(new, "big")).to_bytes(cs, "big")
-                off = img.allocate_metadata(cs, "bitmap data")
-                img.write_metadata(off, merged_raw, "bitmap data")
-                table[c] = off
-                written += cs
-            elif te.kind is TableEntryKind.DATA:
-                import numpy as np
-
-                old = np.frombuffer(img.read_metadata(te.offset, cs, "bitmap data"), np.uint8)
-                merged = old | np.frombuffer(new, np.uint8)
-                diff = np.flatnonzero(merged != old)
-                if diff.size:  # write only the pages that changed
-                    lo = int(diff[0]) & ~(WRITE_PAGE - 1)
-                    hi = min(cs, (int(diff[-1]) | (WRITE_PAGE - 1)) + 1)
-                    img.write_metadata(te.offset + lo, merged[lo:hi].tobytes(), "bitmap data")
-                    written += hi - lo
-            elif any(new):
-                off = img.allocate_metadata(cs, "bitmap data")
-                img.write_metadata(off, new, "bitmap data")
-                table[c] = off
-                written += cs
-        if table != sb.table:
-            img.flush()  # the new clusters' refcounts are durable before the table names them
-            raw = pack_table(table)
-            img.write_metadata(sb.entry.bitmap_table_offset, raw, "bitmap table")
-            written += len(raw)
-            sb.table = table
-        return written
-
+        return self._store_chunks(name, bits, chunks, merge=True)
 
     def write_chunks(self, name: str, bits: ChunkSource, chunks: list[int]) -> int:
         """Overwrite the serialized chunks ``chunks`` of the stored bitmap with ``bits``.
@@ -680,38 +631,56 @@ class Qcow2BitmapStore:
         too (``write_changes`` only ORs). The bitmap must be in_use by us. An owned data
         cluster is rewritten where it changed (whole pages); a chunk that becomes all zeros
         keeps its cluster (written with zeros); an all-ones or zero entry, or a cluster that
-        is not provably the bitmap's own, gets a new cluster, and the table is rewritten
-        after the new clusters' refcounts are durable. Returns the bytes written.
+        is not provably the bitmap's own, gets a new cluster (or a zero entry, for zeros),
+        and the table is rewritten after the new clusters' refcounts are durable. Returns
+        the bytes written.
         """
+        return self._store_chunks(name, bits, chunks, merge=False)
+
+    def _store_chunks(self, name: str, bits: ChunkSource, chunks: list[int], *,
+                      merge: bool) -> int:
         sb = self._get(name)
         if sb.name not in self.ours or sb.table is None:
             raise BitmapOperationError(f"Bitmap '{name}' is not being tracked")
         import numpy as np
 
         img, cs = self.img, self.cluster_size
+        # one fstat a checkpoint, not one a chunk (clusters allocated below only make the
+        # file longer: a stale end judges more conservatively, never less)
         end = os.fstat(img.fileno()).st_size
+        ones = b"\xff" * cs
         table = list(sb.table)
         written = 0
         for c in chunks:
             if c >= len(table):
                 continue
-            new = bits.to_bytes(c * cs, cs)
             te = BitmapTableEntry.decode(table[c], cs)
-            if te.kind is TableEntryKind.DATA and self._owns(te.offset, "bitmap data", end):
+            if merge and te.kind is TableEntryKind.ONES:
+                continue  # every bit is set already
+            new = bits.to_bytes(c * cs, cs)
+            data = te.kind is TableEntryKind.DATA
+            if data and self._owns(te.offset, "bitmap data", end):
                 old = np.frombuffer(img.read_metadata(te.offset, cs, "bitmap data"), np.uint8)
-                diff = np.flatnonzero(old != np.frombuffer(new, np.uint8))
-                if diff.size:
+                target = np.frombuffer(new, np.uint8)
+                if merge:
+                    target = old | target
+                diff = np.flatnonzero(target != old)
+                if diff.size:  # write only the pages that changed
                     lo = int(diff[0]) & ~(WRITE_PAGE - 1)
                     hi = min(cs, (int(diff[-1]) | (WRITE_PAGE - 1)) + 1)
-                    img.write_metadata(te.offset + lo, new[lo:hi], "bitmap data")
+                    img.write_metadata(te.offset + lo, target[lo:hi].tobytes(), "bitmap data")
                     written += hi - lo
                 continue
-            if te.kind is TableEntryKind.ZEROS and not any(new):
+            if merge and data:
+                # refcount 0 (anything may be allocated there), shared, or another
+                # structure's cluster: never written in place; the bits move to a new one
+                old_bits = int.from_bytes(img.read_metadata(te.offset, cs, "bitmap data"), "big")
+                new = (old_bits | int.from_bytes(new, "big")).to_bytes(cs, "big")
+            elif not any(new):
+                if te.kind is not TableEntryKind.ZEROS and not merge:
+                    table[c] = 0  # a zero entry; the old cluster (not ours, or none) stays
                 continue
-            if te.kind is TableEntryKind.ONES and new == b"\xff" * cs:
-                continue
-            if not any(new):
-                table[c] = 0  # a zero entry; the old cluster (not ours, or all-ones) stays
+            elif te.kind is TableEntryKind.ONES and new == ones:
                 continue
             off = img.allocate_metadata(cs, "bitmap data")
             img.write_metadata(off, new, "bitmap data")
