@@ -77,7 +77,7 @@ _STRICT = os.environ.get("DIRTYBITS_REQUIRE_INTEROP") == "1" or os.environ.get("
 # budget drops below what finds the planted bugs.
 MODEL_SETTINGS = settings(
     max_examples=int(os.environ.get("DIRTYBITS_REGISTRY_MODEL_EXAMPLES", "30")),
-    stateful_step_count=30,
+    stateful_step_count=50,
     deadline=None,
     derandomize=_STRICT,
     print_blob=True,
@@ -182,11 +182,21 @@ class RegistryModel(RuleBasedStateMachine):
 
     def _refused(self, text: str, fn: Callable[..., object], *args: Any,
                  **kwargs: Any) -> None:
-        """The operation fails with QEMU's ``text``; the invariants check nothing changed."""
+        """The operation fails with QEMU's ``text``; the invariants check nothing changed in
+        memory or on disk."""
         event(f"refused {getattr(fn, '__name__', fn)}")
         with pytest.raises(BitmapOperationError) as err:
             fn(*args, **kwargs)
         assert str(err.value) == text, (str(err.value), text)
+        # no bitmap newly in_use (a crash would lose it); a refused transaction whose
+        # earlier actions had marked one checkpoints, which may store the others too
+        flags = self._disk_in_use()
+        assert flags <= self.in_use, ("in_use after a refusal", flags, self.in_use)
+        self.in_use = flags
+
+    def _disk_in_use(self) -> set[str]:
+        with Qcow2Image.open(self.path, readonly=True, force_share=True) as img:
+            return {sb.name for sb in Qcow2BitmapStore(img).bitmaps if sb.entry.in_use}
 
     def _done(self) -> None:
         """An operation succeeded: it ended with a checkpoint."""
@@ -297,14 +307,24 @@ class RegistryModel(RuleBasedStateMachine):
     @rule(data=st.data())
     @step
     def merge(self, data: st.DataObject) -> None:
-        target = self._pick(data, "target")
+        """Mostly into a target the merge changes (most bitmaps record the same writes, so
+        a random merge often changes nothing)."""
         sources = data.draw(st.lists(st.sampled_from(list(self.bms)), min_size=1, max_size=3),
                             label="sources")
+        changed = [n for n in self.bms if self._merged(self.bms, n, sources)
+                   - self.bms[n].granules]
+        if changed and data.draw(st.integers(0, 3), label="a target it changes"):
+            target = data.draw(st.sampled_from(changed), label="target")
+        else:
+            target = self._pick(data, "target")
         self.reg.merge(target, sources)
         self._merge_into(self.bms, target, sources)
         self._done()
 
     def _merge_into(self, bms: dict[str, Bitmap], target: str, sources: list[str]) -> None:
+        bms[target].granules |= self._merged(bms, target, sources)
+
+    def _merged(self, bms: dict[str, Bitmap], target: str, sources: list[str]) -> set[int]:
         """QEMU's merge: every dirty source granule (clamped to the disk) marks each target
         granule it overlaps."""
         dst = bms[target]
@@ -315,7 +335,7 @@ class RegistryModel(RuleBasedStateMachine):
                 start = g * src.granularity
                 add |= touched(start, min(start + src.granularity, self.size) - start,
                                dst.granularity)
-        dst.granules |= add
+        return add
 
     @precondition(lambda self: self._has() and self._has_room())
     @rule(data=st.data(), persistent=st.booleans(),
@@ -339,6 +359,90 @@ class RegistryModel(RuleBasedStateMachine):
         new = self._pick(data, "new name", present=False)
         self.reg.rename(name, new)
         self.bms = {new if n == name else n: bm for n, bm in self.bms.items()}
+        self._done()
+
+    @rule(data=st.data())
+    @step
+    def transaction(self, data: st.DataObject) -> None:
+        """1 to 4 transaction actions (QEMU's add, remove, clear, enable, disable, merge, and
+        rename), each seeing the ones before it: all commit, or the first refusal is raised
+        (QEMU's text) and nothing changes. A bitmap removed earlier in the transaction is
+        busy until the commit (QEMU: "currently in use"), and its name is still taken."""
+        reg = self.reg
+        model = {n: Bitmap(bm.granularity, bm.persistent, bm.enabled, set(bm.granules))
+                 for n, bm in self.bms.items()}
+        removed: set[str] = set()
+        actions = []
+        err: str | None = None
+
+        def name(label: str) -> str:
+            pool = [n for n in model if n not in removed]
+            if pool and data.draw(st.integers(0, 3), label=f"{label} exists"):
+                return data.draw(st.sampled_from(pool), label=label)
+            return data.draw(st.sampled_from(NAMES), label=label)
+
+        def usable(n: str) -> str | None:
+            if n not in model:
+                return f"Dirty bitmap '{n}' not found"
+            if n in removed:
+                return (f"Bitmap '{n}' is currently in use by another operation and cannot "
+                        "be used")
+            return None
+
+        for _ in range(data.draw(st.integers(1, 4), label="actions")):
+            kind = data.draw(st.sampled_from(
+                ["add", "merge", "clear", "enable", "disable", "remove", "rename"]),
+                label="action")
+            if kind == "add":
+                n = data.draw(st.sampled_from(NAMES), label="name")
+                gran = data.draw(st.sampled_from(GRANULARITIES), label="granularity")
+                persistent = data.draw(st.booleans(), label="persistent")
+                disabled = data.draw(st.booleans(), label="disabled")
+                actions.append(reg.action_add(n, gran, persistent=persistent,
+                                              disabled=disabled))
+                if err is None:
+                    if n in model:
+                        err = f"Bitmap already exists: {n}"
+                    else:
+                        model[n] = Bitmap(gran or default_granularity(self.cluster_size),
+                                          persistent, not disabled)
+            elif kind == "merge":
+                target = name("target")
+                sources = [name("source")
+                           for _ in range(data.draw(st.integers(1, 3), label="sources"))]
+                actions.append(reg.action_merge(target, sources))
+                if err is None:
+                    for n in (target, *sources):
+                        if (err := usable(n)) is not None:
+                            break
+                    else:
+                        self._merge_into(model, target, sources)
+            elif kind == "rename":
+                n, new = name("name"), data.draw(st.sampled_from(NAMES), label="new name")
+                actions.append(reg.action_rename(n, new))
+                if err is None and (err := usable(n)) is None:
+                    if new in model:
+                        err = f"Bitmap already exists: {new}"
+                    else:
+                        model = {new if k == n else k: bm for k, bm in model.items()}
+            else:
+                n = name("name")
+                actions.append(reg.action_remove(n) if kind == "remove" else
+                               reg.action_clear(n) if kind == "clear" else
+                               reg.action_enable(n, kind == "enable"))
+                if err is None and (err := usable(n)) is None:
+                    if kind == "remove":
+                        removed.add(n)
+                    elif kind == "clear":
+                        model[n].granules = set()
+                    else:
+                        model[n].enabled = kind == "enable"
+        note(f"transaction of {[a.name for a in actions]}: {err or 'commits'}")
+        if err is not None:
+            self._refused(err, reg.transaction, actions)
+            return
+        reg.transaction(actions)
+        self.bms = {n: bm for n, bm in model.items() if n not in removed}
         self._done()
 
     @rule(data=st.data(), op=st.sampled_from(
@@ -581,3 +685,86 @@ def test_machine_finds_planted_bug(plant: str, tmp_path: Path,
     with pytest.raises(AssertionError) as found:
         run_model(RegistryModel, tmp_path, budget)
     assert re.search(says, str(found.value)), found.value
+
+
+# --------------------------------------------------------------------------- registry bugs found
+# Fixed in the registry. The machine's transaction rule found the first two; the third came
+# up while fixing the first (the rule can reach it, but rarely: it takes a rename of an
+# in_use bitmap between a clear and a refusal), so it is pinned here.
+def _image_with(tmp_path: Path, *names: str) -> str:
+    path = str(tmp_path / "d.qcow2")
+    Qcow2Image.create(path, 8 * MiB, cluster_size=64 * KiB)
+    with Qcow2Image.open(path, keep_bitmaps=True) as img:
+        store = Qcow2BitmapStore(img)
+        for n in names:
+            store.add(n, 64 * KiB)
+    return path
+
+
+def _flags(path: str) -> dict[str, bool]:
+    with Qcow2Image.open(path, readonly=True, force_share=True) as img:
+        return {sb.name: sb.entry.in_use for sb in Qcow2BitmapStore(img).bitmaps}
+
+
+def _stored(path: str, name: str) -> list[tuple[int, int]]:
+    with Qcow2Image.open(path, readonly=True, force_share=True) as img:
+        bm = Qcow2BitmapStore(img).load(name)
+        return list(bm.dirty_extents(0, bm.size))
+
+
+def test_refused_transaction_leaves_no_bitmap_in_use(tmp_path: Path) -> None:
+    """Was: the clear marked 'a' in_use, the second action failed, the clear was undone in
+    memory, and 'a' stayed in_use on disk until the next checkpoint (with no timers: until
+    close), so a crash then lost a bitmap that nothing had changed."""
+    path = _image_with(tmp_path, "a")
+    with dirtybits.open(path, checkpoint=NO_TIMERS) as node:
+        node.write(0, b"x")
+        node.checkpoint()
+        reg = node.bitmaps
+        with pytest.raises(BitmapOperationError, match="Dirty bitmap 'nope' not found"):
+            reg.transaction([reg.action_clear("a"), reg.action_clear("nope")])
+        assert _flags(path) == {"a": False}
+        assert reg.info("a").disk_state is DiskState.CLEAN
+        assert reg.extents("a") == _stored(path, "a") == [(0, 64 * KiB)]
+
+
+def test_removed_in_a_transaction_is_busy_not_missing(tmp_path: Path) -> None:
+    """QEMU sets a bitmap removed in a transaction busy until the commit: a later action on
+    it fails with "currently in use" (was: "not found"), and its name is still taken."""
+    path = _image_with(tmp_path, "a")
+    with dirtybits.open(path, checkpoint=NO_TIMERS) as node:
+        reg = node.bitmaps
+        busy = "Bitmap 'a' is currently in use by another operation and cannot be used"
+        for second in (reg.action_clear("a"), reg.action_remove("a"),
+                       reg.action_merge("a", ["a"]), reg.action_enable("a", False)):
+            with pytest.raises(BitmapOperationError) as err:
+                reg.transaction([reg.action_remove("a"), second])
+            assert str(err.value) == busy
+        with pytest.raises(BitmapOperationError, match=r"^Bitmap already exists: a$"):
+            reg.transaction([reg.action_remove("a"), reg.action_add("a")])
+        assert reg.names() == ["a"] and reg.info("a").recording
+
+
+def test_abort_after_a_checkpoint_inside_the_transaction_is_stored(tmp_path: Path) -> None:
+    """Was: a rename of an in_use bitmap checkpoints inside the transaction (the store renames
+    only bitmaps not in_use), which stored the clear of 'a' prepared before it and cleared its
+    in_use; a later action failed and the clear was undone in memory only (restoring bits
+    did not mark the bitmap in_use, and a checkpoint stores only marked ones). The file kept
+    'a' empty and consistent while the node (and QEMU's expectation) had its bits: after a
+    reopen, 'a' missed a write."""
+    path = _image_with(tmp_path, "a", "b")
+    with dirtybits.open(path, checkpoint=NO_TIMERS) as node:
+        reg = node.bitmaps
+        node.write(0, b"x")
+        node.checkpoint()
+        reg.disable("a")
+        node.write(64 * KiB, b"x")  # 'b' in_use
+        with pytest.raises(BitmapOperationError, match="Dirty bitmap 'nope' not found"):
+            reg.transaction([reg.action_clear("a"), reg.action_rename("b", "c"),
+                             reg.action_clear("nope")])
+        assert reg.extents("a") == [(0, 64 * KiB)]
+        assert _flags(path) == {"a": False, "b": False}
+        assert _stored(path, "a") == [(0, 64 * KiB)]
+    with dirtybits.open(path, checkpoint=NO_TIMERS) as node:
+        assert node.bitmaps.extents("a") == [(0, 64 * KiB)]
+        assert node.bitmaps.extents("b") == [(0, 2 * 64 * KiB)]
