@@ -1,7 +1,8 @@
 """The bitmap registry of one node against a set-of-granules oracle (hypothesis, rule based).
 
-Every example creates one small qcow2 (a cluster size and a disk size drawn once) and runs a
-random interleaving of guest requests and bitmap operations on ``dirtybits.open``'s node:
+Every example creates one small qcow2 (a cluster size and a disk size drawn once, one to
+three persistent bitmaps stored before the first open) and runs a random interleaving of
+guest requests and bitmap operations on ``dirtybits.open``'s node:
 
 * write / write_zeroes (unmap or not) / discard: every *enabled* bitmap gets every granule the
   request touches (QEMU's ``bdrv_set_dirty`` on the whole request, discards included);
@@ -9,19 +10,21 @@ random interleaving of guest requests and bitmap operations on ``dirtybits.open`
   enable, disable, merge (granularities may differ: each dirty source granule, clamped to the
   disk, marks every target granule it overlaps, QEMU's sparse ``hbitmap_merge``), copy (the
   source's granularity and bits; enabled as the source unless told), rename;
+* transactions of 1 to 4 of those actions (rename too), each seeing the ones before it: all
+  commit, or the first refusal is raised and nothing changes;
 * checkpoint, flush, and reopen (close + open: transient bitmaps are gone, persistent ones
   keep their bits and their enabled state).
 
-Names come from a small pool, so operations on missing names (and adds or renames onto
-existing ones) are tried often: they must raise ``BitmapOperationError`` with QEMU's text and
-change nothing.
+Names come from a small pool. One rule tries every operation on a missing name (or adds,
+copies, renames onto a taken one): it must raise ``BitmapOperationError`` with QEMU's text
+and change nothing, in memory or on disk (no bitmap newly in_use).
 
 Checked after every step: the node's names (oldest first), ``query`` (newest first),
 ``info`` (granularity, persistence, recording, status, disk state), ``extents`` and ``count``
 of every bitmap; and the file itself, read with no engine state: its persistent bitmaps are
-the oracle's (names, granularity, the auto flag), ``in_use`` exactly on the enabled
-persistent ones written since the last successful operation or checkpoint (each operation
-ends with a checkpoint), and every bitmap not in_use holds the oracle's granules. After every
+the oracle's (names in order, granularity, the auto flag), ``in_use`` exactly on the enabled
+persistent ones written since the last operation or checkpoint (each operation ends with a
+checkpoint), and every bitmap not in_use holds the oracle's granules. After every
 reopen and at the end (closed) every persistent bitmap is clean and equal to the oracle.
 
 ``tests/interop/test_registry_model_vs_qemu.py`` runs the same machine and asks QEMU
