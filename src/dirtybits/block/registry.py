@@ -406,10 +406,15 @@ class BitmapRegistry:
         return None if lb is None or lb.hidden else lb
 
     def get(self, name: str) -> LiveBitmap:
-        """Raises ``BitmapOperationError`` ("Dirty bitmap 'N' not found")."""
-        lb = self.find(name)
+        """Raises ``BitmapOperationError`` ("Dirty bitmap 'N' not found"). A bitmap removed
+        earlier in a transaction not yet committed is busy (QEMU: removal sets it busy until
+        the commit), not missing; its name is still taken."""
+        lb = self._bitmaps.get(name)
         if lb is None:
             raise BitmapOperationError(f"Dirty bitmap '{name}' not found")
+        if lb.hidden:
+            raise BitmapOperationError(f"Bitmap '{name}' is currently in use by another "
+                                       "operation and cannot be used")
         return lb
 
     @property
@@ -732,8 +737,11 @@ class BitmapRegistry:
     def transaction(self, actions: Sequence[Action]) -> None:
         """Run ``actions`` all or nothing: each is prepared in order; if one fails, those
         prepared are aborted in reverse and the error is raised; else all commit, then one
-        checkpoint stores the result."""
+        checkpoint stores the result. A failed transaction that set in_use on a bitmap
+        (an action changed its bits before another failed) checkpoints too, so a refusal
+        leaves no bitmap in_use that was not before (a crash would lose it)."""
         done: list[Action] = []
+        marked = set(self._marked)
         self._tx_depth += 1
         try:
             try:
@@ -746,6 +754,12 @@ class BitmapRegistry:
                         act.abort()
                     except Exception:
                         log.exception("%s: aborting %s failed", self.node_name, act.name)
+                if self._tx_depth == 1 and not self.readonly and self._marked - marked:
+                    try:
+                        self.checkpoint()
+                    except DirtybitsError:
+                        log.exception("%s: checkpoint after a failed transaction failed",
+                                      self.node_name)
                 raise
             for act in done:
                 act.commit()
@@ -885,6 +899,10 @@ class BitmapRegistry:
             lb.group = None
 
     def _restore(self, lb: LiveBitmap, backup: DirtyBitmap) -> None:
+        """Put back the bits an aborted action changed. A change like any other: in_use
+        first (a checkpoint inside the transaction may have stored the changed bits and
+        cleared it), so the next checkpoint stores the bits put back."""
+        self._ensure_marked(lb)
         bits = self._materialize(lb)
         bits.clear()
         bits.merge_from(backup)
