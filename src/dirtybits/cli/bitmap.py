@@ -81,11 +81,11 @@ def run(args: argparse.Namespace) -> int:
     gran = _parse_granularity(args.granularity) if args.granularity is not None else None
     readonly = kinds <= set(READ_ACTIONS)
 
+    from dirtybits.block.children import open_qcow2
     from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
-    from dirtybits.qcow2.image import Qcow2Image
 
     name = args.bitmap
-    with Qcow2Image.open(args.filename, readonly=readonly, keep_bitmaps=True) as img:
+    with open_qcow2(args.filename, readonly=readonly, keep_bitmaps=True) as img:
         store = Qcow2BitmapStore(img)
         for action, value in actions:
             try:
@@ -138,12 +138,12 @@ def _merge_source(store: Any, source: str, args: argparse.Namespace) -> Any:
         return store.load(source)
     if args.source_format not in (None, "qcow2"):
         raise UsageError(f"Format driver '{args.source_format}' does not support bitmaps")
+    from dirtybits.block.children import open_qcow2
     from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
     from dirtybits.errors import LockError
-    from dirtybits.qcow2.image import Qcow2Image
 
     try:
-        src = Qcow2Image.open(args.source_file, readonly=True, open_backing=False)
+        src = open_qcow2(args.source_file, readonly=True, open_backing=False)
     except LockError as exc:  # e.g. the source is the image being changed: qemu-img's words
         raise LockError(f"Could not open '{args.source_file}': {exc}") from None
     with src:
