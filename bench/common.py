@@ -20,7 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+# tests/peers runs the QEMU tools, for the benches (``from common import peers``) as for the tests
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import peers
+
 ROOT = Path(__file__).resolve().parent.parent
+
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 Feed = Literal["args", "stdin"]
 
@@ -75,11 +80,8 @@ def need(tool: str) -> str:
 def create_image(path: Path, size: int, cluster_size: int = 64 * KiB) -> None:
     """A fresh qcow2 made by qemu-img, so every tool starts from the same bytes."""
     path.unlink(missing_ok=True)
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}",
-         str(path), str(size)],
-        check=True,
-    )
+    peers.qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}", path,
+                   str(size))
 
 
 def drop_caches() -> None:
@@ -367,8 +369,7 @@ def make_bitmap_image(path: Path, size: int, bitmaps: Sequence[tuple[str, Any]],
 
 def qemu_img_check(path: Path) -> str | None:
     """None when ``qemu-img check`` is clean, else what it said."""
-    proc = subprocess.run(["qemu-img", "check", "-f", "qcow2", str(path)],
-                          capture_output=True, text=True)
+    proc = peers.run("qemu-img", "check", "-f", "qcow2", path)
     if proc.returncode == 0:
         return None
     return f"qemu-img check {path.name}: exit {proc.returncode}: " \
@@ -377,9 +378,7 @@ def qemu_img_check(path: Path) -> str | None:
 
 def qemu_bitmap_list(path: Path) -> list[dict[str, Any]]:
     """The bitmaps ``qemu-img info --output=json`` lists (name, granularity, flags)."""
-    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)],
-                         capture_output=True, text=True, check=True).stdout
-    return list(json.loads(out)["format-specific"]["data"].get("bitmaps", []))
+    return peers.qemu_bitmaps(path, force_share=True)
 
 
 def bitmap_digests(path: Path) -> dict[str, str]:

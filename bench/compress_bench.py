@@ -22,7 +22,6 @@ import argparse
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -40,6 +39,7 @@ from common import (
     median,
     need,
     parse_size,
+    peers,
     qemu_img_check,
     run_timed,
     warm_bytecode,
@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                     times[tool].append(run.seconds)
             for tool, out in outs.items():
                 problem = qemu_img_check(out)
-                cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2",
-                                      str(src), str(out)], capture_output=True, text=True)
+                cmp = peers.run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", src, out,
+                                timeout=3600)
                 if problem or cmp.returncode != 0:
                     fail(f"{tool} ({ctype}): {problem or cmp.stdout + cmp.stderr}")
                     ok = False

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ from common import (
     fmt_ratio,
     median,
     parse_size,
+    peers,
     run_commands,
     warm_bytecode,
     write_json,
@@ -49,12 +49,12 @@ CLUSTER = 64 * KiB
 BLOCK = MiB
 
 
-def sh(*argv: str | Path, stdin: bytes | None = None) -> str:
-    proc = subprocess.run([str(a) for a in argv], input=stdin, capture_output=True)
+def sh(*argv: str | Path, stdin: str | None = None) -> str:
+    proc = peers.run(*argv, input=stdin, timeout=3600)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(map(str, argv))}: exit {proc.returncode}: "
-                           f"{proc.stderr.decode(errors='replace').strip()[-400:]}")
-    return proc.stdout.decode(errors="replace")
+                           f"{proc.stderr.strip()[-400:]}")
+    return proc.stdout
 
 
 def mix_commands(size: int) -> list[str]:
@@ -77,8 +77,8 @@ def build(scratch: Path, size: int) -> dict[str, Path]:
     sh("qemu-img", "create", "-q", "-f", "qcow2", base, str(size))
     step = 64 * MiB
     fill = "".join(f"write -q -P 0x5a {o} {min(step, size - o)}\n" for o in range(0, size, step))
-    sh("qemu-io", "-f", "qcow2", "-t", "writeback", base, stdin=fill.encode())
-    mix = "".join(c + "\n" for c in mix_commands(size)).encode()
+    sh("qemu-io", "-f", "qcow2", "-t", "writeback", base, stdin=fill)
+    mix = "".join(c + "\n" for c in mix_commands(size))
     images = {}
     for layout, opts in (("extended L2", "extended_l2=on"), ("standard L2", "extended_l2=off")):
         img = scratch / f"{opts.split('=')[1]}.qcow2"

@@ -45,6 +45,7 @@ from common import (
     median,
     need,
     parse_size,
+    peers,
     run_commands,
     warm_bytecode,
     write_json,
@@ -125,7 +126,7 @@ def random_4k(count: int, disk: int, seed: int) -> Workload:
 
 
 def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["qemu-img", *args], capture_output=True, text=True)
+    return peers.qemu_img(*args, ok=None, timeout=3600)
 
 
 def verify(images: dict[str, Path], result: Result) -> None:

@@ -60,6 +60,7 @@ from common import (
     median,
     need,
     parse_size,
+    peers,
     qemu_bitmap_list,
     run_commands,
     warm_bytecode,
@@ -113,7 +114,7 @@ class Outcome:
 def prepare(img: Path, tool: str, args: argparse.Namespace) -> None:
     """A fresh image with one enabled bitmap (and resilient mode for ``resilient``)."""
     create_image(img, args.image_size, args.cluster_size)
-    subprocess.run(["qemu-img", "bitmap", "--add", "-g", "64k", str(img), BITMAP], check=True)
+    peers.qemu_img("bitmap", "--add", "-g", "64k", img, BITMAP)
     if tool == "resilient":
         subprocess.run([*dirtybits_argv(), "amend", "-o", "resilient=on", str(img)],
                        check=True)

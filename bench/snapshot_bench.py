@@ -42,6 +42,7 @@ from common import (
     median,
     need,
     parse_size,
+    peers,
     run_commands,
     warm_bytecode,
     write_json,
@@ -58,7 +59,7 @@ def tools(mode: str) -> dict[str, tuple[list[str], str]]:
 
 
 def sh(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, check=True)
+    return peers.sh(*argv, timeout=3600)
 
 
 def make_base(path: Path, size: int) -> None:
@@ -131,14 +132,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     secs[tool].append(run.seconds)
                     images[tool] = img
             for tool, img in images.items():
-                chk = subprocess.run(["qemu-img", "check", str(img)], capture_output=True,
-                                     text=True)
+                chk = peers.run("qemu-img", "check", img, timeout=3600)
                 if chk.returncode:
                     problems.append(f"qemu-img check {tool}: {chk.stdout[-300:]}")
                 if snapshot_digest(img, scratch) != before:
                     problems.append(f"{tool}: the snapshot changed")
-            cmp = subprocess.run(["qemu-img", "compare", *images.values()],
-                                 capture_output=True, text=True)
+            cmp = peers.run("qemu-img", "compare", *images.values(), timeout=3600)
             if cmp.returncode:
                 problems.append(f"results differ: {cmp.stdout.strip()}")
             rate = {t: ops / median(s) for t, s in secs.items()}

@@ -26,6 +26,7 @@ from common import (
     median,
     need,
     parse_size,
+    peers,
     run_timed,
     warm_bytecode,
     write_json,
@@ -35,9 +36,8 @@ from common import (
 def make_image(path: Path, size: int) -> None:
     """A 64 GiB qcow2 with 1 MiB of data and a persistent bitmap, as a real disk might have."""
     create_image(path, size)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -q -P 0x5a 0 1M", str(path)],
-                   check=True)
-    subprocess.run(["qemu-img", "bitmap", "-f", "qcow2", "--add", str(path), "b0"], check=True)
+    peers.qemu_io(path, "write -q -P 0x5a 0 1M", fmt="qcow2")
+    peers.qemu_img("bitmap", "-f", "qcow2", "--add", path, "b0")
 
 
 def import_offenders(

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -63,6 +62,7 @@ from common import (
     median,
     need,
     parse_size,
+    peers,
     populated_bitmap,
     qemu_bitmap_list,
     qemu_img_check,
@@ -92,8 +92,7 @@ def cost_templates(scratch: Path, counts: Sequence[int], size: int) -> dict[int,
         path = scratch / f"cost-template-{n}.qcow2"
         create_image(path, size)
         for i in range(n):
-            subprocess.run(["qemu-img", "bitmap", "-f", "qcow2", "--add", str(path), f"b{i}"],
-                           check=True)
+            peers.qemu_img("bitmap", "-f", "qcow2", "--add", path, f"b{i}")
         out[n] = path
     return out
 
@@ -104,8 +103,8 @@ def verify_cost(wl: Workload, n: int, images: dict[str, Path], empty: str) -> li
     problems = [p for img in images.values() if (p := qemu_img_check(img)) is not None]
     (first, ref), *others = images.items()
     for tool, img in others:
-        cmp = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(ref),
-                              str(img)], capture_output=True, text=True)
+        cmp = peers.run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", ref, img,
+                        timeout=3600)
         if cmp.returncode != 0:
             problems.append(f"qemu-img compare {first} {tool}: {cmp.stdout + cmp.stderr}")
     lists = {t: qemu_bitmap_list(img) for t, img in images.items()}

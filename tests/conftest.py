@@ -7,6 +7,28 @@
   is missing.
 - ``dirtybits_cli``: runs ``python -m dirtybits.cli.main ARGS...`` in a subprocess.
 - ``workdir``: an empty directory for the test's files.
+
+Running the QEMU peers: the ``peers`` package (``tests/peers``), importable from every test
+directory and from ``bench/`` (pyproject's pytest config puts ``tests/`` on ``sys.path``):
+``peers.sh/qemu_img/qemu_io/db`` run a command and check its exit status, ``peers.qemu_nbd``
+serves an image on a unix socket, ``peers.nbd_map`` is ``nbdinfo --map`` through it, and
+``peers.qmp`` starts ``qemu-system-x86_64 -M none`` or ``qemu-storage-daemon`` with a
+connected ``qemu.qmp`` client.
+
+Timeouts (pytest-timeout): every test has a default of 600 s (``timeout`` in pyproject), four
+times the slowest test of a full run on the shared 2-core machine (``--durations``, load 5-7:
+``test_removing_any_sync_produces_a_failing_state`` 128-145 s, the kill -9 sweeps 33-122 s,
+``test_create_matches_qemu_img`` of a 128G image on 512-byte clusters 66 s, nothing else over
+35 s); it fails a hung test (``timeout_method = "signal"``: SIGALRM raises in the test, so
+``finally`` blocks and context managers still stop the servers and processes it started)
+instead of hanging CI. Tests that
+start servers (qemu-nbd, QEMU over QMP, our own) must set a short timeout of their own,
+``@pytest.mark.timeout(N)``, N a few times what they need. Tests that arm SIGALRM themselves
+(``tests/unit/test_wrong_paths.py``, ``tests/fuzz/test_fuzz_snapshots.py``) replace that
+timer while they run their own guard.
+
+Asyncio tests (pytest-asyncio, strict mode) are marked ``@pytest.mark.asyncio``; each gets an
+event loop of its own.
 """
 
 from __future__ import annotations
@@ -22,7 +44,9 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-QEMU_TOOLS = ("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")
+import peers
+
+QEMU_TOOLS = peers.QEMU_TOOLS
 INTEROP_DIR = Path(__file__).parent / "interop"
 
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from dirtybits.block.checkpoint import CheckpointPolicy
 from dirtybits.block.node import BlockNode
-from dirtybits.block.open import open_image
-from dirtybits.errors import UsageError
+from dirtybits.block.open import open_node
 
 
 def open(path: str, fmt: str | None = None, *, readonly: bool = False,
@@ -28,18 +27,9 @@ def open(path: str, fmt: str | None = None, *, readonly: bool = False,
     attached to: the drive's bitmaps there record the writes (identity and size checked).
     Images are locked as QEMU locks them; ``force_share`` (read-only only) is qemu's -U.
     """
-    if bitmap_file is not None:
-        from dirtybits.block.container import open_drive
-
-        if fmt not in (None, "raw"):
-            raise UsageError(f"bitmap_file needs a raw drive, not fmt='{fmt}'")
-        return open_drive(bitmap_file, path, readonly=readonly, checkpoint=checkpoint,
-                          bitmaps=bitmaps)
-    node = open_image(path, fmt, readonly=readonly, open_backing=open_backing, cache=cache,
-                      bitmaps=bitmaps, checkpoint=checkpoint, always_node=True,
-                      force_share=force_share)
-    assert isinstance(node, BlockNode)
-    return node
+    return open_node(path, fmt, readonly=readonly, bitmaps=bitmaps, checkpoint=checkpoint,
+                     cache=cache, open_backing=open_backing, bitmap_file=bitmap_file,
+                     force_share=force_share)
 
 
 __all__ = ["BlockNode", "CheckpointPolicy", "open"]

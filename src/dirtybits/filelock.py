@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as _errno
+import logging
 import os
 import struct
 from typing import NamedTuple
@@ -35,6 +36,8 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     _F_OFD_GETLK = _F_OFD_SETLK = None
     _F_RDLCK, _F_WRLCK, _F_UNLCK = 0, 1, 2
+
+log = logging.getLogger(__name__)
 
 # block-common.h (QEMU >= 7.0; the retired GRAPH_MOD bit 0x10 is never locked)
 PERM_CONSISTENT_READ = 0x01
@@ -213,9 +216,13 @@ class FileLock:
             msg = str(exc)
             if msg.startswith("Failed to get"):
                 msg += f"\nIs another process using the image [{self.path}]?"
+            log.debug("%s: lock conflict for perm=%#x shared=%#x: %s", self.path, p.perm,
+                      p.shared, exc)
             raise LockError(msg) from None
         self._set_bytes(self._wanted(p), unlock=True)
         self.perms = p
+        log.debug("%s: locked perm=%#x shared=%#x (bytes %s)", self.path, p.perm, p.shared,
+                  self.locked_bytes)
 
     def release(self) -> None:
         """Drop every lock byte; errors are ignored (closing the fd drops them anyway)."""

@@ -58,6 +58,8 @@ import faultfs
 import harness
 import snapjudge as sj
 
+import peers
+
 KiB, MiB = 1 << 10, 1 << 20
 LONG = os.environ.get("DIRTYBITS_SNAPCRASH_LONG") == "1"
 WORKERS = int(os.environ.get("DIRTYBITS_CRASH_WORKERS", "2"))
@@ -91,10 +93,7 @@ class Base:
 
 
 def _qemu_io(path: Path, *cmds: str) -> None:
-    args = ["qemu-io", "-f", "qcow2"]
-    for c in cmds:
-        args += ["-c", c]
-    harness.sh(*args, str(path))
+    peers.qemu_io(path, *cmds, fmt="qcow2", timeout=120)
 
 
 def build_bases(directory: Path) -> dict[str, Base]:

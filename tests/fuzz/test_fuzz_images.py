@@ -62,8 +62,10 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: peers, also in the --worker child
 from fuzzfiles import file_digest
 
+import peers
 from dirtybits.block.children import open_qcow2
 from dirtybits.block.open import open_image
 from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
@@ -87,6 +89,7 @@ from dirtybits.format.qcow2.tables import (
 from dirtybits.qcow2.check import check_image
 from dirtybits.qcow2.image import Qcow2Image
 from dirtybits.qcow2.info import backing_chain_info, image_info
+from peers import run, sh
 
 READ_CAP = 4 << 20  # bytes of a mutant's disk read and mapped from the start (and the end)
 TIME_LIMIT = 30.0  # seconds per example, in-process; generous for a loaded 2-core CI box
@@ -274,9 +277,7 @@ def analyse(name: str, directory: Path) -> Base:
     return base
 
 
-def run(*cmd: str | Path, cwd: Path | None = None) -> None:
-    subprocess.run([os.fspath(c) for c in cmd], check=True, capture_output=True, cwd=cwd,
-                   timeout=120)
+QEMU_TIMEOUT = 120  # seconds: a QEMU tool that hangs on a mutant fails the example
 
 
 def build_bases(root: Path, tools: dict[str, str]) -> dict[str, Base]:
@@ -289,65 +290,61 @@ def build_bases(root: Path, tools: dict[str, str]) -> dict[str, Base]:
         return d
 
     def qemu_io(path: Path, *cmds: str) -> None:
-        args: list[str] = []
-        for c in cmds:
-            args += ["-c", c]
-        run(qio, "-f", "qcow2", *args, path)
+        peers.qemu_io(path, *cmds, fmt="qcow2", timeout=QEMU_TIMEOUT)
 
     d = new("qemu64k")
-    run(img, "create", "-f", "qcow2", d / IMAGE, "2M")
+    sh(img, "create", "-f", "qcow2", d / IMAGE, "2M")
     qemu_io(d / IMAGE, "write -P 0x11 0 64k", "write -P 0x12 200k 10k", "write -z 384k 64k",
             "write -P 0x13 512k 128k", "discard 512k 64k", "write -P 0x14 1984k 64k")
 
     d = new("qemu512")
-    run(img, "create", "-f", "qcow2", "-o", "cluster_size=512", d / IMAGE, "192k")
+    sh(img, "create", "-f", "qcow2", "-o", "cluster_size=512", d / IMAGE, "192k")
     qemu_io(d / IMAGE, "write -P 0x21 0 20k", "write -P 0x22 40k 1k", "write -z 64k 2k",
             "write -P 0x23 100k 30k", "write -P 0x24 191k 1k", "discard 110k 4k")
 
     d = new("compressed")
     raw = d / "src.raw"
-    run(img, "create", "-f", "raw", raw, "1M")
-    run(qio, "-f", "raw", "-c", "write -P 0x31 0 300k", "-c", "write -P 0x32 600k 100k", raw)
-    run(img, "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096", raw,
+    sh(img, "create", "-f", "raw", raw, "1M")
+    sh(qio, "-f", "raw", "-c", "write -P 0x31 0 300k", "-c", "write -P 0x32 600k 100k", raw)
+    sh(img, "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096", raw,
         d / IMAGE)
     raw.unlink()
     qemu_io(d / IMAGE, "write -P 0x33 8k 4k")
 
     d = new("backing")
-    run(img, "create", "-f", "qcow2", "-o", "cluster_size=4096", d / "backing.qcow2", "1M")
+    sh(img, "create", "-f", "qcow2", "-o", "cluster_size=4096", d / "backing.qcow2", "1M")
     qemu_io(d / "backing.qcow2", "write -P 0x41 0 512k", "write -z 512k 64k")
-    run(img, "create", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "backing.qcow2", "-F",
+    sh(img, "create", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "backing.qcow2", "-F",
         "qcow2", IMAGE, "1M", cwd=d)
     qemu_io(d / IMAGE, "write -P 0x42 6k 4k", "write -z 100k 8k", "discard 200k 8k",
             "write -P 0x43 700k 2k")
 
     d = new("bitmaps")
-    run(img, "create", "-f", "qcow2", d / IMAGE, "1M")
-    run(img, "bitmap", "--add", d / IMAGE, "b0")
-    run(img, "bitmap", "--add", "-g", "4096", d / IMAGE, "b1")
+    sh(img, "create", "-f", "qcow2", d / IMAGE, "1M")
+    sh(img, "bitmap", "--add", d / IMAGE, "b0")
+    sh(img, "bitmap", "--add", "-g", "4096", d / IMAGE, "b1")
     qemu_io(d / IMAGE, "write -P 0x51 0 64k", "write -P 0x52 300k 8k")
-    run(img, "bitmap", "--add", "--disable", d / IMAGE, "b2")
+    sh(img, "bitmap", "--add", "--disable", d / IMAGE, "b2")
 
     d = new("snapshot")
-    run(img, "create", "-f", "qcow2", "-o", "cluster_size=4096", d / IMAGE, "512k")
+    sh(img, "create", "-f", "qcow2", "-o", "cluster_size=4096", d / IMAGE, "512k")
     qemu_io(d / IMAGE, "write -P 0x61 0 64k", "write -P 0x62 200k 4k")
-    run(img, "snapshot", "-c", "snap1", d / IMAGE)
+    sh(img, "snapshot", "-c", "snap1", d / IMAGE)
     qemu_io(d / IMAGE, "write -P 0x63 8k 8k", "write -P 0x64 400k 4k")
 
     d = new("v2")
-    run(img, "create", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4096", d / IMAGE, "512k")
+    sh(img, "create", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4096", d / IMAGE, "512k")
     qemu_io(d / IMAGE, "write -P 0x71 0 16k", "write -P 0x72 300k 1k")
 
     d = new("datafile")
-    run(img, "create", "-f", "qcow2", "-o", "data_file=data.raw,data_file_raw=on", IMAGE, "1M",
+    sh(img, "create", "-f", "qcow2", "-o", "data_file=data.raw,data_file_raw=on", IMAGE, "1M",
         cwd=d)
-    subprocess.run([qio, "-c", "write -P 0x81 64k 64k", IMAGE], cwd=d, check=True,
-                   capture_output=True, timeout=120)
+    sh(qio, "-c", "write -P 0x81 64k 64k", IMAGE, cwd=d, timeout=QEMU_TIMEOUT)
 
     d = new("extl2")  # extended L2 entries: subclusters over a backing file, compressed
-    run(img, "create", "-f", "qcow2", "-o", "cluster_size=4096", d / "backing.qcow2", "1M")
+    sh(img, "create", "-f", "qcow2", "-o", "cluster_size=4096", d / "backing.qcow2", "1M")
     qemu_io(d / "backing.qcow2", "write -P 0xb1 0 768k")
-    run(img, "create", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k", "-b",
+    sh(img, "create", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k", "-b",
         "backing.qcow2", "-F", "qcow2", IMAGE, "1M", cwd=d)
     qemu_io(d / IMAGE, "write -P 0xb2 1k 3k", "write -P 0xb3 64k 32k", "write -z 100k 2k",
             "write -c -P 0xb4 128k 32k", "discard 192k 32k", "write -P 0xb5 200k 1",
@@ -797,9 +794,8 @@ def check_reads_match_qemu(path: Path, tools: dict[str, str]) -> str:
     """Where both QEMU and we read a mutant, we read the same bytes as QEMU."""
     raw = path.with_name("qemu-read.raw")
     try:
-        proc = subprocess.run([tools["qemu-img"], "convert", "-f", "qcow2", "-O", "raw",
-                               path.name, raw.name], cwd=path.parent, capture_output=True,
-                              timeout=120)
+        proc = run(tools["qemu-img"], "convert", "-f", "qcow2", "-O", "raw", path.name,
+                   raw.name, cwd=path.parent, timeout=QEMU_TIMEOUT)
         if proc.returncode != 0:
             return "QEMU cannot read it"
         if raw.stat().st_size > READ_CAP:
@@ -838,9 +834,8 @@ def test_reads_match_qemu(bases: dict[str, Base], scratch: Scratch,
 def qemu_check(path: Path, tools: dict[str, str]) -> dict[str, Any] | None:
     """``qemu-img check --output=json`` (None when QEMU cannot check the image at all)."""
     try:
-        proc = subprocess.run([tools["qemu-img"], "check", "--output=json", "-f", "qcow2",
-                               path.name], cwd=path.parent, capture_output=True,
-                              encoding="utf-8", errors="replace", timeout=120)
+        proc = run(tools["qemu-img"], "check", "--output=json", "-f", "qcow2", path.name,
+                   cwd=path.parent, timeout=QEMU_TIMEOUT)
     except subprocess.TimeoutExpired:
         return None
     try:
@@ -854,10 +849,9 @@ def qemu_check(path: Path, tools: dict[str, str]) -> dict[str, Any] | None:
 def qemu_reads(path: Path, tools: dict[str, str], offset: int, length: int,
                pattern: int) -> bool | None:
     """Whether qemu-io reads ``pattern`` at [offset, offset+length) (None: cannot open)."""
-    proc = subprocess.run([tools["qemu-io"], "-r", "-f", "qcow2", "-c",
-                           f"read -P {pattern:#x} {offset} {length}", path.name],
-                          cwd=path.parent, capture_output=True, encoding="utf-8",
-                          errors="replace", timeout=120)
+    proc = run(tools["qemu-io"], "-r", "-f", "qcow2", "-c",
+               f"read -P {pattern:#x} {offset} {length}", path.name, cwd=path.parent,
+               timeout=QEMU_TIMEOUT)
     text = proc.stdout + proc.stderr
     if "Pattern verification failed" in text:
         return False
@@ -888,10 +882,9 @@ def qemu_same_write(path: Path, image: bytes, tools: dict[str, str], offset: int
     copy = path.with_name("qemu-copy.qcow2")
     copy.write_bytes(image)
     try:
-        proc = subprocess.run([tools["qemu-io"], "-f", "qcow2", "-c",
-                               f"write -P {pattern:#x} {offset} {length}", copy.name],
-                              cwd=path.parent, capture_output=True, encoding="utf-8",
-                              errors="replace", timeout=120)
+        proc = run(tools["qemu-io"], "-f", "qcow2", "-c",
+                   f"write -P {pattern:#x} {offset} {length}", copy.name, cwd=path.parent,
+                   timeout=QEMU_TIMEOUT)
         if "Preventing invalid" in proc.stderr:  # "write on metadata", "allocation of"
             return QEMU_OVERLAP
         if proc.returncode != 0 or "wrote" not in proc.stdout:

@@ -34,7 +34,6 @@ import json
 import os
 import signal
 import struct
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from fuzzfiles import file_digest
 
 from dirtybits.block.children import open_qcow2
 from dirtybits.errors import DirtybitsError
+from peers import qemu_io, run, sh
 
 IMAGE = "image.qcow2"
 TIME_LIMIT = 30.0
@@ -167,47 +167,41 @@ def analyse(name: str, data: bytes) -> Base:
     return base
 
 
-def run(*cmd: str | Path, cwd: Path | None = None,
-        check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([os.fspath(c) for c in cmd], check=check, capture_output=True,
-                          cwd=cwd, timeout=120, text=True, errors="replace")
+QEMU_TIMEOUT = 120  # seconds: a QEMU tool that hangs on a hostile image fails the example
 
 
 def build_bases(root: Path) -> dict[str, Base]:
     def qio(path: Path, *cmds: str) -> None:
-        args: list[str] = []
-        for c in cmds:
-            args += ["-c", c]
-        run("qemu-io", "-f", "qcow2", *args, path)
+        qemu_io(path, *cmds, fmt="qcow2")
 
     out = {}
     p = root / "snap4k.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", p, "1M")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", p, "1M")
     qio(p, "write -P 0x11 0 64k", "write -P 0x12 600k 8k")
-    run("qemu-img", "snapshot", "-c", "s1", p)
+    sh("qemu-img", "snapshot", "-c", "s1", p)
     qio(p, "write -P 0x13 4k 4k", "write -P 0x14 900k 8k")
-    run("qemu-img", "snapshot", "-c", "s2", p)
+    sh("qemu-img", "snapshot", "-c", "s2", p)
     qio(p, "write -P 0x15 8k 4k", "discard 600k 4k")
 
     p = root / "snap512.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", p, "4M")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", p, "4M")
     qio(p, "write -P 0x21 0 8k", "write -c -P 0x22 64k 2k", "write -P 0x23 3M 4k")
-    run("qemu-img", "snapshot", "-c", "s1", p)
+    sh("qemu-img", "snapshot", "-c", "s1", p)
     qio(p, "write -P 0x24 1k 1k", "write -P 0x25 65k 512")
-    run("qemu-img", "snapshot", "-c", "s2", p)
+    sh("qemu-img", "snapshot", "-c", "s2", p)
     qio(p, "write -P 0x26 3M 512")
 
     p = root / "snapbm.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", p, "2M")
-    run("qemu-img", "bitmap", "--add", p, "b0")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", p, "2M")
+    sh("qemu-img", "bitmap", "--add", p, "b0")
     qio(p, "write -P 0x31 0 128k")
-    run("qemu-img", "snapshot", "-c", "s1", p)
+    sh("qemu-img", "snapshot", "-c", "s1", p)
     qio(p, "write -P 0x32 64k 64k", "write -P 0x33 1M 64k")
-    run("qemu-img", "snapshot", "-c", "s2", p)
+    sh("qemu-img", "snapshot", "-c", "s2", p)
     qio(p, "write -P 0x34 1M 4k")
     for name in ("snap4k", "snap512", "snapbm"):
         path = root / f"{name}.qcow2"
-        run("qemu-img", "check", "-q", path)
+        sh("qemu-img", "check", "-q", path)
         out[name] = analyse(name, path.read_bytes())
     return out
 
@@ -411,7 +405,7 @@ QEMU_OPS = {"write": ("qemu-io", "-f", "qcow2", "-c", "write -P 0xc5 0 4k"),
 def qemu_op(op: str, path: Path) -> str:
     """"did" (qemu-io reports some failures with status 0), "refused" or "crashed" (QEMU
     7.2 aborts on some of these images: an assertion, a signal)."""
-    proc = run(*QEMU_OPS[op], path.name, cwd=path.parent, check=False)
+    proc = run(*QEMU_OPS[op], path.name, cwd=path.parent, timeout=QEMU_TIMEOUT)
     if proc.returncode < 0:
         return "crashed"
     if op == "write":
@@ -422,13 +416,14 @@ def qemu_op(op: str, path: Path) -> str:
 
 def qemu_refusal(path: Path) -> str | None:
     """Why ``qemu-img info`` cannot open the image (None: it can)."""
-    proc = run("qemu-img", "info", "-f", "qcow2", path.name, cwd=path.parent, check=False)
+    proc = run("qemu-img", "info", "-f", "qcow2", path.name, cwd=path.parent,
+               timeout=QEMU_TIMEOUT)
     return None if proc.returncode == 0 else proc.stderr.strip() or "refused"
 
 
 def corruptions(path: Path) -> int | None:
     proc = run("qemu-img", "check", "--output=json", "-f", "qcow2", path.name,
-               cwd=path.parent, check=False)
+               cwd=path.parent, timeout=QEMU_TIMEOUT)
     try:
         rep = json.loads(proc.stdout)
     except ValueError:

@@ -13,15 +13,12 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import pytest
 
 from dirtybits.format.qcow2.bitmaps import BitmapsExtension
 from dirtybits.format.qcow2.header import EXT_BITMAPS, HeaderCluster
-
-sys.path.insert(0, str(Path(__file__).parent))
 from peers import db, nbd_dirty_bytes, qemu_bitmaps, sh
 
 pytestmark = pytest.mark.interop

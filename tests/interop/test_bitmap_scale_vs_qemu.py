@@ -13,68 +13,25 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
+import peers
 from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
 from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
 from dirtybits.cli.bitmap import write_map
 from dirtybits.qcow2.image import Qcow2Image
+from peers import db, nbd_map, qemu_bitmaps, sh
 
 pytestmark = pytest.mark.interop
-Arg = str | os.PathLike[str]
-Done = subprocess.CompletedProcess[str]
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-
-
-def sh(*cmd: Arg, ok: tuple[int, ...] = (0,)) -> Done:
-    proc = subprocess.run([os.fspath(c) for c in cmd], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode in ok, (cmd, proc.stdout, proc.stderr)
-    return proc
-
-
-def db(*args: Arg, ok: tuple[int, ...] = (0,)) -> Done:
-    return sh(sys.executable, "-m", "dirtybits.cli.main", *args, ok=ok)
 
 
 def nbd_maps(path: Path, names: Iterable[str]) -> dict[str, str]:
     """``nbdinfo --map=qemu:dirty-bitmap:NAME`` of each bitmap served by ``qemu-nbd -B``."""
-    out = {}
-    for i, name in enumerate(names):
-        sock, pidfile = path.parent / f"nbd{i}.sock", path.parent / f"nbd{i}.pid"
-        sh("qemu-nbd", "--fork", "--pid-file", pidfile, "-r", "-t", "-k", sock, "-f", "qcow2",
-           "-B", name, path)
-        pid = int(pidfile.read_text())
-        try:
-            out[name] = sh("nbdinfo", f"--map=qemu:dirty-bitmap:{name}",
-                           f"nbd+unix:///?socket={sock}").stdout
-        finally:
-            os.kill(pid, signal.SIGTERM)
-            while running(pid):
-                time.sleep(0.005)
-            sock.unlink(missing_ok=True)
-    return out
-
-
-def running(pid: int) -> bool:
-    """Whether ``pid`` still runs. A daemon's zombie may linger unreaped (its parent is
-    init): once all its threads are gone it holds no file, socket or lock any more."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    state = re.search(r"^State:\s+(\S)", status, re.M)
-    threads = re.search(r"^Threads:\s+(\d+)", status, re.M)
-    return not (state and state[1] in "ZX" and (not threads or int(threads[1]) <= 1))
+    return {name: nbd_map(path, name) for name in names}
 
 
 def our_maps(path: Path, names: Iterable[str]) -> dict[str, str]:
@@ -101,19 +58,13 @@ def expected_map(size: int, granularity: int, writes: Iterable[tuple[int, int]])
     return buf.getvalue()
 
 
-def qemu_bitmaps(path: Path) -> list[dict[str, object]]:
-    info = json.loads(sh("qemu-img", "info", "--output=json", path).stdout)
-    return list(info["format-specific"]["data"].get("bitmaps", []))
-
-
 def check_clean(path: Path) -> None:
     out = json.loads(sh("qemu-img", "check", "--output=json", path).stdout)
     assert out.get("corruptions", 0) == 0 and out.get("leaks", 0) == 0, out
 
 
 def qemu_io(path: Path, writes: Iterable[tuple[int, int]]) -> None:
-    sh("qemu-io", "-f", "qcow2", *[a for off, n in writes for a in ("-c", f"write {off} {n}")],
-       path)
+    peers.qemu_io(path, *[f"write {off} {n}" for off, n in writes], fmt="qcow2")
 
 
 GRANS = (512, 64 * KiB, 2 * GiB, 4 * KiB, 1 * MiB)

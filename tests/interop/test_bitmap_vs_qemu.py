@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from peers import db, nbd_map, qemu_bitmaps, sh
+from peers import db, db_session, nbd_map, qemu_bitmaps, sh
 
 pytestmark = pytest.mark.interop
 
@@ -142,9 +140,7 @@ def test_killed_writer_leaves_bitmaps_in_use(tmp_path: Path) -> None:
     img = tmp_path / "d.qcow2"
     sh("qemu-img", "create", "-q", "-f", "qcow2", img, "1M")
     sh("qemu-img", "bitmap", "--add", img, "b0")
-    proc = subprocess.Popen([sys.executable, "-m", "dirtybits.cli.main", "io",
-                             "--checkpoint=none", str(img)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = db_session("io", "--checkpoint=none", img)
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write("write 0 4k\n")
     proc.stdin.flush()
@@ -157,8 +153,7 @@ def test_killed_writer_leaves_bitmaps_in_use(tmp_path: Path) -> None:
 
 
 def _io_session(img: Path, *opts: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "dirtybits.cli.main", "io", *opts, str(img)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    return db_session("io", *opts, img)
 
 
 def _say(proc: subprocess.Popen[str], line: str, expect: str) -> None:

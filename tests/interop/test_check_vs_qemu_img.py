@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
+import peers
 from dirtybits.format.qcow2.header import HeaderCluster, Qcow2Header
 from dirtybits.format.qcow2.refcount import get_refcount, set_refcount
 from dirtybits.format.qcow2.tables import L1E_OFFSET_MASK, L2E_OFFSET_MASK, REFT_OFFSET_MASK
+from peers import qemu_img, run
 
 pytestmark = pytest.mark.interop
 
@@ -105,21 +107,9 @@ def add_leaked_clusters(path: Path, count: int, refcount: int = 1) -> None:
 
 
 # --------------------------------------------------------------------------- running tools
-def run(*cmd: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300)
-
-
-def qemu_img(*args: str | Path) -> None:
-    proc = run("qemu-img", *args)
-    assert proc.returncode == 0, proc.stderr
-
-
 def qemu_io(path: Path, *commands: str) -> None:
-    args: list[str | Path] = ["qemu-io", "-f", "qcow2"]
-    for c in commands:
-        args += ["-c", c]
-    proc = run(*args, path)
-    assert proc.returncode == 0 and "error" not in proc.stdout.lower(), proc.stdout + proc.stderr
+    proc = peers.qemu_io(path, *commands, fmt="qcow2")
+    assert "error" not in proc.stdout.lower(), proc.stdout + proc.stderr
 
 
 def parse_check(proc: subprocess.CompletedProcess[str]) -> tuple[int, dict[str, object] | None]:
@@ -298,11 +288,7 @@ def crashed_lazy(opts: str, size: str, *commands: str) -> Callable[[Path], Path]
     bit stays set and the refcounts of everything allocated since open are missing."""
     def build(w: Path) -> Path:
         path = make_image(w, f"lazy_refcounts=on,{opts}".rstrip(","), size, writes=())
-        args: list[str | Path] = ["qemu-io", "-f", "qcow2"]
-        for c in (*commands, "sigraise 9"):
-            args += ["-c", c]
-        proc = run(*args, path)
-        assert proc.returncode == -9, proc.stdout + proc.stderr
+        peers.qemu_io(path, *commands, "sigraise 9", fmt="qcow2", ok=(-9,))  # killed
         assert header(path).incompatible_features & 1
         return path
     return build

@@ -12,11 +12,13 @@ import hashlib
 import json
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+import peers
+from peers import db, run, sh
 
 pytestmark = pytest.mark.interop
 
@@ -24,24 +26,17 @@ Cli = Callable[..., "subprocess.CompletedProcess[str]"]
 Proc = "subprocess.CompletedProcess[str]"
 
 
-def run(*cmd: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300,
-                          cwd=cwd)
-
-
 def ok(*cmd: str | Path, cwd: Path | None = None) -> str:
-    proc = run(*cmd, cwd=cwd)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
+    return sh(*cmd, cwd=cwd).stdout
 
 
 def qemu_io(path: Path, *cmds: str) -> None:
     # from the image's directory: QEMU 7.2 opens a relative data_file name from the cwd
-    ok("qemu-io", *(a for c in cmds for a in ("-c", c)), path.name, cwd=path.parent)
+    peers.qemu_io(path.name, *cmds, cwd=path.parent)
 
 
 def dirtybits(*args: str | Path, cwd: Path) -> str:
-    return ok(sys.executable, "-m", "dirtybits.cli.main", *args, cwd=cwd)
+    return db(*args, cwd=cwd).stdout
 
 
 def qcreate(path: Path, size: str = "4M", opts: str = "", *extra: str) -> Path:

@@ -17,12 +17,10 @@ from __future__ import annotations
 import json
 import random
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from peers import db, sh
 
 pytestmark = pytest.mark.interop

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
+
+from peers import qemu_img
 
 
 def test_demo_runs_and_qemu_agrees(dirtybits_cli: Any, tmp_path: Path) -> None:
@@ -12,6 +13,6 @@ def test_demo_runs_and_qemu_agrees(dirtybits_cli: Any, tmp_path: Path) -> None:
     assert "qemu-img's verdict: clean" in out
     assert "   1048576     1048576    1  dirty" in out  # the 1 MiB write at 1 MiB, recorded
     disk = tmp_path / "d" / "disk.qcow2"
-    subprocess.run(["qemu-img", "check", str(disk)], check=True, capture_output=True)
+    qemu_img("check", disk)
     # a rerun starts afresh rather than failing on the existing disk
     dirtybits_cli("demo", "--dir", tmp_path / "d", check=True)

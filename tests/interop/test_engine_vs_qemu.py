@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 
+import peers
 from dirtybits.block.children import open_qcow2
 from dirtybits.block.open import open_image
 from dirtybits.errors import DirtybitsError, UnsupportedFeatureError
@@ -56,7 +57,7 @@ BACKINGS = ("none", "raw", "qcow2")
 def _run(cmd: list[str], cwd: Path | None = None, ok: tuple[int, ...] = (0,)) -> \
         subprocess.CompletedProcess[str]:
     for _attempt in range(5):
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=120)
+        proc = peers.run(*cmd, cwd=cwd)
         # QEMU's LUKS key-slot benchmark gives up now and then (a QEMU limit): try again
         if "Unable to get accurate CPU usage" not in proc.stderr:
             break

@@ -14,12 +14,10 @@ import json
 import random
 import re
 import struct
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from peers import db, nbd_dirty_bytes, sh
 
 pytestmark = pytest.mark.interop

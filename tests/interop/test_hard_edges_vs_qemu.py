@@ -8,12 +8,10 @@ with -r, block opening one (dirtybits must not, see tests/unit/test_wrong_paths.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from peers import Done, db, sh
 
 pytestmark = pytest.mark.interop

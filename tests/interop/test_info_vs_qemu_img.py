@@ -15,31 +15,22 @@ from pathlib import Path
 import pytest
 
 from dirtybits.format.qcow2.header import EXT_BITMAPS, HeaderCluster
+from peers import run, sh
 
 pytestmark = pytest.mark.interop
 
 Cli = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
-def run(*cmd: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120,
-                          cwd=cwd)
-
-
-def ok(*cmd: str | Path, cwd: Path | None = None) -> None:
-    proc = run(*cmd, cwd=cwd)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
 def create(w: Path, name: str, opts: str = "", size: str = "64M", *extra: str) -> Path:
-    ok("qemu-img", "create", "-q", "-f", "qcow2", *(["-o", opts] if opts else []), *extra,
+    sh("qemu-img", "create", "-q", "-f", "qcow2", *(["-o", opts] if opts else []), *extra,
        name, size, cwd=w)
     return w / name
 
 
 def plain(w: Path) -> str:
     path = create(w, "plain.qcow2")
-    ok("qemu-io", "-c", "write -P 1 0 1M", path)
+    sh("qemu-io", "-c", "write -P 1 0 1M", path)
     return "plain.qcow2"
 
 
@@ -101,10 +92,10 @@ def dirty_corrupt(w: Path) -> str:
 
 def bitmaps(w: Path) -> str:
     path = create(w, "bm.qcow2", "", "1M")
-    ok("qemu-img", "bitmap", "--add", path, "b0")
-    ok("qemu-img", "bitmap", "--add", "-g", "4096", path, "b1")
-    ok("qemu-img", "bitmap", "--disable", path, "b1")
-    ok("qemu-io", "-c", "write 0 64k", path)
+    sh("qemu-img", "bitmap", "--add", path, "b0")
+    sh("qemu-img", "bitmap", "--add", "-g", "4096", path, "b1")
+    sh("qemu-img", "bitmap", "--disable", path, "b1")
+    sh("qemu-io", "-c", "write 0 64k", path)
     return "bm.qcow2"
 
 
@@ -127,9 +118,9 @@ def bitmap_in_use(w: Path) -> str:
 
 def snapshots(w: Path) -> str:
     path = create(w, "snap.qcow2")
-    ok("qemu-img", "snapshot", "-c", "first", path)
-    ok("qemu-io", "-c", "write 0 64k", path)
-    ok("qemu-img", "snapshot", "-c", "a-rather-long-snapshot-name", path)
+    sh("qemu-img", "snapshot", "-c", "first", path)
+    sh("qemu-io", "-c", "write 0 64k", path)
+    sh("qemu-img", "snapshot", "-c", "a-rather-long-snapshot-name", path)
     return "snap.qcow2"
 
 

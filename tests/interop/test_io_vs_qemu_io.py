@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from peers import qemu_img, run
+
 pytestmark = pytest.mark.interop
 
 CliRunner = Callable[..., "subprocess.CompletedProcess[str]"]  # the dirtybits_cli fixture
@@ -36,16 +38,15 @@ def normalize(text: str, prog: str) -> list[str]:
     return lines
 
 
-def run_both(tools: dict[str, str], cli: CliRunner, workdir: Path, fmt: str,
+def run_both(cli: CliRunner, workdir: Path, fmt: str,
              commands: list[str], *, size: str = "1M", options: tuple[str, ...] = ()
              ) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str],
                         Path, Path]:
     ref, ours = workdir / f"qemu.{fmt}", workdir / f"dirtybits.{fmt}"
-    subprocess.run([tools["qemu-img"], "create", "-q", "-f", fmt, str(ref), size], check=True)
+    qemu_img("create", "-q", "-f", fmt, ref, size)
     shutil.copyfile(ref, ours)
     cmd_args = [arg for c in commands for arg in ("-c", c)]
-    q = subprocess.run([tools["qemu-io"], "-f", fmt, *options, *cmd_args, str(ref)],
-                       capture_output=True, text=True, timeout=120)
+    q = run("qemu-io", "-f", fmt, *options, *cmd_args, ref)
     d = cli("io", "-f", fmt, *options, *cmd_args, ours)
     return q, d, ref, ours
 
@@ -96,7 +97,7 @@ RAW_CASES = {
 @pytest.mark.parametrize("name", sorted(RAW_CASES))
 def test_raw_same_image_and_output(name: str, qemu_tools: dict[str, str],
                                    dirtybits_cli: CliRunner, workdir: Path) -> None:
-    q, d, ref, ours = run_both(qemu_tools, dirtybits_cli, workdir, "raw", RAW_CASES[name])
+    q, d, ref, ours = run_both(dirtybits_cli, workdir, "raw", RAW_CASES[name])
     assert ours.read_bytes() == ref.read_bytes()
     assert_same_behaviour(q, d)
 
@@ -106,7 +107,7 @@ def test_read_pattern_failure_reported_the_same(qemu_tools: dict[str, str],
                                                 workdir: Path) -> None:
     commands = ["write -q -P 0x11 0 64k", "read -q -P 0x11 0 64k", "read -q -P 0x12 4k 8k",
                 "read -q -P 0x11 -s 4k -l 512 62k 8k", "read -q -P 0x11 -l 2k 62k 8k"]
-    q, d, _, _ = run_both(qemu_tools, dirtybits_cli, workdir, "raw", commands)
+    q, d, _, _ = run_both(dirtybits_cli, workdir, "raw", commands)
     expected = ["Pattern verification failed at offset 4096, 8192 bytes",
                 "Pattern verification failed at offset 67584, 512 bytes"]
     assert q.stdout.splitlines() == expected  # what qemu-io 7.2 prints
@@ -118,7 +119,7 @@ def test_read_only_refusals(qemu_tools: dict[str, str], dirtybits_cli: CliRunner
                             workdir: Path) -> None:
     commands = ["write 0 4k", "discard 0 4k", "truncate 2M", "flush", "write -z 0 4k",
                 "read -q 0 4k", "write 0", "write -P 999 0 1"]
-    q, d, ref, ours = run_both(qemu_tools, dirtybits_cli, workdir, "raw", commands,
+    q, d, ref, ours = run_both(dirtybits_cli, workdir, "raw", commands,
                                options=("-r",))
     assert ours.read_bytes() == ref.read_bytes()
     assert_same_behaviour(q, d)
@@ -129,12 +130,10 @@ def test_commands_from_stdin_give_the_same_image(qemu_tools: dict[str, str],
                                                  workdir: Path) -> None:
     script = "".join(f"write -q -P {i} {i * 3}k {i + 1}k\n" for i in range(1, 40))
     ref, ours = workdir / "qemu.raw", workdir / "dirtybits.raw"
-    subprocess.run([qemu_tools["qemu-img"], "create", "-q", "-f", "raw", str(ref), "1M"],
-                   check=True)
+    qemu_img("create", "-q", "-f", "raw", ref, "1M")
     shutil.copyfile(ref, ours)
     # qemu-io prints a "qemu-io> " prompt per line even on a pipe; only the images compare.
-    q = subprocess.run([qemu_tools["qemu-io"], "-f", "raw", str(ref)], input=script,
-                       capture_output=True, text=True, timeout=120)
+    q = run("qemu-io", "-f", "raw", ref, input=script)
     d = dirtybits_cli("io", "-f", "raw", ours, input="# comment\n\n" + script)
     assert q.returncode == d.returncode == 0
     assert d.stdout == d.stderr == ""
@@ -159,13 +158,11 @@ QCOW2_CASES = {
 @pytest.mark.parametrize("name", sorted(QCOW2_CASES))
 def test_qcow2_same_guest_data_and_output(name: str, qemu_tools: dict[str, str],
                                           dirtybits_cli: CliRunner, workdir: Path) -> None:
-    q, d, ref, ours = run_both(qemu_tools, dirtybits_cli, workdir, "qcow2", QCOW2_CASES[name])
+    q, d, ref, ours = run_both(dirtybits_cli, workdir, "qcow2", QCOW2_CASES[name])
     assert_same_behaviour(q, d)
-    compare = subprocess.run([qemu_tools["qemu-img"], "compare", "-f", "qcow2", "-F", "qcow2",
-                              str(ref), str(ours)], capture_output=True, text=True)
+    compare = run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", ref, ours)
     assert compare.returncode == 0, compare.stdout + compare.stderr
-    check = subprocess.run([qemu_tools["qemu-img"], "check", "-f", "qcow2", str(ours)],
-                           capture_output=True, text=True)
+    check = run("qemu-img", "check", "-f", "qcow2", ours)
     assert check.returncode == 0, check.stdout + check.stderr
 
 
@@ -196,13 +193,33 @@ def test_qcow2_same_file_bytes(name: str, qemu_tools: dict[str, str], dirtybits_
                                workdir: Path) -> None:
     opts, size, commands = LAYOUT_CASES[name]
     ref, ours = workdir / "qemu.qcow2", workdir / "dirtybits.qcow2"
-    subprocess.run([qemu_tools["qemu-img"], "create", "-q", "-f", "qcow2",
-                    *(["-o", opts] if opts else []), str(ref), size], check=True)
+    qemu_img("create", "-q", "-f", "qcow2", *(["-o", opts] if opts else []), ref, size)
     shutil.copyfile(ref, ours)
     cmd_args = [arg for c in commands for arg in ("-c", c)]
-    q = subprocess.run([qemu_tools["qemu-io"], "-f", "qcow2", *cmd_args, str(ref)],
-                       capture_output=True, text=True, timeout=120)
+    q = run("qemu-io", "-f", "qcow2", *cmd_args, ref)
     d = dirtybits_cli("io", "-f", "qcow2", *cmd_args, ours)
     assert q.returncode == d.returncode == 0, d.stdout + d.stderr
     assert ours.stat().st_size == ref.stat().st_size
     assert ours.read_bytes() == ref.read_bytes()
+
+
+@pytest.mark.parametrize("options", [(), ("-r",)])
+@pytest.mark.parametrize("layout", ["plain", "data-file"])
+def test_info_lists_bitmaps_as_qemu_io(options: tuple[str, ...], layout: str,
+                                       qemu_tools: dict[str, str], dirtybits_cli: CliRunner,
+                                       workdir: Path) -> None:
+    """``io -c info`` on an image with bitmaps (was: "cluster size: 0 bytes" and no format
+    block, or no bitmaps with -r): qemu-io's text, bitmaps block included."""
+    img = workdir / "b.qcow2"
+    extra = ["-o", f"data_file={workdir / 'b.raw'},data_file_raw=on"] \
+        if layout == "data-file" else []
+    subprocess.run([tools_img := qemu_tools["qemu-img"], "create", "-q", "-f", "qcow2", *extra,
+                    str(img), "1M"], check=True)
+    subprocess.run([tools_img, "bitmap", "--add", str(img), "b0"], check=True)
+    subprocess.run([tools_img, "bitmap", "--add", "--disable", "-g", "4096", str(img), "b1"],
+                   check=True)
+    q = subprocess.run([qemu_tools["qemu-io"], *options, "-c", "info", str(img)],
+                       capture_output=True, text=True, timeout=120)
+    d = dirtybits_cli("io", *options, "-c", "info", str(img))
+    assert "bitmaps:" in q.stdout and "cluster size: 64 KiB" in q.stdout
+    assert_same_behaviour(q, d)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+import peers
 from dirtybits import filelock
 
 pytestmark = [pytest.mark.interop,
@@ -55,8 +55,7 @@ def holding(cmd: list[str], cwd: Path) -> Iterator[subprocess.Popen[str]]:
     The answer to a first ``read`` proves the open (and so every lock, backing and data file
     included) is complete: both tools open before reading any command.
     """
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=cwd)
+    proc = peers.session(*cmd, cwd=cwd, stderr=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     try:
         proc.stdin.write("read 0 512\n")
@@ -73,11 +72,11 @@ def holding(cmd: list[str], cwd: Path) -> Iterator[subprocess.Popen[str]]:
 
 
 def ours(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dirtybits.cli.main", *args]
+    return [*peers.DIRTYBITS, *args]
 
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=120)
+    return peers.run(*cmd, cwd=cwd)
 
 
 def same_refusal(q: subprocess.CompletedProcess[str], d: subprocess.CompletedProcess[str],
@@ -90,20 +89,18 @@ def make(tools: dict[str, str], workdir: Path, kind: str) -> tuple[str, list[Pat
     """An image of ``kind``: (name to open, files whose locks to compare)."""
     qimg = tools["qemu-img"]
     if kind == "raw":
-        subprocess.run([qimg, "create", "-q", "-f", "raw", "d.raw", "1M"], cwd=workdir, check=True)
+        peers.sh(qimg, "create", "-q", "-f", "raw", "d.raw", "1M", cwd=workdir)
         return "d.raw", [workdir / "d.raw"]
     if kind == "backing":
-        subprocess.run([qimg, "create", "-q", "-f", "qcow2", "base.qcow2", "1M"], cwd=workdir,
-                       check=True)
-        subprocess.run([qimg, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
-                        "a.qcow2"], cwd=workdir, check=True)
+        peers.sh(qimg, "create", "-q", "-f", "qcow2", "base.qcow2", "1M", cwd=workdir)
+        peers.sh(qimg, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                 "a.qcow2", cwd=workdir)
         return "a.qcow2", [workdir / "a.qcow2", workdir / "base.qcow2"]
     if kind == "data-file":
-        subprocess.run([qimg, "create", "-q", "-f", "qcow2", "-o", "data_file=a.data",
-                        "a.qcow2", "1M"], cwd=workdir, check=True)
+        peers.sh(qimg, "create", "-q", "-f", "qcow2", "-o", "data_file=a.data", "a.qcow2", "1M",
+                 cwd=workdir)
         return "a.qcow2", [workdir / "a.qcow2", workdir / "a.data"]
-    subprocess.run([qimg, "create", "-q", "-f", "qcow2", "a.qcow2", "1M"], cwd=workdir,
-                   check=True)
+    peers.sh(qimg, "create", "-q", "-f", "qcow2", "a.qcow2", "1M", cwd=workdir)
     return "a.qcow2", [workdir / "a.qcow2"]
 
 
@@ -221,8 +218,8 @@ def test_data_file_naming_the_image_itself(qemu_tools: dict[str, str], workdir: 
     """The image's own fd unshares "resize" and "write": QEMU refuses the rw open (its data
     file step fails first on "resize"), so no guest write can land on the qcow2 header."""
     qimg = qemu_tools["qemu-img"]
-    subprocess.run([qimg, "create", "-q", "-f", "qcow2", "-o", "data_file=self.qcow2",
-                    "tmp.qcow2", "1M"], cwd=workdir, check=True)
+    peers.sh(qimg, "create", "-q", "-f", "qcow2", "-o", "data_file=self.qcow2", "tmp.qcow2",
+             "1M", cwd=workdir)
     (workdir / "self.qcow2").unlink()
     (workdir / "tmp.qcow2").rename(workdir / "self.qcow2")
     before = sha(workdir / "self.qcow2")
@@ -243,8 +240,7 @@ def test_convert_onto_its_source_is_refused(qemu_tools: dict[str, str], workdir:
     """The read-only source unshares "write", so creating the target over it fails before
     anything is truncated (QEMU's create locks first, then truncates)."""
     name, (img,) = make(qemu_tools, workdir, "qcow2")
-    subprocess.run([qemu_tools["qemu-io"], "-c", "write -P 0x33 0 64k", name], cwd=workdir,
-                   check=True, capture_output=True)
+    peers.sh(qemu_tools["qemu-io"], "-c", "write -P 0x33 0 64k", name, cwd=workdir)
     before = sha(img)
     q = run([qemu_tools["qemu-img"], "convert", "-O", out_fmt, name, name], workdir)
     d = run(ours("convert", "-O", out_fmt, name, name), workdir)

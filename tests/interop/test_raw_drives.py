@@ -13,14 +13,11 @@ import contextlib
 import io
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from peers import Arg, db, nbd_map, sh
+from peers import Arg, db, db_crash_after, nbd_map, sh
 
 pytestmark = pytest.mark.interop
 MiB = 1 << 20
@@ -188,21 +185,6 @@ def test_container_refusals(tmp_path: Path) -> None:
     sh("qemu-img", "check", c)
 
 
-def _session(c: Path, drive: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "dirtybits.cli.main", "io", "--bitmap-file",
-                             str(c), "--checkpoint=none", str(drive)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-
-def _say(proc: subprocess.Popen[str], line: str) -> None:
-    """Run one command and wait until it is done (``length`` after it is the fence)."""
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(line + "\nlength\n")
-    proc.stdin.flush()
-    while not (got := proc.stdout.readline()).endswith("MiB\n"):
-        assert got, line
-
-
 def _bitmap_states(c: Path) -> dict[str, list[str]]:
     info = json.loads(sh("qemu-img", "info", "-U", "--output=json", c).stdout)
     return {b["name"]: b["flags"] for b in info["format-specific"]["data"]["bitmaps"]}
@@ -211,12 +193,7 @@ def _bitmap_states(c: Path) -> dict[str, list[str]]:
 def test_killed_writer_leaves_bitmaps_in_use_or_consistent(tmp_path: Path) -> None:
     c, drives = _container(tmp_path)
     # killed after a write, before any checkpoint: its drive's bitmaps say "in use"
-    proc = _session(c, drives[3])
-    try:
-        _say(proc, "write 0 4k")
-    finally:
-        proc.kill()
-        proc.wait()
+    db_crash_after(drives[3], "write 0 4k", options=("--bitmap-file", c, "--checkpoint=none"))
     states = _bitmap_states(c)
     assert states["d03/daily"] == ["in-use", "auto"]
     assert states["d03/hourly"] == ["in-use", "auto"]
@@ -225,27 +202,14 @@ def test_killed_writer_leaves_bitmaps_in_use_or_consistent(tmp_path: Path) -> No
     assert "inconsistent" in out.stderr
     sh("qemu-img", "check", c)
     # killed after a flush (a checkpoint): consistent, covering every write
-    proc = _session(c, drives[0])
-    try:
-        _say(proc, "write 64k 4k")
-        _say(proc, "write 512k 4k")
-        _say(proc, "flush")
-    finally:
-        proc.kill()
-        proc.wait()
+    db_crash_after(drives[0], "write 64k 4k", "write 512k 4k", "flush",
+                   options=("--bitmap-file", c, "--checkpoint=none"))
     assert _bitmap_states(c)["d00/daily"] == ["auto"]
     assert runs(db("container", "bitmap", c, "d00", "--dump", "daily").stdout)[:4] == [
         (0, 65536, 0), (65536, 65536, 1), (131072, 393216, 0), (524288, 65536, 1)]
     # killed at an arbitrary moment with the default checkpoint policy: one of the two
-    proc = subprocess.Popen([sys.executable, "-m", "dirtybits.cli.main", "io", "--bitmap-file",
-                             str(c), str(drives[9])],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        for off in range(0, 8 * MiB, MiB):
-            _say(proc, f"write {off} 4k")
-    finally:
-        proc.kill()
-        proc.wait()
+    db_crash_after(drives[9], *[f"write {off} 4k" for off in range(0, 8 * MiB, MiB)],
+                   options=("--bitmap-file", c))
     flags = _bitmap_states(c)["d09/daily"]
     if "in-use" not in flags:
         dump = runs(db("container", "bitmap", c, "d09", "--dump", "daily").stdout)

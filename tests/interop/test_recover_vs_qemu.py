@@ -8,12 +8,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,9 +17,9 @@ import pytest
 from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
 from dirtybits.cli.bitmap_recover import apply_recover
 from dirtybits.qcow2.image import Qcow2Image
+from peers import db, db_session, kill_after, nbd_dirty_runs, qemu_bitmaps, run, session, sh
 
 pytestmark = pytest.mark.interop
-Arg = str | os.PathLike[str]
 SIZE = 16 * 1024 * 1024 + 1536  # not a multiple of 64 KiB
 M = 1 << 20
 # after the backup; "same" rewrites identical data, "zeros over zeros" changes nothing either
@@ -36,42 +32,6 @@ WRITES = [
     "write -P 0 12M 64k",  # zeros over zeros: not a change
     "write -P 0xee 14680000 200000",  # unaligned, several granules
 ]
-
-
-def sh(*cmd: Arg) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([os.fspath(c) for c in cmd], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, (cmd, proc.stdout, proc.stderr)
-    return proc
-
-
-def qemu_bitmaps(path: Path) -> list[dict[str, object]]:
-    info = json.loads(sh("qemu-img", "info", "--output=json", path).stdout)
-    return list(info["format-specific"]["data"].get("bitmaps", []))
-
-
-def nbd_dirty(path: Path, bitmap: str) -> list[tuple[int, int]]:
-    sock = path.parent / f"nbd-{os.getpid()}.sock"
-    proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-k", str(sock), "-f", "qcow2", "-B",
-                             bitmap, str(path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        for _ in range(200):
-            if sock.exists() or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        out = sh("nbdinfo", f"--map=qemu:dirty-bitmap:{bitmap}",
-                 f"nbd+unix:///?socket={sock}").stdout
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
-    runs = []
-    for line in out.splitlines():
-        off, length, kind, *_ = line.split()
-        if kind == "1":
-            runs.append((int(off), int(length)))
-    return runs
 
 
 def oracle(img: Path, ref: Path, gran: int, tmp: Path) -> list[tuple[int, int]]:
@@ -93,19 +53,9 @@ def oracle(img: Path, ref: Path, gran: int, tmp: Path) -> list[tuple[int, int]]:
 
 def killed_writer(img: Path, writer: str) -> None:
     """Run WRITES in one writer process, wait until each is done, then SIGKILL it."""
-    argv = (["qemu-io", "-f", "qcow2", str(img)] if writer == "qemu-io" else
-            [sys.executable, "-m", "dirtybits.cli.main", "io", "--checkpoint=none", str(img)])
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
-        for cmd in WRITES:
-            proc.stdin.write(cmd + "\n")
-            proc.stdin.flush()
-            while "wrote" not in (line := proc.stdout.readline()):
-                assert line, cmd
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    proc = (session("qemu-io", "-f", "qcow2", img) if writer == "qemu-io" else
+            db_session("io", "--checkpoint=none", img))
+    kill_after(proc, WRITES, "wrote")
 
 
 def recover(img: Path, ref: Path, name: str) -> str:
@@ -133,7 +83,7 @@ def test_killed_writer_bitmap_rebuilt(tmp_path: Path, writer: str, ref_format: s
         summary = recover(img, ref, name)
         assert summary.startswith(f"Bitmap '{name}' rebuilt")
         want = oracle(img, ref, gran, tmp_path)
-        assert nbd_dirty(img, name) == want
+        assert nbd_dirty_runs(img, name) == want
     assert [b["flags"] for b in qemu_bitmaps(img)] == [["auto"], ["auto"]]
     sh("qemu-img", "check", img)
     # the identical rewrite at 1M and the zeros at 12M are not changes
@@ -144,7 +94,7 @@ def test_killed_writer_bitmap_rebuilt(tmp_path: Path, writer: str, ref_format: s
     if writer == "qemu-io":  # (dirtybits io's newly allocated clusters die with it: its L2
         # tables are written at flush, as with QEMU's cache=writeback)
         assert (SIZE - 1536, 1536) in want
-        assert nbd_dirty(img, "b64k")[-1] == (16 * M, 1536)  # the partial last granule
+        assert nbd_dirty_runs(img, "b64k")[-1] == (16 * M, 1536)  # the partial last granule
 
 
 def test_qemu_continues_a_recovered_bitmap(tmp_path: Path) -> None:
@@ -154,18 +104,10 @@ def test_qemu_continues_a_recovered_bitmap(tmp_path: Path) -> None:
     sh("qemu-img", "bitmap", "--add", img, "b")
     ref = tmp_path / "backup.qcow2"
     shutil.copy(img, ref)
-    proc = subprocess.Popen(["qemu-io", "-f", "qcow2", str(img)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write("write -P 1 0 4k\n")
-    proc.stdin.flush()
-    while "wrote" not in (line := proc.stdout.readline()):
-        assert line
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after(session("qemu-io", "-f", "qcow2", img), ["write -P 1 0 4k"], "wrote")
     recover(img, ref, "b")
     sh("qemu-io", "-c", "write 3M 4k", img)
-    assert nbd_dirty(img, "b") == [(0, 65536), (3 * M, 65536)]
+    assert nbd_dirty_runs(img, "b") == [(0, 65536), (3 * M, 65536)]
     sh("qemu-img", "check", img)
 
 
@@ -173,9 +115,8 @@ def test_recover_bench_quick_runs_and_checks_pass(tmp_path: Path) -> None:
     """bench/recover_bench.py end to end on a tiny disk: its checks pass (no timing asserted)."""
     bench = Path(__file__).resolve().parents[2] / "bench" / "recover_bench.py"
     out = tmp_path / "recover.json"
-    proc = subprocess.run([sys.executable, str(bench), "--quick", "--size", "64M", "--dir",
-                           str(tmp_path), "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = run(sys.executable, bench, "--quick", "--size", "64M", "--dir", tmp_path,
+               "--json", out, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads(out.read_text())
     assert results["ok"] is True and results["problems"] == []
@@ -189,22 +130,13 @@ def test_cli_recover(tmp_path: Path) -> None:
     sh("qemu-img", "bitmap", "--add", "-g", "4k", img, "b")
     ref = tmp_path / "backup.raw"
     sh("qemu-img", "convert", "-O", "raw", img, ref)
-    killed = subprocess.Popen(["qemu-io", "-f", "qcow2", str(img)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    assert killed.stdin is not None and killed.stdout is not None
-    killed.stdin.write("write -P 7 5M 10k\n")
-    killed.stdin.flush()
-    while "wrote" not in (line := killed.stdout.readline()):
-        assert line
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    db = [sys.executable, "-m", "dirtybits.cli.main", "bitmap"]
-    usage = subprocess.run([*db, "--recover", str(img), "b"], capture_output=True, text=True)
+    kill_after(session("qemu-io", "-f", "qcow2", img), ["write -P 7 5M 10k"], "wrote")
+    usage = db("bitmap", "--recover", img, "b", ok=None)
     assert usage.returncode != 0 and "--reference" in usage.stderr
-    done = sh(*db, "--recover", "--reference", ref, "--reference-format", "raw", "--dump",
+    done = db("bitmap", "--recover", "--reference", ref, "--reference-format", "raw", "--dump",
               img, "b")
     assert done.stdout.startswith("Bitmap 'b' rebuilt: 3 granules of 4096 bytes differ")
     assert "   5242880       12288    1  dirty" in done.stdout
-    assert nbd_dirty(img, "b") == [(5 * M, 12288)]
+    assert nbd_dirty_runs(img, "b") == [(5 * M, 12288)]
     assert [b["flags"] for b in qemu_bitmaps(img)] == [["auto"]]
     sh("qemu-img", "check", img)

@@ -12,13 +12,9 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from peers import db, sh
 
 from dirtybits.format.qcow2.header import HeaderCluster
 from dirtybits.format.qcow2.refcount import get_refcount, set_refcount
@@ -29,6 +25,7 @@ from dirtybits.format.qcow2.tables import (
     REFT_OFFSET_MASK,
     encode_compressed,
 )
+from peers import db, sh
 
 pytestmark = pytest.mark.interop
 

@@ -3,65 +3,25 @@ writes (so the map is then not trusted), and sees recovered bitmaps as consisten
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from dirtybits.block import write_intent
 from dirtybits.qcow2.image import Qcow2Image
-
-sys.path.insert(0, str(Path(__file__).parent))
-from peers import db_crash_after
+from peers import db, db_crash_after, nbd_map, qemu_bitmaps, sh
 
 pytestmark = pytest.mark.interop
 
 
-def sh(*cmd: str | Path) -> str:
-    proc = subprocess.run([os.fspath(c) for c in cmd], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, (cmd, proc.stdout, proc.stderr)
-    return proc.stdout
-
-
-def db(*args: str | Path) -> str:
-    return sh(sys.executable, "-m", "dirtybits.cli.main", *args)
-
-
-def flags(img: Path) -> list[list[str]]:
-    info = json.loads(sh("qemu-img", "info", "-U", "--output=json", img))
-    return [b["flags"] for b in info["format-specific"]["data"]["bitmaps"]]
+def flags(img: Path) -> list[object]:
+    return [b["flags"] for b in qemu_bitmaps(img, force_share=True)]
 
 
 def map_state(img: Path) -> tuple[list[int] | None, bool]:
     with Qcow2Image.open(str(img), readonly=True, force_share=True) as q:
         rec = write_intent.describe(q)
         return (rec.regions() if rec else None), write_intent.is_valid(q)
-
-
-def crash_after(img: Path, *commands: str) -> None:
-    """Run io commands in a session that is then killed with SIGKILL (no checkpoints)."""
-    db_crash_after(img, *commands)
-
-
-def nbd_map(img: Path, bitmap: str) -> str:
-    sock = img.parent / "nbd.sock"
-    proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-k", str(sock), "-f", "qcow2", "-B",
-                             bitmap, str(img)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(100):
-            if sock.exists():
-                break
-            time.sleep(0.05)
-        return sh("nbdinfo", f"--map=qemu:dirty-bitmap:{bitmap}", f"nbd+unix:///?socket={sock}")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture
@@ -75,7 +35,7 @@ def image(tmp_path: Path) -> Path:
 
 
 def test_crash_recovered_and_qemu_sees_a_consistent_bitmap(image: Path) -> None:
-    crash_after(image, "write 0 4k", "write 20M 512")
+    db_crash_after(image, "write 0 4k", "write 20M 512")
     assert flags(image) == [["in-use", "auto"]]
     assert map_state(image) == ([0, 20], True)
     sh("qemu-img", "check", image)
@@ -90,7 +50,7 @@ def test_crash_recovered_and_qemu_sees_a_consistent_bitmap(image: Path) -> None:
 
 
 def test_qemu_write_invalidates_the_map(image: Path) -> None:
-    crash_after(image, "write 0 4k")
+    db_crash_after(image, "write 0 4k")
     sh("qemu-io", "-c", "write 30M 4k", image)  # QEMU: b0 stays inconsistent, our bit cleared
     regions, valid = map_state(image)
     assert regions == [0] and not valid  # QEMU kept the extension, cleared our autoclear bit
@@ -107,7 +67,7 @@ def test_qemu_keeps_the_extension_across_its_own_rewrites(image: Path) -> None:
     assert regions == [0] and not valid
     db("io", "-c", "write 8M 4k", image)  # a new epoch starts, excluding nothing
     assert map_state(image) == ([8], True)  # hot regions stay marked one checkpoint longer
-    crash_after(image, "write 9M 4k")
+    db_crash_after(image, "write 9M 4k")
     db("io", "-c", "read 0 512", image)
     assert flags(image) == [["auto"], ["auto"]]
     # region 9 (the crashed write) and region 8 (still marked) come back dirty

@@ -13,12 +13,10 @@ import hashlib
 import re
 import shutil
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from peers import db, db_crash_after, nbd_map, qemu_bitmaps, sh
 
 pytestmark = pytest.mark.interop

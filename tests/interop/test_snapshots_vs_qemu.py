@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from peers import db, nbd_map, qemu_bitmaps, sh
 
 pytestmark = pytest.mark.interop

@@ -8,12 +8,10 @@ QEMU reads them: ``convert -O raw`` equal to qemu-img's, ``io -r read -P`` of ea
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from peers import db, sh
 
 pytestmark = pytest.mark.interop

@@ -167,3 +167,35 @@ def test_compress_bench_quick_runs_and_checks_pass(qemu_tools: dict[str, str],
     assert results["ok"] is True
     assert [r["compression"] for r in results["results"]] == ["zlib", "zstd"]
     assert [p.name for p in tmp_path.iterdir()] == ["compress.json"]
+
+
+@pytest.mark.interop
+def test_block_bench_quick_runs_and_checks_pass(qemu_tools: dict[str, str],
+                                                tmp_path: Path) -> None:
+    """All three parts run in-process workers (this checkout, and the baseline revision when
+    the checkout holds it) and qemu-io; the bitmaps hold exactly the granules each side wrote,
+    the facade's reads equal the direct ones, every sha256 query matches."""
+    out = tmp_path / "block.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "block_bench.py"), "--quick", "--span", "4M",
+         "--big-size", "64G", "--dir", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAIL" not in proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    assert results["ok"] is True
+    baseline = not any("baseline skipped" in n for n in results["notes"])
+    rows = results["results"]
+    track = [r for r in rows if r["part"] == "track"]
+    assert [(r["write"], r["bitmaps"]) for r in track] == [
+        (s, n) for s in (4096, 65536) for n in (0, 1, 8)]
+    for r in track:
+        sides = {k.split(" ")[0] for k, v in r["cpu_us"].items() if v}
+        assert sides == ({"new", "old", "qemu-io"} if baseline else {"new", "qemu-io"})
+    facade = [r for r in rows if r["part"] == "facade"]
+    assert [r["call"] for r in facade] == ["direct", "facade", "concurrent"]
+    assert all(r["median_wall_us"] > 0 for r in facade)
+    sha = [r["side"].split(" ")[0] for r in rows if r["part"] == "sha256"]
+    assert sha == (["new", "old", "qemu-io"] if baseline else ["new", "qemu-io"])
+    assert [p.name for p in tmp_path.iterdir()] == ["block.json"]

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+import peers
 from dirtybits.errors import FormatError
 from dirtybits.format.qcow2.bitmaps import (
     BME_FLAG_AUTO,
@@ -44,6 +44,7 @@ from dirtybits.format.qcow2.bitmaps import (
     unpack_table,
 )
 from dirtybits.format.qcow2.header import EXT_BITMAPS, HeaderCluster
+from peers import qemu_io
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 CS = 64 * KiB
@@ -426,8 +427,7 @@ def read_bitmaps(path: Path) -> tuple[HeaderCluster, BitmapsExtension, BitmapDir
 
 
 def qemu_img(*args: str | Path) -> str:
-    return subprocess.run(["qemu-img", *map(str, args)], check=True, capture_output=True,
-                          text=True).stdout
+    return peers.qemu_img(*args).stdout
 
 
 @pytest.mark.interop
@@ -466,8 +466,7 @@ def test_dirty_bits_and_in_use_written_by_qemu(qemu_tools: dict[str, str],
     qemu_img("bitmap", "--add", img, "b0")
     qemu_img("bitmap", "--add", "-g", "4096", img, "b1")
     qemu_img("bitmap", "--disable", img, "b1")
-    subprocess.run(["qemu-io", "-c", "write 0 64k", "-c", "write 512k 4k", str(img)],
-                   check=True, capture_output=True)
+    qemu_io(img, "write 0 64k", "write 512k 4k")
     hc, _ext, d, data = read_bitmaps(img)
     b0, b1 = d.entries
     assert (b0.flags, b1.flags) == (BME_FLAG_AUTO, 0)
@@ -476,8 +475,7 @@ def test_dirty_bits_and_in_use_written_by_qemu(qemu_tools: dict[str, str],
     assert data[entry.offset:entry.offset + 4] == b"\x01\x01\x00\x00"
     assert unpack_table(data[b1.bitmap_table_offset:], 1) == [0]  # disabled: nothing
     # Killed while open: QEMU leaves every bitmap in_use; all are still well formed.
-    proc = subprocess.run(["qemu-io", "-c", "write 0 64k", "-c", "sigraise 9", str(img)],
-                          capture_output=True)
+    proc = qemu_io(img, "write 0 64k", "sigraise 9", ok=None)
     assert proc.returncode != 0
     hc, _ext, d, _data = read_bitmaps(img)
     assert [(e.in_use, e.auto) for e in d.entries] == [(True, True), (True, False)]

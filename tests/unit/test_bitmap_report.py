@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import random
 import struct
-import subprocess
-import sys
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -28,6 +26,7 @@ from dirtybits.format.qcow2.header import EXT_BITMAPS, HeaderCluster
 from dirtybits.qcow2.bitmap_scan import count_dirty
 from dirtybits.qcow2.image import Qcow2Image
 from dirtybits.qcow2.info import dirty_percent, image_info
+from peers import db
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -302,9 +301,7 @@ def test_cli_info_dirty_flag(tmp_path: Path) -> None:
     path = tmp_path / "d.qcow2"
     make_image(path)
     set_bits(path, "b1", [(4096, 4096)])
-    out = subprocess.run([sys.executable, "-m", "dirtybits.cli.main", "info", "--dirty",
-                          "--output=json", str(path)], capture_output=True, text=True,
-                         check=True).stdout
+    out = db("info", "--dirty", "--output=json", path).stdout
     assert [b.get("dirty-bytes") for b in bitmaps_of(json.loads(out))] == [0, 4096]
 
 
@@ -370,8 +367,7 @@ def test_cli_png_refuses_damaged_and_inconsistent(tmp_path: Path) -> None:
     poke(path, entries[1] + 17, bytes([40]))  # b1 damaged
     for name, word in (("b0", "inconsistent"), ("b1", "damaged")):
         png = tmp_path / f"{name}.png"
-        proc = subprocess.run([sys.executable, "-m", "dirtybits.cli.main", "bitmap", "--png",
-                               str(png), str(path), name], capture_output=True, text=True)
+        proc = db("bitmap", "--png", png, path, name, ok=None)
         assert proc.returncode == 1 and word in proc.stderr and not png.exists()
 
 
@@ -382,6 +378,5 @@ def test_cli_png_writes_a_png(tmp_path: Path) -> None:
     make_image(path)
     set_bits(path, "b0", [(0, MiB)])
     png = tmp_path / "b0.png"
-    subprocess.run([sys.executable, "-m", "dirtybits.cli.main", "bitmap", "--png", str(png),
-                    str(path), "b0"], check=True, capture_output=True)
+    db("bitmap", "--png", png, path, "b0")
     assert Image.open(png).format == "PNG"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import struct
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from dirtybits.qcow2.check import (
     CheckResult,
     check_image,
 )
+from peers import qemu_img, qemu_io, run
 
 CB = 12
 CS = 1 << CB
@@ -634,9 +634,8 @@ def test_human_summary_text() -> None:
 # --------------------------------------------------------------------------- vs qemu-img
 def _qemu_img_image(tmp_path: Path) -> Path:
     path = tmp_path / "q.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
-    subprocess.run(["qemu-io", "-c", "write -P 0x5a 0 256k", str(path)], check=True,
-                   capture_output=True)
+    qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+    qemu_io(path, "write -P 0x5a 0 256k")
     return path
 
 
@@ -657,8 +656,7 @@ def test_repairs_refcount_table_entries_qemu_gives_up_on(tmp_path: Path, bits: i
     assert check_image(str(path)).corruptions
     fixed = check_image(str(path), "all")
     assert counts(fixed) == (0, 0, 0)
-    proc = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
+    proc = run("qemu-img", "check", path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    proc = subprocess.run(["qemu-img", "compare", str(original), str(path)],
-                          capture_output=True, text=True)
+    proc = run("qemu-img", "compare", original, path)
     assert proc.returncode == 0, proc.stdout

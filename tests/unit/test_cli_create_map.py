@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from dirtybits.block import options as o
 from dirtybits.block.children import open_qcow2
 from dirtybits.block.raw import RawImage
-from dirtybits.cli import options as o
 from dirtybits.cli.main import main
+from dirtybits.cli.options import cvtnum
 from dirtybits.errors import UsageError
 from dirtybits.qcow2.image import Qcow2Image
 
@@ -107,14 +108,14 @@ def test_number_options_take_c_bases_and_wrap_negative() -> None:
 
 
 def test_cvtnum_messages() -> None:
-    assert o.cvtnum("image size", "1.5k") == 1536
+    assert cvtnum("image size", "1.5k") == 1536
     with pytest.raises(o.QemuError) as exc:
-        o.cvtnum("image size", "1x")
+        cvtnum("image size", "1x")
     assert exc.value.lines == [
         "Invalid image size specified. You may use k, M, G, T, P or E suffixes for",
         "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."]
     with pytest.raises(o.QemuError) as exc:
-        o.cvtnum("image size", "99E")
+        cvtnum("image size", "99E")
     assert exc.value.lines == [
         "Invalid image size specified. Must be between 0 and 9223372036854775807."]
 

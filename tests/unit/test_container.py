@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import dirtybits
+from dirtybits.block.checkpoint import CheckpointPolicy
 from dirtybits.block.container import (
     EXT_DRIVES,
     XATTR,
@@ -22,11 +23,15 @@ from dirtybits.block.container import (
     NotAContainerError,
     open_drive,
 )
+from dirtybits.block.qcow2_bitmaps import BitmapOperationError
 from dirtybits.cli.main import main
 from dirtybits.errors import DirtybitsError, ImageError
 from dirtybits.qcow2.image import Qcow2Image
 
 MiB = 1 << 20
+
+
+NO_TIMERS = CheckpointPolicy(interval=None, idle=None, threshold_bits=None)
 
 
 def _xattrs_work(path: Path) -> bool:
@@ -295,14 +300,37 @@ def test_extension_survives_our_own_header_rewrites(box: tuple[str, str, str]) -
         assert ct.img.hc.extension(EXT_DRIVES) == before
 
 
-def test_one_open_drive_per_container(box: tuple[str, str, str]) -> None:
+def test_many_open_drives_per_container(box: tuple[str, str, str]) -> None:
+    """Two drives of one container open and written at once, each into its own bitmaps;
+    the same drive twice is refused."""
     c, a, b = box
     with Container.open(c) as ct:
-        with ct.open_drive(a) as node:
-            node.write(0, b"x")
-            with pytest.raises(ContainerError, match="one drive at a time"):
-                ct.open_drive(b)
-        with ct.open_drive(b) as node:  # after the first is closed
-            node.write(0, b"y")
+        with ct.open_drive(a) as na, ct.open_drive(b) as nb:
+            na.write(0, b"x")
+            nb.write(0, b"y")
+            with pytest.raises(ContainerError, match="already open"):
+                ct.open_drive(a)
+            assert na.bitmaps.names() == ["b0"] and nb.bitmaps.names() == ["b0"]
         assert ct.load_bitmap("a", "b0").count() == 65536
         assert ct.load_bitmap("b", "b0").count() == 4096
+
+
+def test_two_api_opens_share_one_container(box: tuple[str, str, str]) -> None:
+    """``dirtybits.open(raw, bitmap_file=c)`` twice in one process shares the open container
+    (a second open of the file would fail on its write lock)."""
+    c, a, b = box
+    na = dirtybits.open(a, bitmap_file=c, checkpoint=NO_TIMERS)
+    nb = dirtybits.open(b, bitmap_file=c, checkpoint=NO_TIMERS)
+    try:
+        na.write(65536, b"x" * 65536)
+        nb.write(0, b"y" * 4096)
+        with pytest.raises(BitmapOperationError, match="already exists"):
+            nb.bitmaps.add("b0", persistent=True)
+    finally:
+        na.close()
+    nb.bitmaps.add("extra", persistent=True)
+    nb.write(1 << 20, b"z")
+    nb.close()
+    with Container.open(c) as ct:
+        assert list(ct.load_bitmap("a", "b0").dirty_extents()) == [(65536, 65536)]
+        assert list(ct.load_bitmap("b", "extra").dirty_extents()) == [(1 << 20, 65536)]

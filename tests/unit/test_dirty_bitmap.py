@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +32,7 @@ from hypothesis import strategies as st
 from dirtybits.bitmap import BitmapError, DirtyBitmap
 from dirtybits.bitmap import dirty_bitmap as engine
 from dirtybits.errors import DirtybitsError
+from peers import nbd_map, qemu_img, qemu_io
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 GRANULARITIES = [512, 4 * KiB, 64 * KiB, 2 * GiB]
@@ -540,50 +539,14 @@ def test_merge_coarse_source_into_512_byte_granules_at_scale() -> None:
 # ---------------------------------------------------------------------------- interop
 
 
-def _nbd_map(
-    tools: dict[str, str], image: Path, sock: Path, bitmap: str
-) -> list[tuple[int, int, bool]]:
-    server = subprocess.Popen(
-        [tools["qemu-nbd"], "-r", "-t", "-f", "qcow2", "-B", bitmap, "-k", str(sock), str(image)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert server.poll() is None, server.communicate()
-            assert time.monotonic() < deadline, "qemu-nbd did not start"
-            time.sleep(0.05)
-        out = subprocess.run(
-            [
-                tools["nbdinfo"],
-                "--json",
-                f"--map=qemu:dirty-bitmap:{bitmap}",
-                f"nbd+unix:///?socket={sock}",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        ).stdout
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
-    return [(e["offset"], e["length"], e["type"] == 1) for e in json.loads(out)]
-
-
 @pytest.mark.interop
 @pytest.mark.parametrize(("size", "gran"), [(4 * MiB + 3 * 512, 64 * KiB), (MiB, 4 * KiB)])
 def test_extents_match_nbdinfo_over_qemu_nbd(
     qemu_tools: dict[str, str], tmp_path: Path, size: int, gran: int
 ) -> None:
     image = tmp_path / "d.qcow2"
-    subprocess.run(
-        [qemu_tools["qemu-img"], "create", "-q", "-f", "qcow2", str(image), str(size)], check=True
-    )
-    subprocess.run(
-        [qemu_tools["qemu-img"], "bitmap", "--add", "-g", str(gran), str(image), "b0"], check=True
-    )
+    qemu_img("create", "-q", "-f", "qcow2", image, str(size))
+    qemu_img("bitmap", "--add", "-g", str(gran), image, "b0")
     writes = [
         (0, 4096),
         (3 * gran + 512, 2 * gran),
@@ -591,15 +554,14 @@ def test_extents_match_nbdinfo_over_qemu_nbd(
         (11 * gran, gran),
         (size - 512, 512),
     ]
-    cmds = [arg for off, n in writes for arg in ("-c", f"write {off} {n}")]
-    subprocess.run(
-        [qemu_tools["qemu-io"], "-f", "qcow2", *cmds, str(image)], check=True, capture_output=True
-    )
+    qemu_io(image, *[f"write {off} {n}" for off, n in writes], fmt="qcow2")
     bm = DirtyBitmap(size, gran)
     for off, n in writes:
         bm.set(off, n)
     export = size // 512 * 512
-    assert _nbd_map(qemu_tools, image, tmp_path / "nbd.sock", "b0") == list(bm.extents(0, export))
+    theirs = json.loads(nbd_map(image, "b0", "--json"))
+    assert [(e["offset"], e["length"], e["type"] == 1) for e in theirs] == list(
+        bm.extents(0, export))
 
 
 @pytest.mark.parametrize("word", [1, 63, 64, 512, 513, 4608, 4609, 16383])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -69,6 +68,7 @@ from dirtybits.format.qcow2.tables import (
     compressed_offset_bits,
     encode_compressed,
 )
+from peers import qemu_img, qemu_io
 
 RECORD_SETTINGS = settings(max_examples=60, deadline=None,
                            suppress_health_check=[HealthCheck.too_slow])
@@ -690,19 +690,15 @@ QEMU_CREATE_CASES: list[tuple[str, list[str]]] = [
 @pytest.mark.parametrize(("args",), [(a,) for _, a in QEMU_CREATE_CASES],
                          ids=[n for n, _ in QEMU_CREATE_CASES])
 def test_qemu_made_headers(qemu_tools: dict[str, str], tmp_path: Path, args: list[str]) -> None:
-    qemu_img = qemu_tools["qemu-img"]
     (tmp_path / "base.raw").write_bytes(bytes(1 << 20))
     img = tmp_path / "img.qcow2"
     for _attempt in range(5):
-        made = subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", *args, str(img), "3M"],
-                              cwd=tmp_path, capture_output=True, text=True)
+        made = qemu_img("create", "-q", "-f", "qcow2", *args, img, "3M", cwd=tmp_path, ok=None)
         # QEMU's LUKS key-slot benchmark gives up on a busy machine: a QEMU limit, try again
         if "Unable to get accurate CPU usage" not in made.stderr:
             break
     assert made.returncode == 0, made.stderr
-    info = json.loads(subprocess.run(
-        [qemu_img, "info", "--output=json", "-U", str(img)], check=True, capture_output=True,
-        text=True).stdout)
+    info = json.loads(qemu_img("info", "--output=json", "-U", img).stdout)
     spec = info["format-specific"]["data"]
     raw = img.read_bytes()[: 2 << 20]
     hc = HeaderCluster.unpack(raw)
@@ -739,12 +735,10 @@ def test_qemu_refcount_blocks_decode(qemu_tools: dict[str, str], tmp_path: Path,
                                      refcount_bits: int) -> None:
     """Refblocks QEMU wrote decode to the refcounts qemu-img check agrees with."""
     img = tmp_path / "img.qcow2"
-    subprocess.run([qemu_tools["qemu-img"], "create", "-q", "-f", "qcow2", "-o",
-                    f"cluster_size=4096,refcount_bits={refcount_bits}", str(img), "1M"],
-                   check=True)
+    qemu_img("create", "-q", "-f", "qcow2", "-o",
+             f"cluster_size=4096,refcount_bits={refcount_bits}", img, "1M")
     # clusters: 0 header, 1 reftable, 2 refblock, 3 L1, then L2 + 3 data clusters
-    subprocess.run([qemu_tools["qemu-io"], "-c", "write -P 1 0 12k", str(img)], check=True,
-                   capture_output=True)
+    qemu_io(img, "write -P 1 0 12k")
     raw = img.read_bytes()
     h = HeaderCluster.unpack(raw).header
     assert h.refcount_order == refcount_bits.bit_length() - 1
@@ -760,15 +754,12 @@ def test_qemu_refcount_blocks_decode(qemu_tools: dict[str, str], tmp_path: Path,
 
 @pytest.mark.interop
 def test_qemu_made_snapshot_table(qemu_tools: dict[str, str], tmp_path: Path) -> None:
-    qemu_img = qemu_tools["qemu-img"]
     img = tmp_path / "snap.qcow2"
-    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(img), "1M"], check=True)
+    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
     for name in ("first", "a much longer snapshot name"):
-        subprocess.run([qemu_tools["qemu-io"], "-c", "write -P 1 0 64k", str(img)], check=True,
-                       capture_output=True)
-        subprocess.run([qemu_img, "snapshot", "-c", name, str(img)], check=True)
-    info = json.loads(subprocess.run([qemu_img, "info", "--output=json", str(img)], check=True,
-                                     capture_output=True, text=True).stdout)
+        qemu_io(img, "write -P 1 0 64k")
+        qemu_img("snapshot", "-c", name, img)
+    info = json.loads(qemu_img("info", "--output=json", img).stdout)
     raw = img.read_bytes()
     h = HeaderCluster.unpack(raw).header
     assert h.nb_snapshots == 2

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dirtybits.cli import qemu_io_syntax as syn
-from dirtybits.cli.qemu_io_syntax import (
+from dirtybits.proto import qemu_io as syn
+from dirtybits.proto.qemu_io import (
     Alloc,
     CommandError,
     Discard,

@@ -23,7 +23,8 @@ def test_readme_python_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         Qcow2BitmapStore(img).add("b0")
     monkeypatch.chdir(tmp_path)
     exec(compile(example, "README.md", "exec"), {})
-    assert capsys.readouterr().out == "[(0, 65536), (1048576, 65536), (2097152, 65536)]\n"
+    assert capsys.readouterr().out == (
+        "[(0, 65536), (1048576, 65536), (2097152, 65536)]\n196608\n")
     with Qcow2Image.open(os.fspath(tmp_path / "disk.qcow2"), readonly=True) as img:
         store = Qcow2BitmapStore(img)
         assert not store.find("b0").in_use  # type: ignore[union-attr]

@@ -17,10 +17,11 @@ from hypothesis import strategies as st
 
 from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
 from dirtybits.block.children import open_qcow2
-from dirtybits.block.open import open_image
+from dirtybits.block.open import open_for_bitmaps, open_image
 from dirtybits.block.qcow2_bitmaps import BitmapOperationError, Qcow2BitmapStore
 from dirtybits.block.raw import RawImage
 from dirtybits.block.recover import DataCompare, differing_granules, recover_bitmap
+from dirtybits.block.registry import DiskState
 from dirtybits.cli.bitmap_recover import apply_recover, check_arguments
 from dirtybits.errors import UsageError
 from dirtybits.qcow2.image import Qcow2Image
@@ -240,15 +241,16 @@ def test_recover_makes_the_bitmap_consistent(tmp_path: Path, granularity: int) -
     img, ref = crashed_image(tmp_path, granularity)
     want = oracle(img, ref, granularity)
     assert not want.get(SIZE - 1)
-    with open_qcow2(str(img), keep_bitmaps=True) as i:
-        store = Qcow2BitmapStore(i)
-        assert store._get("b").in_use
+    with open_for_bitmaps(str(img), readonly=False) as node:
+        assert node.store is not None and node.store._get("b").in_use
         with pytest.raises(BitmapOperationError, match="inconsistent"):
-            store.load("b")
+            node.bitmaps.bits("b")
         out = io.StringIO()
         args = argparse.Namespace(reference=str(ref), reference_format=None, progress=False)
-        apply_recover(store, "b", args, out)
+        apply_recover(node, "b", args, out)
         assert f"{want.count_bits()} granules" in out.getvalue()
+        assert node.bitmaps.info("b").disk_state is DiskState.REBUILT
+        assert node.bitmaps.bits("b") == want
     with open_qcow2(str(img), readonly=True) as i:
         store = Qcow2BitmapStore(i)
         sb = store._get("b")

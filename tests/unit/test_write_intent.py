@@ -201,10 +201,10 @@ def test_sequential_writes_mark_ahead(tmp_path: Path) -> None:
     """A stream pays one sync per MARK_AHEAD regions, not one per region."""
     path = make(tmp_path / "d.qcow2", 64 * MiB, region=1 << 16, bitmaps=(("g", 65536),))
     with dirtybits.open(path, checkpoint=NO_TIMERS) as disk:
-        assert disk._intent is not None
+        assert disk.intent is not None
         for off in range(0, 4 * MiB, 65536):
             disk.write(off, b"s" * 65536)
-        syncs = disk._intent.syncs
+        syncs = disk.intent.syncs
         assert syncs <= 64 // MARK_AHEAD + 2, syncs
         disk.write(40 * MiB, b"r")  # not a continuation: marks its own region only
         regions = state(path)[1].regions()  # type: ignore[union-attr]

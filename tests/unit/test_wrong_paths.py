@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import stat
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -26,6 +24,7 @@ from dirtybits.block.container import Container
 from dirtybits.block.raw import RawImage
 from dirtybits.cli.main import main
 from dirtybits.qcow2.image import Qcow2Image
+from peers import db
 
 MiB = 1 << 20
 KINDS = ("directory", "fifo", "chardev")
@@ -175,8 +174,7 @@ def test_fifo_through_the_real_entry_point(tmp_path: Path) -> None:
     fifo = tmp_path / "afifo"
     os.mkfifo(fifo)
     for argv in (["info", str(fifo)], ["bitmap", "--dump", str(fifo), "b0"]):
-        proc = subprocess.run([sys.executable, "-m", "dirtybits.cli.main", *argv],
-                              capture_output=True, text=True, timeout=60)
+        proc = db(*argv, ok=None, timeout=60)
         assert proc.returncode == 1
         assert proc.stderr == (f"dirtybits {argv[0]}: 'file' driver requires '{fifo}' to be "
                                "a regular file\n")

@@ -62,13 +62,16 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from dirtybits.block.node import BlockNode
+from dirtybits.block.qcow2_bitmaps import default_granularity
 from dirtybits.errors import DirtybitsError, ImageError, UsageError
 
 if TYPE_CHECKING:
     from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
     from dirtybits.block.checkpoint import CheckpointPolicy
     from dirtybits.block.driver import Buffer, ImageDriver
+    from dirtybits.block.owner import BlockOwner
     from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore, StoredBitmap
+    from dirtybits.block.registry import BitmapRegistry
     from dirtybits.qcow2.image import Qcow2Image
 
 EXT_DRIVES = 0x44425244  # "DBRD"
@@ -280,7 +283,8 @@ class Container:
         self.store = store
         self.table = table
         self._closed = False
-        self.node: DriveNode | None = None  # the open drive: one at a time (shared store)
+        self.nodes: dict[str, DriveNode] = {}  # open drives by id: many at once (one store)
+        self._users = 0  # open drives sharing this container in the process (open_drive)
 
     # ------------------------------------------------------------------ create / open
     @classmethod
@@ -457,8 +461,10 @@ class Container:
                 f"drive '{drive_id}' has bitmaps "
                 f"({', '.join(n.partition('/')[2] for n in names)}); remove them or "
                 "use --force")
+        reg = self.registry(drive_id) if names else None
         for name in names:  # bitmaps first: a crash leaves a drive without them, never
-            self.store.remove(name)  # bitmaps without a drive
+            assert reg is not None  # bitmaps without a drive
+            reg.remove(name.partition("/")[2])
         self._write_table(replace(self.table, drives=tuple(
             d for d in self.table.drives if d is not rec)))
         return names
@@ -546,6 +552,18 @@ class Container:
         return [sb.name for sb in self.store.bitmaps
                 if (split_name(sb.name) or ("", ""))[0] not in ids]
 
+    def registry(self, drive_id: str) -> BitmapRegistry:
+        """The bitmap registry of a drive: its open node's, or one over the container alone
+        (every bitmap operation goes through a registry, never to the store directly)."""
+        node = self.nodes.get(drive_id)
+        if node is not None:
+            return node.bitmaps
+        from dirtybits.block.registry import BitmapRegistry, StoreView
+
+        rec = self.drive(drive_id)
+        return BitmapRegistry(drive_id, rec.size, StoreView(self.store, bitmap_name(drive_id, "")),
+                              readonly=self.img.readonly, cluster_size=self.img.cluster_size)
+
     def add_bitmap(self, drive_id: str, name: str, granularity: int | None = None, *,
                    disabled: bool = False) -> str:
         self.verify(drive_id)
@@ -556,7 +574,14 @@ class Container:
             raise ContainerError(
                 f"Bitmap '{name}' already exists for drive '{drive_id}' in {self.path} "
                 f"(stored as '{full}'; names are unique per container)")
-        self.store.add(full, granularity, disabled=disabled)
+        gran = granularity or default_granularity(self.img.cluster_size)
+        try:
+            self.registry(drive_id).add(name, gran, persistent=True, disabled=disabled)
+        except ContainerError:
+            raise
+        except DirtybitsError as exc:  # the store's own words, without the node prefix
+            raise ContainerError(str(exc).split(": ", 1)[-1] if "persistent in" in str(exc)
+                                 else str(exc)) from exc
         return full
 
     def _stored(self, drive_id: str, name: str) -> str:
@@ -568,61 +593,66 @@ class Container:
 
     def remove_bitmap(self, drive_id: str, name: str) -> list[str]:
         """Remove a drive's bitmap; returns what it left allocated (``Qcow2BitmapStore.remove``)."""
-        return self.store.remove(self._stored(drive_id, name))
+        self._stored(drive_id, name)
+        return self.registry(drive_id).remove(name)
 
     def clear_bitmap(self, drive_id: str, name: str) -> None:
-        full = self._stored(drive_id, name)
+        self._stored(drive_id, name)
         self.verify(drive_id)
-        self.store.clear(full)
+        self.registry(drive_id).clear(name)
 
     def set_bitmap_enabled(self, drive_id: str, name: str, enabled: bool) -> None:
-        self.store.set_enabled(self._stored(drive_id, name), enabled)
+        self._stored(drive_id, name)
+        reg = self.registry(drive_id)
+        if enabled:
+            reg.enable(name)
+        else:
+            reg.disable(name)
 
     def load_bitmap(self, drive_id: str, name: str, *, verify: bool = True) -> DirtyBitmap:
         """The bitmap's bits over the drive's size (the drive is checked first)."""
-        full = self._stored(drive_id, name)
+        self._stored(drive_id, name)
         if verify:
             self.verify(drive_id)
-        bm = self.store.load(full)
-        bm.truncate(self.drive(drive_id).size)
-        return bm
+        return self.registry(drive_id).bits(name)
 
     def bitmap_infos(self, drive_id: str) -> list[BitmapInfo]:
-        size = self.drive(drive_id).size
+        reg = self.registry(drive_id)
         out = []
         for sb in self.bitmaps_of(drive_id):
-            state = "damaged" if sb.problems else "in_use" if sb.in_use else "consistent"
-            dirty = None
-            if state == "consistent":
-                bm = self.store.load(sb.name)
-                dirty = sum(n for _, n in bm.dirty_extents(0, min(size, bm.size)))
-            out.append(BitmapInfo(sb.name.partition("/")[2], sb.name, sb.entry.granularity,
-                                  sb.entry.auto, state, dirty, list(sb.problems)))
+            local = sb.name.partition("/")[2]
+            state = "damaged" if sb.problems else "in_use" if sb.in_use and \
+                sb.name not in self.store.ours else "consistent"
+            dirty = reg.count_bytes(local) if state == "consistent" else None
+            out.append(BitmapInfo(local, sb.name, sb.entry.granularity, sb.entry.auto, state,
+                                  dirty, list(sb.problems)))
         return out
 
     # ------------------------------------------------------------------ tracking
     def open_drive(self, raw_path: str, *, readonly: bool = False,
                    checkpoint: CheckpointPolicy | None = None, track: bool = True,
-                   owns_container: bool = False, cache: str = "writeback") -> DriveNode:
+                   owns_container: bool = False, cache: str = "writeback",
+                   owner: BlockOwner | None = None) -> DriveNode:
         """A node writing ``raw_path`` and recording into its drive's enabled bitmaps.
 
-        One drive at a time: nodes would share the bitmap store, each with its own lock and
-        checkpoint timer.
+        Many drives may be open at once: their nodes share this container's bitmap store
+        and its owner (the block thread), each with its own registry over its own names.
+        A drive already open is refused.
         """
         from dirtybits.block.raw import RawImage
 
-        if self.node is not None:
-            raise ContainerError(f"drive '{self.node.drive_id}' of {self.path} is open; "
-                                 "close it first (one drive at a time per container)")
         rec = self.find_drive(raw_path)
+        if rec.id in self.nodes:
+            raise ContainerError(f"drive '{rec.id}' of {self.path} is already open")
         raw = RawImage(raw_path, readonly=readonly, cache=cache)
         try:
             if raw.size != rec.size:  # changed between the check and the open
                 raise DriveMismatchError(f"'{raw_path}': size changed to {raw.size} bytes, "
                                          f"the bitmaps are for {rec.size}")
-            self.node = DriveNode(raw, self, rec, policy=checkpoint, track=track,
-                                  owns_container=owns_container)
-            return self.node
+            node = DriveNode(raw, self, rec, policy=checkpoint, track=track,
+                             owns_container=owns_container, cache=cache, owner=owner)
+            self.nodes[rec.id] = node
+            return node
         except BaseException:
             raw.close()
             raise
@@ -638,25 +668,29 @@ class DriveNode(BlockNode):
 
     def __init__(self, driver: ImageDriver, container: Container, rec: DriveRecord, *,
                  policy: CheckpointPolicy | None = None, track: bool = True,
-                 owns_container: bool = False):
+                 owns_container: bool = False, cache: str = "writeback",
+                 owner: BlockOwner | None = None):
         self.container = container
         self.drive_id = rec.id
         self._owns_container = owns_container
-        names = [sb.name for sb in container.bitmaps_of(rec.id)]
-        super().__init__(driver, container.store, policy=policy, track=track, only=names)
+        super().__init__(driver, container.store, policy=policy, track=track,
+                         prefix=bitmap_name(rec.id, ""), node_name=rec.id, cache=cache,
+                         owner=owner)
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.driver.size:
             raise ImageError(f"request [{offset}, {offset + length}) is outside the image "
                              f"(size {self.driver.size})")
 
-    def write(self, offset: int, data: Buffer, *, compress: bool = False) -> None:
+    def write(self, offset: int, data: Buffer, *, compress: bool = False,
+              fua: bool = False) -> None:
         self._check(offset, len(data))
-        super().write(offset, data, compress=compress)
+        super().write(offset, data, compress=compress, fua=fua)
 
-    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False,
+                     fua: bool = False) -> None:
         self._check(offset, length)
-        super().write_zeroes(offset, length, unmap=unmap)
+        super().write_zeroes(offset, length, unmap=unmap, fua=fua)
 
     def discard(self, offset: int, length: int) -> None:
         self._check(offset, length)
@@ -670,11 +704,11 @@ class DriveNode(BlockNode):
             "resize the file, then run 'dirtybits container rebind'")
 
     def load_bitmap(self, name: str) -> DirtyBitmap:
-        full = name if self.container.store.find(name) is not None and name.startswith(
-            self.drive_id + "/") else bitmap_name(self.drive_id, name)
-        bm = super().load_bitmap(full)
-        bm.truncate(self.driver.size)
-        return bm
+        """A bitmap's bits over the drive's size (a drive-local name, or the stored one)."""
+        prefix = bitmap_name(self.drive_id, "")
+        if name.startswith(prefix) and self.bitmaps.find(name) is None:
+            name = name[len(prefix):]
+        return super().load_bitmap(name)
 
     def __enter__(self) -> DriveNode:
         return self
@@ -683,15 +717,15 @@ class DriveNode(BlockNode):
         try:
             super().close()
         finally:
-            if self.container.node is self:
-                self.container.node = None
+            if self.container.nodes.get(self.drive_id) is self:
+                del self.container.nodes[self.drive_id]
             if self._owns_container:
-                self.container.close()
+                _release_container(self.container)
 
 
 def open_drive(container_path: str, raw_path: str, *, readonly: bool = False,
                checkpoint: CheckpointPolicy | None = None, bitmaps: str = "auto",
-               cache: str = "writeback") -> DriveNode:
+               cache: str = "writeback", owner: BlockOwner | None = None) -> DriveNode:
     """Open raw drive ``raw_path`` with its bitmaps from container ``container_path``.
 
     The drive's identity and size are checked against its record; its enabled bitmaps record
@@ -699,14 +733,53 @@ def open_drive(container_path: str, raw_path: str, *, readonly: bool = False,
     """
     if bitmaps not in ("auto", "no"):
         raise UsageError(f"bitmaps must be 'auto' or 'no', not '{bitmaps}'")
-    container = Container.open(container_path, readonly=readonly)
+    container = _share_container(container_path, readonly)
     try:
         return container.open_drive(raw_path, readonly=readonly, checkpoint=checkpoint,
                                     track=bitmaps == "auto", owns_container=True,
-                                    cache=cache)
+                                    cache=cache, owner=owner)
     except BaseException:
-        container.close()
+        _release_container(container)
         raise
+
+
+# Containers open in this process, by file identity: two drives of one container opened with
+# ``open_drive`` share one open container (a second open would fail on its write lock).
+_OPEN: dict[tuple[int, int], Container] = {}
+
+
+def _share_container(path: str, readonly: bool) -> Container:
+    from dirtybits.block.owner import default_owner
+
+    with default_owner().lock:
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        if st is not None:
+            found = _OPEN.get((st.st_dev, st.st_ino))
+            if found is not None and not found._closed and (readonly or
+                                                            not found.img.readonly):
+                found._users += 1
+                return found
+        container = Container.open(path, readonly=readonly)
+        if st is not None:
+            _OPEN[(st.st_dev, st.st_ino)] = container
+        container._users = 1
+        return container
+
+
+def _release_container(container: Container) -> None:
+    from dirtybits.block.owner import default_owner
+
+    with default_owner().lock:
+        container._users -= 1
+        if container._users > 0:
+            return
+        for key, c in list(_OPEN.items()):
+            if c is container:
+                del _OPEN[key]
+        container.close()
 
 
 __all__ = [

@@ -5,10 +5,11 @@ Offsets and lengths are guest bytes. Drivers raise ``DirtybitsError`` subclasses
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Protocol, runtime_checkable
 
+from dirtybits.filelock import FileLock
 from dirtybits.qcow2.extent import MapExtent
 
 Buffer = bytes | bytearray | memoryview
@@ -40,7 +41,11 @@ class ImageDriver(Protocol):
 
     def resize(self, new_size: int) -> None: ...
 
-    def block_status(self, offset: int, length: int) -> Iterator[MapExtent]: ...
+    def block_status(self, offset: int, length: int) -> Iterable[MapExtent]: ...
+
+    def locks(self) -> list[FileLock]:
+        """The image-locking descriptions this driver holds (released on inactivation)."""
+        ...
 
     def close(self) -> None: ...
 

@@ -1,142 +1,198 @@
-"""A block node: an image driver plus the persistent bitmaps that record its writes.
+"""A block node: an image driver, its bitmap registry and the persistence protocol around it.
 
-The persistence protocol (DESIGN.md): every write, write-zeroes and discard marks the enabled
-bitmaps in memory before it reaches the driver. Before the first such request after a
-checkpoint, the enabled bitmaps get ``in_use`` set on disk and synced, so a crash from then on
-finds them inconsistent, never silently stale. A checkpoint writes only the bitmap clusters
-whose bits changed, syncs, and clears ``in_use``; it runs on close, on flush, and per the
-``CheckpointPolicy`` (timer, idle, threshold). Bitmap data is not read at open: the node records
-the writes since open and merges them into the stored clusters at each checkpoint.
+Every open image is one ``BlockNode`` (qcow2, raw, read-only, a raw drive whose bitmaps live
+in a container). Every write, write-zeroes and discard is recorded by the node's registry
+(``node.bitmaps``) before it reaches the driver; before the first such request after a
+checkpoint the recording persistent bitmaps get ``in_use`` set on disk and synced, so a crash
+from then on finds them inconsistent, never silently stale (DESIGN.md). Checkpoints run on
+close, on flush, past a threshold of new bits, and when the owner (the block thread) finds
+one due by the ``CheckpointPolicy`` (``next_due``/``run_due``: pure scheduling, no timer
+thread per node). A background checkpoint that fails becomes an event and a bitmap state,
+never an exception raised into someone else's next request.
 
-Bitmaps with the same granularity share one in-memory record of the writes, so a write costs
-one bitmap update however many bitmaps it dirties.
+All of a node's calls run as its owner (``dirtybits.block.owner``): inline under the owner's
+lock for a synchronous caller, or on the block thread for services (``dirtybits.block.aio``).
 """
 
 from __future__ import annotations
 
+import enum
 import logging
-import threading
-import time
-from collections.abc import Collection, Iterator
-from dataclasses import dataclass
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from dirtybits.block.checkpoint import CheckpointPolicy, CheckpointTimer
+from dirtybits.block.checkpoint import CheckpointPolicy
 from dirtybits.block.driver import Buffer, ImageDriver
+from dirtybits.block.owner import BlockOwner, default_owner
+from dirtybits.block.registry import BitmapInfo, BitmapRegistry, RegistryStats, StoreView
+from dirtybits.errors import CorruptImageError, DirtybitsError, ImageError
 from dirtybits.qcow2.extent import MapExtent
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
-    from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore, StoredBitmap
+    from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
+    from dirtybits.block.status import Entry
     from dirtybits.block.write_intent import WriteIntentMap
+    from dirtybits.filelock import FileLock, Perms
+
+NodeStats = RegistryStats
+RETRY_AFTER = 1.0  # seconds before a failed background checkpoint is tried again
 
 
-@dataclass
-class NodeStats:
-    """What the persistence protocol did (for tests, benchmarks and ``info``)."""
-
-    in_use_marks: int = 0  # times in_use was set and synced before a write
-    checkpoints: int = 0  # checkpoints that cleared in_use
-    bitmap_bytes_written: int = 0  # bitmap data and table bytes written by checkpoints
+class NodeEventKind(enum.Enum):
+    CORRUPTED = "corrupted"  # the image is corrupt: the node went read-only
+    CHECKPOINT_FAILED = "checkpoint-failed"  # bitmaps stay in_use; retried later
+    BITMAP_STATE = "bitmap-state"  # a bitmap's state changed
 
 
-class _Recorder:
-    """The writes since open, for the tracked bitmaps of one granularity."""
+@dataclass(frozen=True)
+class NodeEvent:
+    kind: NodeEventKind
+    node: str
+    message: str
+    bitmap: str | None = None
+    fatal: bool = False
 
-    __slots__ = ("bits", "names")
 
-    def __init__(self, bits: DirtyBitmap, chunk_bytes: int) -> None:
-        bits.track_changes(chunk_bytes)
-        self.bits = bits
-        self.names: list[str] = []
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a query reports about an open node, from the live objects (never re-read)."""
+
+    node_name: str
+    format: str
+    path: str
+    size: int
+    readonly: bool
+    cache: str
+    cluster_size: int | None
+    backing: str | None
+    data_file: str | None
+    corrupt: bool
+    inactive: bool
+    bitmaps: list[BitmapInfo] = field(default_factory=list)
+
+
+class NodeInactiveError(ImageError):
+    """A request to a node that was inactivated (its bitmaps stored, locks released)."""
 
 
 class BlockNode:
-    """Delegates I/O to ``driver``; records writes in the enabled bitmaps first.
+    """The one typed node returned for every open.
 
-    Thread-safe: requests and background checkpoints are serialized by one lock.
-    ``track=False`` (``--bitmaps=no``) records nothing; the enabled bitmaps are then marked
-    in_use before the first write and left so: they would miss writes, so they say so.
-    ``only`` limits the node to these bitmaps of ``store`` (a container holding bitmaps for
-    several drives: the store may be in another file than ``driver``, and its disk size may
-    exceed the driver's; bits past the drive's end simply stay clean).
-    ``intent`` is the image's write-intent map (resilient mode): a tracked node recovers the
-    in_use bitmaps it covers at open and marks regions before writes; an untracked one
-    invalidates it before its first write.
-    Enabled bitmaps the loader found damaged cannot record writes: they are marked in_use
-    before the first write (``invalidated``), so no repair of the damage can make them read
-    as consistent without the writes they missed.
+    ``store``: where persistent bitmaps live (the image's own, or a container's); ``prefix``
+    picks a drive's bitmaps in a container. ``track=False`` (``bitmaps=no``) loads none:
+    the enabled ones are marked in_use before the first write and left so. ``intent`` is the
+    image's write-intent map (resilient mode).
     """
 
     def __init__(self, driver: ImageDriver, store: Qcow2BitmapStore | None = None, *,
                  policy: CheckpointPolicy | None = None, track: bool = True,
-                 only: Collection[str] | None = None, intent: WriteIntentMap | None = None):
+                 prefix: str = "", intent: WriteIntentMap | None = None,
+                 owner: BlockOwner | None = None, node_name: str | None = None,
+                 cache: str = "writeback"):
         self.driver = driver
         self.store = store
         self.format_name = driver.format_name
         self.path = driver.path
         self.readonly = driver.readonly
+        self.cache = cache
+        self.node_name = node_name or os.path.basename(driver.path)
         self.policy = policy if policy is not None else CheckpointPolicy()
-        self.stats = NodeStats()
-        self._lock = threading.RLock()
-        self._recorders: list[_Recorder] = []  # made at the first write (numpy is not cheap)
-        self._plan: dict[int, list[str]] = {}  # granularity -> tracked bitmaps
-        self._tracked: list[str] = []  # in_use while the node is "open" between checkpoints
-        self._untracked: list[str] = []  # bitmaps=no: marked in_use once, never cleared
-        self._untracked_intent = False  # bitmaps=no: invalidate the write-intent map first
-        self._clean = True  # no tracked bitmap is in_use on disk
-        self._flags_unknown = False  # a flag write failed: the disk may hold any mix
-        self._last_write = self._in_use_since = time.monotonic()
-        self._bits_at_checkpoint = 0
-        self._timer: CheckpointTimer | None = None
+        self.owner = owner if owner is not None else default_owner()
+        self._lock = self.owner.lock
         self._closed = False
-        self._intent = intent if intent is not None and intent.enabled else None
-        self.recovered: list[str] = []  # bitmaps made consistent from the write-intent map
-        self._damaged: list[StoredBitmap] = []  # enabled but damaged: in_use before a write
-        self.invalidated: list[str] = []  # damaged enabled bitmaps this node marked in_use
-        if store is not None and not driver.readonly:
-            self._setup(store, track, only)
+        self._inactive = False
+        self._corrupt: str | None = None
+        self._retry_at = 0.0
+        self._held: list[tuple[FileLock, Perms]] = []
+        self._stamp = (0, 0)
+        self.listeners: list[Callable[[NodeEvent], None]] = []
+        view = StoreView(store, prefix) if store is not None else None
+        cs = getattr(driver, "cluster_size", None)
+        self.bitmaps = BitmapRegistry(self.node_name, driver.size, view,
+                                      readonly=driver.readonly, track=track, intent=intent,
+                                      cluster_size=cs if isinstance(cs, int) else None)
+        self.bitmaps.listeners.append(self._bitmap_changed)
+        if self.policy.timed and not self.readonly:
+            self.owner.adopt(self)
+        log.debug("%s: opened %s (%s, %s)", self.node_name, self.path, self.format_name,
+                  "read-only" if self.readonly else "read-write")
 
-    def _setup(self, store: Qcow2BitmapStore, track: bool,
-               only: Collection[str] | None) -> None:
-        intent = self._intent
-        if track and intent is not None:
-            self.recovered = intent.recover(store)
-        enabled = [sb for sb in store.bitmaps if store.is_usable(sb) and sb.entry.auto
-                   and (only is None or sb.name in only)]
-        self._damaged = store.damaged_enabled(only)
-        if not track:
-            self._untracked = [sb.name for sb in enabled]
-            if intent is not None and intent.valid:
-                self._untracked_intent = True
-            return
-        for sb in enabled:
-            self._plan.setdefault(sb.entry.granularity, []).append(sb.name)
-        self._tracked = [sb.name for sb in enabled]
-        if self._tracked and self.policy.timed:
-            self._timer = CheckpointTimer(self.policy, self._due, self._timed_checkpoint)
+    # ------------------------------------------------------------------ compat views
+    @property
+    def stats(self) -> RegistryStats:
+        return self.bitmaps.stats
 
-    # ------------------------------------------------------------------ I/O
+    @property
+    def tracked_bitmaps(self) -> list[str]:
+        """Stored names of the persistent bitmaps recording writes."""
+        view = self.bitmaps.view
+        names = self.bitmaps.tracked
+        return [view.full(n) for n in names] if view is not None else names
+
+    @property
+    def recovered(self) -> list[str]:
+        return self.bitmaps.recovered
+
+    @property
+    def invalidated(self) -> list[str]:
+        return self.bitmaps.invalidated
+
+    @property
+    def intent(self) -> WriteIntentMap | None:
+        """The write-intent map of resilient mode, when on."""
+        return self.bitmaps.intent
+
     @property
     def size(self) -> int:
         return self.driver.size
 
+    @property
+    def cluster_size(self) -> int | None:
+        cs = getattr(self.driver, "cluster_size", None)
+        return cs if isinstance(cs, int) else None
+
+    # ------------------------------------------------------------------ events
+    def subscribe(self, fn: Callable[[NodeEvent], None]) -> None:
+        """Call ``fn`` (on the owner's thread) for every event of this node."""
+        self.listeners.append(fn)
+
+    def _emit(self, event: NodeEvent) -> None:
+        for fn in list(self.listeners):
+            try:
+                fn(event)
+            except Exception:
+                log.exception("%s: event listener failed", self.node_name)
+
+    def _bitmap_changed(self, what: str, lb: object) -> None:
+        name = getattr(lb, "name", None)
+        self._emit(NodeEvent(NodeEventKind.BITMAP_STATE, self.node_name,
+                             f"bitmap '{name}' changed", bitmap=name))
+
+    def _corrupted(self, exc: CorruptImageError) -> None:
+        if self._corrupt is None:
+            self._corrupt = str(exc)
+            self.readonly = True
+            log.error("%s: image corrupt, the node is read-only now: %s", self.node_name, exc)
+            self._emit(NodeEvent(NodeEventKind.CORRUPTED, self.node_name, str(exc),
+                                 fatal=True))
+
+    # ------------------------------------------------------------------ I/O
     def _in_range(self, offset: int, length: int) -> bool:
         """Requests the driver will refuse mark nothing (it raises its own error)."""
         return offset >= 0 and offset + length <= self.driver.size
 
-    @property
-    def _hooked(self) -> bool:
-        """Does a write need the protocol's steps before it?"""
-        return bool(self._tracked or self._untracked or self._untracked_intent
-                    or self._damaged)
-
-    @property
-    def tracked_bitmaps(self) -> list[str]:
-        return list(self._tracked)
+    def _writable(self) -> None:
+        if self._inactive:
+            raise NodeInactiveError(f"node '{self.node_name}' is inactive")
+        if self._corrupt is not None:
+            raise CorruptImageError(f"node '{self.node_name}' is read-only after corruption: "
+                                    f"{self._corrupt}")
 
     def read(self, offset: int, length: int) -> bytes:
         with self._lock:
@@ -151,78 +207,25 @@ class BlockNode:
                 view = memoryview(buf).cast("B")
                 view[:] = self.driver.read(offset, len(view))
 
-    def _before_write(self, offset: int, length: int) -> None:
-        """Mark the bitmaps, then make sure they are in_use on disk (and, in resilient mode,
-        the write's regions marked): all durable before the driver runs."""
-        self._check_background_error()
-        if self._plan and not self._recorders:
-            self._make_recorders()
-        for rec in self._recorders:
-            rec.bits.set(offset, length)
-        store = self.store
-        assert store is not None
-        if self._damaged:  # durable before anything else: these can record nothing
-            store.invalidate(self._damaged)
-            self.invalidated += [sb.name for sb in self._damaged]
-            self._damaged = []
-        intent = self._intent
-        if self._tracked:
-            if intent is not None and not intent.valid:
-                intent.start(self._inconsistent_tables())
-            if self._clean or self._flags_unknown:
-                # from here on some flag may be set on disk: close must checkpoint
-                self._clean = False
-                self._flags_unknown = True
-                store.set_in_use(self._tracked, True, force=True)  # durable on return
-                self._flags_unknown = False
-                self._in_use_since = time.monotonic()
-                self.stats.in_use_marks += 1
-            if intent is not None:
-                intent.mark(offset, length)  # durable on return
-        if self._untracked_intent and intent is not None:
-            intent.invalidate()
-            self._untracked_intent = False
-        if self._untracked:
-            store.set_in_use(self._untracked, True)
-            self._untracked = []
-        self._last_write = time.monotonic()
-
-    def _make_recorders(self) -> None:
-        from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
-
-        store = self.store
-        assert store is not None
-        for gran, names in self._plan.items():
-            rec = _Recorder(DirtyBitmap(store.disk_size, gran), store.cluster_size)
-            rec.names.extend(names)
-            self._recorders.append(rec)
-
-    def _inconsistent_tables(self) -> list[int]:
-        """Bitmaps inconsistent before this node wrote anything: a new map cannot cover them."""
-        store = self.store
-        assert store is not None
-        return [sb.entry.bitmap_table_offset for sb in store.bitmaps
-                if sb.entry.in_use and sb.name not in store.ours]
-
-    def _after_write(self) -> None:
-        limit = self.policy.threshold_bits
-        if (limit is not None and self._recorders and not self._clean
-                and self._dirty_bits() - self._bits_at_checkpoint >= limit):
-            self._checkpoint()
-
-    def _dirty_bits(self) -> int:
-        return sum(rec.bits.count_bits() for rec in self._recorders)
-
-    def write(self, offset: int, data: Buffer, *, compress: bool = False) -> None:
-        """A guest write (``compress``: stored compressed, see the driver), recorded in
-        every enabled bitmap like any other."""
+    def write(self, offset: int, data: Buffer, *, compress: bool = False,
+              fua: bool = False) -> None:
+        """A guest write (``compress``: stored compressed, see the driver; ``fua``: durable
+        on return), recorded in every recording bitmap first."""
         with self._lock:
-            if self._hooked and len(data) and self._in_range(offset, len(data)):
-                self._before_write(offset, len(data))
-                self._driver_write(offset, data, compress)
-                self._after_write()
-            else:
-                self._driver_write(offset, data, compress)
+            self._writable()
+            reg = self.bitmaps
+            try:
+                if reg.hooked and len(data) and self._in_range(offset, len(data)):
+                    reg.before_write(offset, len(data))
+                    self._driver_write(offset, data, compress)
+                    self._after_write()
+                else:
+                    self._driver_write(offset, data, compress)
+                if fua:
+                    self.driver.flush()
+            except CorruptImageError as exc:
+                self._corrupted(exc)
+                raise
 
     def _driver_write(self, offset: int, data: Buffer, compress: bool) -> None:
         if compress:
@@ -230,51 +233,69 @@ class BlockNode:
         else:
             self.driver.write(offset, data)
 
-    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False,
+                     fua: bool = False) -> None:
         with self._lock:
-            if self._hooked and length and self._in_range(offset, length):
-                self._before_write(offset, length)
-                self.driver.write_zeroes(offset, length, unmap=unmap)
-                self._after_write()
-            else:
-                self.driver.write_zeroes(offset, length, unmap=unmap)
+            self._writable()
+            reg = self.bitmaps
+            try:
+                if reg.hooked and length and self._in_range(offset, length):
+                    reg.before_write(offset, length)
+                    self.driver.write_zeroes(offset, length, unmap=unmap)
+                    self._after_write()
+                else:
+                    self.driver.write_zeroes(offset, length, unmap=unmap)
+                if fua:
+                    self.driver.flush()
+            except CorruptImageError as exc:
+                self._corrupted(exc)
+                raise
 
     def discard(self, offset: int, length: int) -> None:
         with self._lock:
-            if self._hooked and length and self._in_range(offset, length):
-                self._before_write(offset, length)
-                self.driver.discard(offset, length)
-                self._after_write()
-            else:
-                self.driver.discard(offset, length)
+            self._writable()
+            reg = self.bitmaps
+            try:
+                if reg.hooked and length and self._in_range(offset, length):
+                    reg.before_write(offset, length)
+                    self.driver.discard(offset, length)
+                    self._after_write()
+                else:
+                    self.driver.discard(offset, length)
+            except CorruptImageError as exc:
+                self._corrupted(exc)
+                raise
+
+    def _after_write(self) -> None:
+        if self.bitmaps.threshold_crossed(self.policy.threshold_bits):
+            self.bitmaps.checkpoint()
 
     def flush(self) -> None:
         """Data and metadata durable, then a bitmap checkpoint."""
         with self._lock:
-            self._check_background_error()
             self.driver.flush()
-            self._checkpoint()
+            self.bitmaps.checkpoint()
 
     def checkpoint(self) -> None:
-        """Store the changed bitmap clusters and clear ``in_use`` (no data flush needed: the
-        bits already cover every write issued so far, durable or not)."""
+        """Store every persistent bitmap's changes now and clear ``in_use`` (no data flush
+        needed: the bits already cover every write issued so far, durable or not)."""
         with self._lock:
-            self._check_background_error()
-            self._checkpoint()
+            self.bitmaps.checkpoint()
 
     def resize(self, new_size: int) -> None:
-        """Resize the disk; persistent bitmaps follow the new size (the grown area clean),
-        as in QEMU 7.2. The bits recorded so far are checkpointed first, then the bitmaps'
+        """Resize the disk; bitmaps follow the new size (the grown area clean), as in QEMU
+        7.2. The bits recorded so far are checkpointed first, then the stored bitmaps'
         tables and the size switch together (``Qcow2BitmapStore.resize``). In resilient mode
-        the write-intent map is invalidated first and begins anew at the new size (every
-        bitmap is consistent at that moment: nothing to recover). Raises what the store and
-        the driver raise; a drive whose bitmaps live in a container is refused (resize the
-        drive, then ``dirtybits container rebind``)."""
+        the write-intent map is invalidated first and begins anew at the new size. Raises
+        what the store and the driver raise; a drive whose bitmaps live in a container is
+        refused (resize the drive, then ``dirtybits container rebind``)."""
         with self._lock:
-            self._check_background_error()
+            self._writable()
             store = self.store
+            reg = self.bitmaps
             if store is None or not store.bitmaps or self.readonly:
                 self.driver.resize(new_size)
+                reg.resized(new_size)
                 return
             if store.img is not self.driver:
                 from dirtybits.errors import UnsupportedFeatureError
@@ -282,16 +303,15 @@ class BlockNode:
                 raise UnsupportedFeatureError(
                     f"the bitmaps of '{self.path}' are kept in {store.img.path}: resize the "
                     "drive, then accept it there with 'dirtybits container rebind'")
-            self._checkpoint()
-            intent = self._intent
+            reg.checkpoint()
+            intent = reg.intent
             region = intent.rec.region_size if intent is not None and intent.rec else None
             if intent is not None:
                 intent.invalidate()
             store.resize(new_size)
-            self._recorders = []  # made again for the new size at the next write
-            self._bits_at_checkpoint = 0
+            reg.resized(store.disk_size)
             if intent is not None:
-                self._intent = self._new_intent(region)
+                reg.intent = self._new_intent(region)
 
     def _new_intent(self, region: int | None) -> WriteIntentMap | None:
         """An empty map for the new size (the old region size if it still fits)."""
@@ -310,88 +330,144 @@ class BlockNode:
         write_intent.disable(store.img)
         return None
 
-    def block_status(self, offset: int, length: int) -> Iterator[MapExtent]:
+    def block_status(self, offset: int, length: int) -> list[MapExtent]:
+        """The driver's allocation status of ``[offset, offset+length)``, as a list."""
         with self._lock:
-            return iter(list(self.driver.block_status(offset, length)))
+            return list(self.driver.block_status(offset, length))
 
-    # ------------------------------------------------------------------ bitmaps
+    def allocation(self, offset: int = 0, length: int | None = None) -> list[Entry]:
+        """Chain-aware block status with allocation depth over ``[offset, offset+length)``:
+        qemu-img map's entries (``dirtybits.block.status``), as a list."""
+        from dirtybits.block.status import map_entries
+
+        with self._lock:
+            if length is None:
+                return list(map_entries(self.driver, offset))
+            return list(map_entries(self.driver, offset, length))
+
+    # ------------------------------------------------------------------ bitmaps (compat)
     def load_bitmap(self, name: str) -> DirtyBitmap:
-        """A bitmap's current bits: what is stored plus what was recorded since."""
-        if self.store is None:
-            from dirtybits.block.qcow2_bitmaps import BitmapOperationError
-
-            raise BitmapOperationError(f"Dirty bitmap '{name}' not found")
+        """A copy of a bitmap's current bits (``node.bitmaps.bits``)."""
         with self._lock:
-            bm = self.store.load(name)
-            for rec in self._recorders:
-                if name in rec.names:
-                    bm.merge_from(rec.bits)
-            return bm
+            return self.bitmaps.bits(name)
 
-    def _checkpoint(self) -> None:
-        if self._clean or self.store is None:
-            return
-        store = self.store
-        taken: list[tuple[_Recorder, list[int]]] = []
-        try:
-            for rec in self._recorders:
-                chunks = rec.bits.take_changed_chunks()
-                taken.append((rec, chunks))
-                for name in rec.names if chunks else ():
-                    if name in store.ours:  # else never marked in use: nothing was written
-                        self.stats.bitmap_bytes_written += store.write_changes(
-                            name, rec.bits, chunks)
-            store.img.sync()  # the bits are durable before in_use says they are complete
-            self._flags_unknown = True  # until the clear is synced, any mix may be on disk
-            store.set_in_use(self._tracked, False, force=True)
-            self._flags_unknown = False
-            if self._intent is not None and self._intent.valid:
-                self._intent.end_epoch()
-        except BaseException:
-            for rec, chunks in taken:
-                if chunks:
-                    rec.bits.mark_chunks_changed(chunks)
-            raise
-        self._clean = True
-        self._bits_at_checkpoint = self._dirty_bits()
-        self.stats.checkpoints += 1
+    # ------------------------------------------------------------------ info
+    def info(self) -> NodeInfo:
+        """The node as queries report it, from the live objects."""
+        with self._lock:
+            hc = getattr(self.driver, "hc", None)
+            backing = getattr(hc, "backing_file", None) if hc is not None else None
+            data_file = getattr(hc, "data_file", None) if hc is not None else None
+            return NodeInfo(self.node_name, self.format_name, self.path, self.driver.size,
+                            self.readonly, self.cache, self.cluster_size,
+                            backing if isinstance(backing, str) else None,
+                            data_file if isinstance(data_file, str) else None,
+                            self._corrupt is not None, self._inactive,
+                            self.bitmaps.query())
 
-    # ------------------------------------------------------------------ timer
-    def _due(self, now: float) -> float | None:
-        """Seconds until the next timed checkpoint (<= 0: now), None when nothing is open."""
-        if self._clean or self._closed:
+    # ------------------------------------------------------------------ scheduling
+    def next_due(self, now: float) -> float | None:
+        """Seconds until the next timed checkpoint (<= 0: now), None when nothing is owed."""
+        reg = self.bitmaps
+        if not reg.open or self._closed:
             return None
         waits = []
         if self.policy.idle is not None:
-            waits.append(self._last_write + self.policy.idle - now)
+            waits.append(reg.last_write + self.policy.idle - now)
         if self.policy.interval is not None:
-            waits.append(self._in_use_since + self.policy.interval - now)
-        return min(waits) if waits else None
+            waits.append(reg.in_use_since + self.policy.interval - now)
+        if not waits:
+            return None
+        return max(min(waits), self._retry_at - now)
 
-    def _timed_checkpoint(self) -> None:
+    def run_due(self, now: float) -> None:
+        """Run the timed checkpoint if it is due (called by the owner, under its lock). A
+        failure is logged and emitted as an event; the bitmaps stay in_use and it is tried
+        again ``RETRY_AFTER`` seconds later."""
+        left = self.next_due(now)
+        if left is None or left > 0:
+            return
+        try:
+            self.bitmaps.checkpoint()
+        except DirtybitsError as exc:
+            self._retry_at = now + RETRY_AFTER
+            log.warning("%s: checkpoint failed, bitmaps stay in use: %s", self.node_name, exc)
+            self._emit(NodeEvent(NodeEventKind.CHECKPOINT_FAILED, self.node_name, str(exc)))
+
+    # ------------------------------------------------------------------ activation
+    def inactivate(self) -> None:
+        """Store every persistent bitmap clean, release the image locks and refuse writes
+        until ``activate`` (what QEMU does before a migration hands the image over)."""
+        from dirtybits.filelock import PERM_ALL, Perms
+
         with self._lock:
-            left = self._due(time.monotonic())
-            if left is not None and left <= 0:
-                self._checkpoint()
+            if self._inactive:
+                return
+            if not self.readonly:
+                self.driver.flush()
+                self.bitmaps.checkpoint()
+            self._stamp = self._file_stamp()
+            self._held = [(lk, lk.perms) for lk in self.driver.locks()]
+            for lk, _ in self._held:
+                lk.apply(Perms(0, PERM_ALL))  # hold nothing, share everything
+            self._inactive = True
+            log.info("%s: inactive (bitmaps stored, locks released)", self.node_name)
 
-    def _check_background_error(self) -> None:
-        timer = self._timer
-        if timer is not None and timer.error is not None:
-            exc, timer.error = timer.error, None
-            raise exc
+    def activate(self) -> None:
+        """Take the locks back (``LockError`` if another process has the image now: the
+        node stays inactive) and accept writes again. An image that was written meanwhile
+        is refused (``NodeInactiveError``): reopen it."""
+        from dirtybits.filelock import PERM_ALL, Perms
+
+        with self._lock:
+            if not self._inactive:
+                return
+            done = []
+            try:
+                for lk, perms in self._held:
+                    lk.apply(perms)
+                    done.append(lk)
+            except BaseException:
+                for lk in done:
+                    lk.apply(Perms(0, PERM_ALL))
+                raise
+            if self._file_stamp() != self._stamp:
+                for lk in done:
+                    lk.apply(Perms(0, PERM_ALL))
+                raise NodeInactiveError(
+                    f"'{self.path}' changed while node '{self.node_name}' was inactive: its "
+                    "cached metadata and bitmaps may be stale; close and open it again")
+            self._held = []
+            self._inactive = False
+
+    def _file_stamp(self) -> tuple[int, int]:
+        st = os.stat(self.path)
+        return st.st_size, st.st_mtime_ns
+
+    def locks(self) -> list[FileLock]:
+        return self.driver.locks()
+
+    @property
+    def inactive(self) -> bool:
+        return self._inactive
 
     # ------------------------------------------------------------------ close
     def close(self) -> None:
         if self._closed:
             return
-        if self._timer is not None:
-            self._timer.stop()  # outside the lock: its checkpoint may be waiting for it
+        self.owner.release(self)
         with self._lock:
             self._closed = True
             try:
-                self._checkpoint()
+                if not self._inactive:
+                    self.bitmaps.checkpoint()
             finally:
                 self.driver.close()
+                log.debug("%s: closed", self.node_name)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def __enter__(self) -> BlockNode:
         return self
@@ -399,3 +475,6 @@ class BlockNode:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+__all__ = ["BlockNode", "NodeEvent", "NodeEventKind", "NodeInfo", "NodeStats"]

@@ -10,6 +10,7 @@ from dirtybits.errors import UsageError
 if TYPE_CHECKING:
     from dirtybits.block.checkpoint import CheckpointPolicy
     from dirtybits.block.node import BlockNode
+    from dirtybits.block.owner import BlockOwner
     from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
     from dirtybits.block.write_intent import WriteIntentMap
     from dirtybits.qcow2.children import BackingImage, DataFile
@@ -29,7 +30,7 @@ def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
                open_backing: bool = True, cache: str = "writeback",
                bitmaps: str = "auto", checkpoint: CheckpointPolicy | None = None,
                always_node: bool = False, force_share: bool = False,
-               backing: BackingImage | None = None,
+               owner: BlockOwner | None = None, backing: BackingImage | None = None,
                data_file: DataFile | None = None) -> ImageDriver:
     """Open ``path`` as ``fmt`` (probed when None) and return its driver.
 
@@ -59,22 +60,25 @@ def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
                          data_file=data_file)
         from dirtybits.format.qcow2.header import EXT_BITMAPS
 
-        if readonly or img.hc.extension(EXT_BITMAPS) is None:
-            return _node(img, None, checkpoint, True) if always_node else img
+        has_bitmaps = img.hc.extension(EXT_BITMAPS) is not None
+        if not always_node and (readonly or not has_bitmaps):
+            return img
         from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
 
         try:
-            store = Qcow2BitmapStore(img)
-            if not store.bitmaps and not always_node:
+            store = None
+            if has_bitmaps or not readonly:
+                store = Qcow2BitmapStore(img)
+            if store is not None and not store.bitmaps and not always_node:
                 return img
             intent = None
             from dirtybits.format.qcow2.write_intent import EXT_WRITE_INTENT
 
-            if img.hc.extension(EXT_WRITE_INTENT) is not None:
+            if not readonly and img.hc.extension(EXT_WRITE_INTENT) is not None:
                 from dirtybits.block.write_intent import WriteIntentMap
 
                 intent = WriteIntentMap(img)
-            return _node(img, store, checkpoint, bitmaps == "auto", intent)
+            return _node(img, store, checkpoint, bitmaps == "auto", intent, cache, owner)
         except BaseException:
             img.close()
             raise
@@ -83,15 +87,56 @@ def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
 
         if backing is not None or data_file is not None:
             raise UsageError("a raw image has no backing file or data file")
-
         raw = RawImage(path, readonly=readonly, force_share=force_share, cache=cache)
-        return _node(raw, None, checkpoint, True) if always_node else raw
+        return _node(raw, None, checkpoint, True, None, cache, owner) if always_node else raw
     raise UsageError(f"Unknown file format '{fmt}'")
 
 
 def _node(driver: ImageDriver, store: Qcow2BitmapStore | None,
           policy: CheckpointPolicy | None, track: bool,
-          intent: WriteIntentMap | None = None) -> BlockNode:
+          intent: WriteIntentMap | None = None, cache: str = "writeback",
+          owner: BlockOwner | None = None) -> BlockNode:
     from dirtybits.block.node import BlockNode
 
-    return BlockNode(driver, store, policy=policy, track=track, intent=intent)
+    return BlockNode(driver, store, policy=policy, track=track, intent=intent, cache=cache,
+                     owner=owner)
+
+
+def open_node(path: str, fmt: str | None = None, *, readonly: bool = False,
+              bitmaps: str = "auto", checkpoint: CheckpointPolicy | None = None,
+              cache: str = "writeback", open_backing: bool = True,
+              bitmap_file: str | None = None, force_share: bool = False,
+              owner: BlockOwner | None = None) -> BlockNode:
+    """Open any image as a ``BlockNode`` (``dirtybits.open``'s work; see there)."""
+    from dirtybits.block.node import BlockNode
+
+    if bitmap_file is not None:
+        from dirtybits.block.container import open_drive
+
+        if fmt not in (None, "raw"):
+            raise UsageError(f"bitmap_file needs a raw drive, not fmt='{fmt}'")
+        return open_drive(bitmap_file, path, readonly=readonly, checkpoint=checkpoint,
+                          bitmaps=bitmaps, cache=cache, owner=owner)
+    node = open_image(path, fmt, readonly=readonly, open_backing=open_backing, cache=cache,
+                      bitmaps=bitmaps, checkpoint=checkpoint, always_node=True,
+                      force_share=force_share, owner=owner)
+    assert isinstance(node, BlockNode)
+    return node
+
+
+def open_for_bitmaps(path: str, *, readonly: bool, open_backing: bool = True) -> BlockNode:
+    """A qcow2 image opened to manage its bitmaps (``dirtybits bitmap``, as ``qemu-img
+    bitmap`` opens it), as a node whose registry does the work. No timed checkpoints: every
+    operation stores its result before it returns."""
+    from dirtybits.block.checkpoint import CheckpointPolicy
+    from dirtybits.block.children import open_qcow2
+    from dirtybits.block.node import BlockNode
+    from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
+
+    img = open_qcow2(path, readonly=readonly, keep_bitmaps=True, open_backing=open_backing)
+    try:
+        return BlockNode(img, Qcow2BitmapStore(img),
+                         policy=CheckpointPolicy(interval=None, idle=None, threshold_bits=None))
+    except BaseException:
+        img.close()
+        raise

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Collection, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from dirtybits.bitmap.serialized_runs import ONES, ZEROS, runs_from_edges, serialized_edges
 from dirtybits.errors import CorruptImageError, DirtybitsError, FormatError
@@ -640,6 +640,87 @@ class Qcow2BitmapStore:
             written += len(raw)
             sb.table = table
         return written
+
+
+    def write_chunks(self, name: str, bits: ChunkSource, chunks: list[int]) -> int:
+        """Overwrite the serialized chunks ``chunks`` of the stored bitmap with ``bits``.
+
+        For a bitmap held whole in memory (a clear, a merge, a bitmap added while open): the
+        stored cluster becomes exactly ``bits``' bytes, so cleared bits are cleared on disk
+        too (``write_changes`` only ORs). The bitmap must be in_use by us. An owned data
+        cluster is rewritten where it changed (whole pages); a chunk that becomes all zeros
+        keeps its cluster (written with zeros); an all-ones or zero entry, or a cluster that
+        is not provably the bitmap's own, gets a new cluster, and the table is rewritten
+        after the new clusters' refcounts are durable. Returns the bytes written.
+        """
+        sb = self._get(name)
+        if sb.name not in self.ours or sb.table is None:
+            raise BitmapOperationError(f"Bitmap '{name}' is not being tracked")
+        import numpy as np
+
+        img, cs = self.img, self.cluster_size
+        end = os.fstat(img.fileno()).st_size
+        table = list(sb.table)
+        written = 0
+        for c in chunks:
+            if c >= len(table):
+                continue
+            new = bits.to_bytes(c * cs, cs)
+            te = BitmapTableEntry.decode(table[c], cs)
+            if te.kind is TableEntryKind.DATA and self._owns(te.offset, "bitmap data", end):
+                old = np.frombuffer(img.read_metadata(te.offset, cs, "bitmap data"), np.uint8)
+                diff = np.flatnonzero(old != np.frombuffer(new, np.uint8))
+                if diff.size:
+                    lo = int(diff[0]) & ~(WRITE_PAGE - 1)
+                    hi = min(cs, (int(diff[-1]) | (WRITE_PAGE - 1)) + 1)
+                    img.write_metadata(te.offset + lo, new[lo:hi], "bitmap data")
+                    written += hi - lo
+                continue
+            if te.kind is TableEntryKind.ZEROS and not any(new):
+                continue
+            if te.kind is TableEntryKind.ONES and new == b"\xff" * cs:
+                continue
+            if not any(new):
+                table[c] = 0  # a zero entry; the old cluster (not ours, or all-ones) stays
+                continue
+            off = img.allocate_metadata(cs, "bitmap data")
+            img.write_metadata(off, new, "bitmap data")
+            table[c] = off
+            written += cs
+        if table != sb.table:
+            img.flush()  # the new clusters' refcounts are durable before the table names them
+            raw = pack_table(table)
+            img.write_metadata(sb.entry.bitmap_table_offset, raw, "bitmap table")
+            written += len(raw)
+            sb.table = table
+        return written
+
+    def add_with_bits(self, name: str, bm: DirtyBitmap, *, disabled: bool = False) -> None:
+        """A new bitmap holding ``bm``'s bits (copy-on-write: data, table, directory)."""
+        if not name:
+            raise BitmapOperationError("Bitmap name cannot be empty")
+        if self.find(name) is not None:
+            raise BitmapOperationError(f"Bitmap already exists: {name}")
+        self.check_new(name, bm.granularity)
+        self._add_bitmap(name, bm, auto=not disabled)
+
+    def check_new(self, name: str, granularity: int) -> None:
+        """QEMU's checks for a new persistent bitmap (``qcow2_co_can_store_new_dirty_bitmap``);
+        raises ``BitmapOperationError`` with QEMU's reason."""
+        if self.img.header.version < 3:
+            raise BitmapOperationError("Cannot store dirty bitmaps in qcow2 v2 files")
+        dir_size = sum(sb.entry.entry_size for sb in self.bitmaps)
+        try:
+            check_new_bitmap(name, granularity, self.disk_size, self.cluster_size,
+                             len(self.bitmaps), dir_size)
+        except FormatError as exc:
+            raise BitmapOperationError(exc.reason) from exc
+
+
+class ChunkSource(Protocol):
+    """What ``write_chunks`` reads: a bitmap's serialized bytes."""
+
+    def to_bytes(self, start: int = 0, length: int | None = None) -> bytes: ...
 
 
 def _with(entry: BitmapDirectoryEntry, **changes: object) -> BitmapDirectoryEntry:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import mmap
 import os
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ from dirtybits.filelock import (
 from dirtybits.osfile import CACHE_MODES, DIRECT_ALIGN, file_size, open_file, reopen_same_file
 from dirtybits.osfile import punch_hole as _punch_hole
 from dirtybits.qcow2.extent import MapExtent
+
+log = logging.getLogger(__name__)
 
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
@@ -76,6 +79,9 @@ class RawImage:
             with contextlib.suppress(OSError):
                 self._direct_fd = reopen_same_file(self._fd, flags | os.O_DIRECT
                                                    | getattr(os, "O_CLOEXEC", 0))
+        log.debug("%s: opened raw %s (%d bytes, cache=%s%s)", path,
+                  "read-only" if readonly else "read-write", self._size, cache,
+                  ", shared" if force_share else "")
 
     @classmethod
     def create(cls, path: str, size: int, prealloc: str = "off") -> None:
@@ -239,9 +245,15 @@ class RawImage:
             yield MapExtent(pos, hole - pos, 0, True, False, True, pos, self.path)
             pos = hole
 
+    def locks(self) -> list[FileLock]:
+        """The lock description held on the file (for inactivation)."""
+        return [self._lock] if self._lock is not None else []
+
     def close(self) -> None:
         """Flush (as QEMU does at close), then release the lock and the descriptors."""
         if not self._closed:
+            log.debug("%s: closing raw (%s)", self.path,
+                      "read-only" if self.readonly else "read-write")
             try:
                 self.flush()
             finally:

@@ -20,15 +20,22 @@ interrupted run changes nothing and can simply be rerun.
 
 from __future__ import annotations
 
+import logging
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
 from dirtybits.block.driver import ImageDriver
 from dirtybits.block.qcow2_bitmaps import BitmapOperationError, Qcow2BitmapStore
+
+if TYPE_CHECKING:
+    from dirtybits.block.registry import BitmapRegistry
+
+log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20
 _ZEROS = bytes(CHUNK)
@@ -246,13 +253,17 @@ def differing_granules(img: ImageDriver, ref: ImageDriver, granularity: int,
     return DataCompare(img, ref, granularity).run(progress).bitmap
 
 
-def recover_bitmap(store: Qcow2BitmapStore, name: str, ref: ImageDriver, *,
-                   progress: Callable[[int], Progress | None] | None = None) -> CompareResult:
+def recover_bitmap(store: Qcow2BitmapStore | None, name: str, ref: ImageDriver, *,
+                   progress: Callable[[int], Progress | None] | None = None,
+                   registry: BitmapRegistry | None = None) -> CompareResult:
     """Rebuild bitmap ``name`` of the store's image against ``ref`` and make it consistent.
 
     ``progress``, if given, is called with the number of bytes to compare and returns the
-    per-chunk callback. The store is written only after the compare has finished.
+    per-chunk callback. The store is written only after the compare has finished, through
+    ``registry`` when the image is open as a node (its bitmaps change only there).
     """
+    if store is None:
+        raise BitmapOperationError(f"Dirty bitmap '{name}' not found")
     sb = store.find(name)
     if sb is None:
         raise BitmapOperationError(f"Dirty bitmap '{name}' not found")
@@ -261,6 +272,13 @@ def recover_bitmap(store: Qcow2BitmapStore, name: str, ref: ImageDriver, *,
             f"Bitmap '{name}' is damaged and cannot be used ({'; '.join(sb.problems)}); "
             "it can only be removed")
     job = DataCompare(store.img, ref, sb.entry.granularity)
+    log.info("%s: rebuilding bitmap '%s' against %s (%d bytes to compare)", store.img.path,
+             name, ref.path, job.total)
     result = job.run(progress(job.total) if progress is not None else None)
-    store.replace_inconsistent(name, result.bitmap)
+    if registry is not None:
+        registry.replace_inconsistent(name, result.bitmap)
+    else:
+        store.replace_inconsistent(name, result.bitmap)
+    log.info("%s: bitmap '%s' rebuilt: %d bytes differ, %d compared, %d skipped",
+             store.img.path, name, result.bitmap.count(), result.compared, result.skipped)
     return result

@@ -73,6 +73,8 @@ def apply_snapshot(path: str, id_or_name: str) -> None:
                                 errno=errno.ENOENT)
         if not snapshots.has_bitmaps(img) and (img.hc.header.autoclear_features
                                                & AUTOCLEAR_WRITE_INTENT):
+            log.info("%s: dropping the write-intent map: applying snapshot %s changes "
+                     "the data it guards", path, id_or_name)
             img.update_header(autoclear_clear=AUTOCLEAR_WRITE_INTENT)
         try:
             img.snapshot_apply(index)
@@ -119,4 +121,5 @@ def load_snapshot(driver: object, *, snapshot_id: str | None = None,
                       and (snapshot_id is not None or name is not None)), -1)
     if index < 0:
         raise SnapshotError("Can't find snapshot", errno=errno.ENOENT)
+    log.debug("%s: showing snapshot %s read-only", driver.path, entries[index].id_str)
     driver.snapshot_load(index)

@@ -20,6 +20,7 @@ first, so a stale map is never trusted.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
     from dirtybits.qcow2.image import Qcow2Image
 
+log = logging.getLogger(__name__)
 
 class ResilientModeError(DirtybitsError):
     """Resilient mode cannot be enabled on this image."""
@@ -75,10 +77,12 @@ def enable(img: Qcow2Image, region_size: int | None = None) -> WriteIntentExtens
         raise ResilientModeError(
             f"The write-intent map does not fit in the header cluster ({exc.reason}); use a "
             "larger region size or a larger cluster size") from exc
+    log.info("%s: resilient mode on (%d-byte regions)", img.path, rec.region_size)
     return rec
 
 
 def disable(img: Qcow2Image) -> None:
+    log.info("%s: resilient mode off", img.path)
     img.update_header(extensions={EXT_WRITE_INTENT: None},
                       autoclear_clear=AUTOCLEAR_WRITE_INTENT)
 
@@ -147,6 +151,8 @@ class WriteIntentMap:
         if names:
             store.img.sync()
             store.set_in_use(names, False)
+            log.info("%s: recovered in-use bitmaps from the write-intent map: %s",
+                     store.img.path, ", ".join(names))
         return names
 
     # ------------------------------------------------------------------ epochs
@@ -162,10 +168,13 @@ class WriteIntentMap:
         self._map = bytearray(rec.map)
         self._epoch = bytearray(len(self._map))
         self.valid = True
+        log.debug("%s: write-intent epoch started (%d bitmaps excluded)", self.img.path,
+                  len(rec.excluded))
 
     def invalidate(self) -> None:
         """A write the map will not see is coming: stop trusting the map (synced)."""
         if self.valid:
+            log.debug("%s: write-intent map invalidated (an untracked write)", self.img.path)
             self.img.update_header(autoclear_clear=AUTOCLEAR_WRITE_INTENT)
             self.valid = False
 

@@ -26,8 +26,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dirtybits.cli.options import QemuError, check_option_list, split_option_list
-    from dirtybits.cli.qemu_io_syntax import parse_size
+    from dirtybits.block.options import QemuError, check_option_list, split_option_list
+    from dirtybits.sizes import parse_size
 
     if args.fmt not in (None, "qcow2"):
         raise UsageError(f"Format driver '{args.fmt}' does not support these options")

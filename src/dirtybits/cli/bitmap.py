@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator, Sequence
-from typing import Any, TextIO
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
 
 from dirtybits.errors import DirtybitsError, UsageError
+
+if TYPE_CHECKING:
+    from dirtybits.block.node import BlockNode
 
 READ_ACTIONS = ("dump", "sha256", "png")
 
@@ -53,7 +56,7 @@ def add_parser(sub: Any) -> None:
 
 
 def _parse_granularity(text: str) -> int:
-    from dirtybits.cli.qemu_io_syntax import parse_size
+    from dirtybits.sizes import parse_size
 
     try:
         return int(parse_size(text))
@@ -81,15 +84,13 @@ def run(args: argparse.Namespace) -> int:
     gran = _parse_granularity(args.granularity) if args.granularity is not None else None
     readonly = kinds <= set(READ_ACTIONS)
 
-    from dirtybits.block.children import open_qcow2
-    from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
+    from dirtybits.block.open import open_for_bitmaps
 
     name = args.bitmap
-    with open_qcow2(args.filename, readonly=readonly, keep_bitmaps=True) as img:
-        store = Qcow2BitmapStore(img)
+    with open_for_bitmaps(args.filename, readonly=readonly) as node:
         for action, value in actions:
             try:
-                _apply(store, action, value, name, gran, args, sys.stdout)
+                _apply(node, action, value, name, gran, args, sys.stdout)
             except DirtybitsError as exc:
                 if str(exc).startswith("Could not open '"):  # qemu-img: opening -b, no prefix
                     print(f"dirtybits bitmap: {exc}", file=sys.stderr)
@@ -100,57 +101,61 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _apply(store: Any, action: str, value: Any, name: str, gran: int | None,
+def _apply(node: BlockNode, action: str, value: Any, name: str, gran: int | None,
            args: argparse.Namespace, out: TextIO) -> None:
+    """One action, through the node's bitmap registry."""
+    reg = node.bitmaps
     if action == "add":
-        store.add(name, gran)
+        reg.add(name, gran, persistent=True)
     elif action == "remove":
-        for note in store.remove(name):  # a damaged bitmap may leave clusters behind
+        for note in reg.remove(name):  # a damaged bitmap may leave clusters behind
             print(f"dirtybits bitmap: warning: {note}; 'dirtybits check -r leaks' reclaims "
                   "them", file=sys.stderr)
     elif action == "clear":
-        store.clear(name)
-    elif action in ("enable", "disable"):
-        store.set_enabled(name, action == "enable")
+        reg.clear(name)
+    elif action == "enable":
+        reg.enable(name)
+    elif action == "disable":
+        reg.disable(name)
     elif action == "merge":
-        store.merge(name, [_merge_source(store, value, args)])
+        _merge(node, name, value, args)
     elif action == "rename":
-        store.rename(name, value)
+        reg.rename(name, value)
     elif action == "copy":
-        store.copy(name, value)
+        reg.copy(name, value, persistent=True)
     elif action == "sha256":
-        print(store.load(name).sha256(), file=out)
+        print(reg.bits(name).sha256(), file=out)
     elif action == "png":
         from dirtybits.cli.bitmap_png import render_png
 
-        render_png(store.load(name), value, title=f"{args.filename}: bitmap '{name}'")
+        render_png(reg.bits(name), value, title=f"{args.filename}: bitmap '{name}'")
     elif action == "recover":
         from dirtybits.cli.bitmap_recover import apply_recover
 
-        apply_recover(store, name, args, out)
+        apply_recover(node, name, args, out)
     elif action == "dump":
-        size = store.disk_size & ~511  # an NBD export is the disk size aligned down to 512
-        write_map(out, store.extents(name, size), size, json_out=args.json, totals=args.totals)
+        size = node.size & ~511  # an NBD export is the disk size aligned down to 512
+        write_map(out, reg.runs(name, size), size, json_out=args.json, totals=args.totals)
 
 
-def _merge_source(store: Any, source: str, args: argparse.Namespace) -> Any:
+def _merge(node: BlockNode, target: str, source: str, args: argparse.Namespace) -> None:
     if not args.source_file:
-        return store.load(source)
+        node.bitmaps.merge(target, [source])
+        return
     if args.source_format not in (None, "qcow2"):
         raise UsageError(f"Format driver '{args.source_format}' does not support bitmaps")
-    from dirtybits.block.children import open_qcow2
-    from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
+    from dirtybits.block.open import open_for_bitmaps
     from dirtybits.errors import LockError
 
     try:
-        src = open_qcow2(args.source_file, readonly=True, open_backing=False)
+        src = open_for_bitmaps(args.source_file, readonly=True, open_backing=False)
     except LockError as exc:  # e.g. the source is the image being changed: qemu-img's words
         raise LockError(f"Could not open '{args.source_file}': {exc}") from None
     with src:
-        return Qcow2BitmapStore(src).load(source)
+        node.bitmaps.merge(target, [(src.bitmaps, source)])
 
 
-def write_map(out: TextIO, extents: Iterator[tuple[int, int, bool]], size: int, *,
+def write_map(out: TextIO, extents: Iterable[tuple[int, int, bool]], size: int, *,
               json_out: bool = False, totals: bool = False) -> None:
     """Print extents in nbdinfo's --map layout for a qemu:dirty-bitmap context."""
     runs = [(start, length, 1 if dirty else 0) for start, length, dirty in extents if length]

@@ -44,8 +44,8 @@ def check_arguments(args: argparse.Namespace, kinds: set[str]) -> None:
         raise UsageError("--reference-format only supported with --reference")
 
 
-def apply_recover(store: Any, name: str, args: argparse.Namespace, out: TextIO) -> None:
-    """Rebuild bitmap ``name`` of ``store`` against ``args.reference``; print a summary."""
+def apply_recover(node: Any, name: str, args: argparse.Namespace, out: TextIO) -> None:
+    """Rebuild bitmap ``name`` of ``node`` against ``args.reference``; print a summary."""
     check_arguments(args, {"recover"})
     from dirtybits.block.open import open_image
     from dirtybits.block.recover import recover_bitmap
@@ -60,7 +60,8 @@ def apply_recover(store: Any, name: str, args: argparse.Namespace, out: TextIO) 
 
     with open_image(args.reference, args.reference_format, readonly=True) as ref:
         try:
-            result = recover_bitmap(store, name, ref, progress=start)
+            result = recover_bitmap(node.store, name, ref, progress=start,
+                                    registry=node.bitmaps)
         finally:
             for bar in bars:
                 bar.close()

@@ -23,12 +23,11 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from dirtybits.cli.map import ChainStatus, Entry, merged, read_padded
+from dirtybits.block.options import SECTOR, QemuError
+from dirtybits.block.status import ChainStatus, Entry, merged, read_padded
 from dirtybits.cli.options import (
-    SECTOR,
     ArgParser,
     Progress,
-    QemuError,
     add_command,
     open_qemu,
     report,

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _size(text: str, what: str) -> int:
-    from dirtybits.cli.qemu_io_syntax import parse_size
+    from dirtybits.sizes import parse_size
 
     try:
         return int(parse_size(text))

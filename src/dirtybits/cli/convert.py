@@ -11,7 +11,7 @@ backing file. The result reads the same as the source (``qemu-img compare``) and
 Options and messages are qemu-img's. ``-c`` compresses every non-zero cluster of a qcow2
 target (``-o compression_type=zlib|zstd`` picks the method), as qemu-img convert -c: clusters
 are checked for zeros whole and written whole. Only one source image is taken (qemu-img
-concatenates several).
+concatenates several). The copy itself is ``dirtybits.block.copy``.
 """
 
 from __future__ import annotations
@@ -19,35 +19,36 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from dirtybits.cli.map import ChainStatus, merged, qemu_size, read_padded
-from dirtybits.cli.options import (
+from dirtybits.block.copy import copy
+from dirtybits.block.options import (
     FORMATS,
     SECTOR,
-    ArgParser,
-    Progress,
     QemuError,
     QemuOpts,
-    add_command,
     check_option_list,
     create_opts,
-    cvtnum,
     has_help_option,
-    open_qemu,
     option_help,
     qcow2_create_args,
     raw_preallocation,
-    report,
     split_option_list,
+)
+from dirtybits.block.status import qemu_size
+from dirtybits.cli.options import (
+    ArgParser,
+    Progress,
+    add_command,
+    cvtnum,
+    open_qemu,
+    report,
 )
 from dirtybits.errors import DirtybitsError
 
 if TYPE_CHECKING:
     from dirtybits.block.driver import ImageDriver
 
-CHUNK = 2 << 20
 DEFAULT_SPARSE = 4096
 MAX_SPARSE = 16 << 20
 
@@ -206,103 +207,3 @@ def _create_target(name: str, fmt: str, options: str, size: int) -> bool:
         raise exc.prefixed(f"{name}: error while converting {fmt}: ") from None
     except DirtybitsError as exc:
         raise QemuError(f"{name}: error while converting {fmt}: {exc}") from None
-
-
-def data_ranges(src: ImageDriver, size: int, granularity: int) -> Iterator[tuple[int, int]]:
-    """[start, end) ranges holding source data, widened to ``granularity`` and joined; with
-    ``granularity`` 0 the whole disk is one range."""
-    if not granularity:
-        if size:
-            yield 0, size
-        return
-    with ChainStatus(src, recurse=False) as status:
-        runs = ((e.start, e.end) for e in merged(status.entries(0, size)) if not e.zero)
-        yield from _widen(runs, granularity, size)
-
-
-def _widen(runs: Iterable[tuple[int, int]], granularity: int, size: int
-           ) -> Iterator[tuple[int, int]]:
-    cur: tuple[int, int] | None = None
-    for start, end in runs:
-        start = start // granularity * granularity
-        end = min(size, -(-end // granularity) * granularity)
-        if cur is not None and start <= cur[1]:
-            cur = (cur[0], max(cur[1], end))
-            continue
-        if cur is not None:
-            yield cur
-        cur = (start, end)
-    if cur is not None:
-        yield cur
-
-
-def copy(src: ImageDriver, dst: ImageDriver, granularity: int, zero_init: bool,
-         progress: Progress, *, compress: bool = False) -> None:
-    """Write every non-zero ``granularity`` block of ``src`` into ``dst``; on a target that
-    does not read as zeros already, zero the rest. ``compress``: the writes are compressed
-    (``granularity`` must then be the target's cluster size, or 0)."""
-    size = qemu_size(src)
-    pos = 0
-    ranges: Iterable[tuple[int, int]] = data_ranges(src, size, granularity)
-    reads: Iterator[bytes] | None = None
-    if compress:
-        # the next chunk is read while this one is compressed and stored (the source is
-        # then only touched by the reading thread: its ranges are listed first)
-        ranges = list(ranges)
-        reads = _read_ahead(src, [(off, min(CHUNK, end - off)) for start, end in ranges
-                                  for off in range(start, end, CHUNK)])
-    for start, end in ranges:
-        if pos < start:
-            _zero(dst, pos, start, zero_init)
-            progress.update(start - pos)
-        for off in range(start, end, CHUNK):
-            n = min(CHUNK, end - off)
-            buf = next(reads) if reads is not None else read_padded(src, off, n)
-            _write_blocks(dst, off, buf, granularity if zero_init else 0, compress)
-            progress.update(n)
-        pos = end
-    if pos < size:
-        _zero(dst, pos, size, zero_init)
-        progress.update(size - pos)
-    if compress:
-        dst.write(0, b"", compress=True)  # qemu-img's last one: the file ends on a sector
-    # No fdatasync of our own: qemu-img convert writes with cache=unsafe. Closing a qcow2
-    # target still writes its metadata in the engine's crash-safe order.
-
-
-def _read_ahead(src: ImageDriver, jobs: list[tuple[int, int]]) -> Iterator[bytes]:
-    """``read_padded`` of each (offset, length), one read ahead in a thread."""
-    from concurrent.futures import Future, ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1, thread_name_prefix="dirtybits-read") as ex:
-        nxt: Future[bytes] | None = None
-        for i, (off, n) in enumerate(jobs):
-            cur = nxt if nxt is not None else ex.submit(read_padded, src, off, n)
-            nxt = ex.submit(read_padded, src, *jobs[i + 1]) if i + 1 < len(jobs) else None
-            yield cur.result()
-
-
-def _zero(dst: ImageDriver, start: int, end: int, zero_init: bool) -> None:
-    if not zero_init:
-        dst.write_zeroes(start, end - start, unmap=True)
-
-
-def _write_blocks(dst: ImageDriver, offset: int, buf: bytes, granularity: int,
-                  compress: bool = False) -> None:
-    """Write ``buf`` at ``offset`` leaving out all-zero ``granularity`` blocks (0: write all)."""
-    if not granularity:
-        dst.write(offset, buf, compress=compress)
-        return
-    view = memoryview(buf)
-    zero = bytes(granularity)
-    run_start = -1
-    for i in range(0, len(buf), granularity):
-        block = buf[i:i + granularity]  # bytes == bytes is a memcmp; memoryview's is slow
-        is_zero = block == zero[:len(block)]
-        if not is_zero and run_start < 0:
-            run_start = i
-        elif is_zero and run_start >= 0:
-            dst.write(offset + run_start, view[run_start:i], compress=compress)
-            run_start = -1
-    if run_start >= 0:
-        dst.write(offset + run_start, view[run_start:], compress=compress)

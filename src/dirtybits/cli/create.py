@@ -14,22 +14,19 @@ import os
 import sys
 from typing import Any
 
-from dirtybits.cli.options import (
+from dirtybits.block.options import (
     FORMATS,
     SECTOR,
-    ArgParser,
     QemuError,
     QemuOpts,
-    add_command,
     check_option_list,
     create_opts,
-    cvtnum,
     has_help_option,
     option_help,
     qcow2_create_args,
     raw_preallocation,
-    report,
 )
+from dirtybits.cli.options import ArgParser, add_command, cvtnum, report
 from dirtybits.errors import DirtybitsError
 
 USAGE = "dirtybits create [-q] [-f FMT] [-b BACKING] [-F BACKING_FMT] [-u] [-o OPTIONS] FILE [SIZE]"

@@ -11,7 +11,8 @@ import argparse
 import sys
 from typing import Any
 
-from dirtybits.cli.options import ArgParser, QemuError, add_command, cvtnum, report
+from dirtybits.block.options import QemuError
+from dirtybits.cli.options import ArgParser, add_command, cvtnum, report
 
 SHRINK_WARNING = ("warning: Shrinking an image will delete all data beyond the shrunken "
                   "image's end. Before performing such an operation, make sure there is no "

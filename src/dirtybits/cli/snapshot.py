@@ -14,7 +14,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from dirtybits.cli.options import ArgParser, QemuError, add_command, report
+from dirtybits.block.options import QemuError
+from dirtybits.cli.options import ArgParser, add_command, report
 
 
 def add_parser(sub: Any) -> None:

@@ -18,6 +18,7 @@ synced write: the repaired file is qemu-img's, byte for byte.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import struct
 from dataclasses import dataclass, field
@@ -85,6 +86,8 @@ if TYPE_CHECKING:
 
     Counts = npt.NDArray[np.uint64] | npt.NDArray[np.uint32]
     U64 = npt.NDArray[np.uint64]
+
+log = logging.getLogger(__name__)
 
 FIX_LEAKS = 1
 FIX_ERRORS = 2
@@ -219,13 +222,18 @@ def check_image(path: str, repair: str | None = None, *, fmt: str | None = None)
     if fmt != "qcow2":
         raise UnsupportedFeatureError(f"Unknown driver '{fmt}'")
 
+    log.debug("%s: checking (repair=%s)", path, repair)
     first = _Checker(path, fix)
     try:
         first.run()
     finally:
         first.close()
     res = first.res
+    log.debug("%s: %d corruptions, %d leaks, %d check errors", path, res.corruptions,
+              res.leaks, res.check_errors)
     if fix and (res.leaks_fixed or res.corruptions_fixed):
+        log.info("%s: repaired %d corruptions and %d leaks; checking again", path,
+                 res.corruptions_fixed, res.leaks_fixed)
         again = _Checker(path, 0)
         try:
             again.run()
@@ -390,6 +398,7 @@ class _Checker:
         return out
 
     def _msg(self, text: str) -> None:
+        log.debug("%s: %s", self.path, text)
         self.messages.append(text)
 
     # ----------------------------------------------------------------- reference counting

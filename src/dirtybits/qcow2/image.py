@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import mmap
 import os
 import struct
@@ -103,6 +104,8 @@ from dirtybits.osfile import (
 )
 from dirtybits.qcow2.children import BackingImage, ChildOpener, DataFile
 from dirtybits.qcow2.extent import MapExtent
+
+log = logging.getLogger(__name__)
 
 _Q = struct.Struct(">Q")
 _unpack_q = _Q.unpack_from
@@ -263,6 +266,9 @@ class Qcow2Image:
                 if keep_bitmaps:
                     img._refuse_unreadable_bitmaps()
                 img._on_writable_open(keep_bitmaps)
+            log.debug("%s: opened %s (qcow2 v%d, %d-byte clusters, %d bytes, cache=%s%s)",
+                      path, "read-only" if readonly else "read-write", hc.header.version,
+                      img.cluster_size, img.size, cache, ", shared" if force_share else "")
             return img
         except FormatError as exc:
             cls._abandon(img, fd, lock)
@@ -467,6 +473,8 @@ class Qcow2Image:
         keep = (AUTOCLEAR_KNOWN | AUTOCLEAR_WRITE_INTENT if keep_bitmaps
                 else AUTOCLEAR_KNOWN & ~AUTOCLEAR_BITMAPS)
         if h.autoclear_features & ~keep:
+            log.info("%s: clearing autoclear bits %#x at a writable open (no one keeps "
+                     "them up to date)", self.path, h.autoclear_features & ~keep)
             self._set_header(h.replace(autoclear_features=h.autoclear_features & keep))
 
     # ------------------------------------------------------------------ properties
@@ -797,6 +805,7 @@ class Qcow2Image:
         """Mark the image corrupt (QEMU's qcow2_signal_corruption) and refuse the write."""
         msg = f"{reason}; image marked as corrupt"
         if not self.readonly and self._corrupt_reason is None:
+            log.info("%s: %s; marking the image corrupt", self.path, reason)
             self._corrupt_reason = reason
             h = self.hc.header
             if h.version >= 3:
@@ -2175,9 +2184,15 @@ class Qcow2Image:
         snapshots.load(self, index)
 
     # ------------------------------------------------------------------ close
+    def locks(self) -> list[FileLock]:
+        """The lock descriptions held on the image and its data file (for inactivation)."""
+        data_lock = self.data_file.lock if self.data_file is not None else None
+        return [lk for lk in (self._lock, data_lock) if lk is not None]
+
     def close(self) -> None:
         if self._closed:
             return
+        log.debug("%s: closing (%s)", self.path, "read-only" if self.readonly else "read-write")
         try:
             if not self.readonly:
                 self.flush()
