@@ -390,7 +390,7 @@ def bitmap_digests(path: Path) -> dict[str, str]:
     from dirtybits.qcow2.image import Qcow2Image
 
     digests: dict[str, str] = {}
-    with Qcow2Image.open(str(path), readonly=True, open_backing=False) as img:
+    with Qcow2Image.open(str(path), readonly=True) as img:
         store = Qcow2BitmapStore(img)
         for sb in store.bitmaps:
             try:

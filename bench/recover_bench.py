@@ -124,7 +124,7 @@ def verify(image: Path, expected: Any) -> list[str]:
     from dirtybits.qcow2.image import Qcow2Image
 
     problems = []
-    with Qcow2Image.open(str(image), readonly=True, open_backing=False) as img:
+    with Qcow2Image.open(str(image), readonly=True) as img:
         got = Qcow2BitmapStore(img).load("b")
     if got != expected:
         problems.append(f"rebuilt bitmap {got!r} != expected {expected!r}")

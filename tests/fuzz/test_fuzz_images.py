@@ -66,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: peers, also in the
 from fuzzfiles import file_digest
 
 import peers
+from dirtybits.block.children import open_qcow2
 from dirtybits.block.open import open_image
 from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
 from dirtybits.errors import DirtybitsError, LockError
@@ -351,7 +352,7 @@ def build_bases(root: Path, tools: dict[str, str]) -> dict[str, Base]:
 
     d = new("engine_extl2")
     Qcow2Image.create(str(d / IMAGE), 1 << 20, cluster_size=16384, extended_l2=True)
-    with Qcow2Image.open(str(d / IMAGE)) as e:
+    with open_qcow2(str(d / IMAGE)) as e:
         e.write(100, b"\xc1" * 3000)
         e.write(48 << 10, b"\xc2" * 20000)
         e.write_zeroes(50 << 10, 600)
@@ -360,7 +361,7 @@ def build_bases(root: Path, tools: dict[str, str]) -> dict[str, Base]:
 
     d = new("engine64k")
     Qcow2Image.create(str(d / IMAGE), 2 << 20)
-    with Qcow2Image.open(str(d / IMAGE)) as e:
+    with open_qcow2(str(d / IMAGE)) as e:
         e.write(0, b"\x91" * 70000)
         e.write(300 << 10, b"\x92" * 4096)
         e.write_zeroes(1 << 20, 64 << 10)
@@ -368,7 +369,7 @@ def build_bases(root: Path, tools: dict[str, str]) -> dict[str, Base]:
 
     d = new("enginezstd")  # compressed clusters our engine packed (zstd, 4 KiB clusters)
     Qcow2Image.create(str(d / IMAGE), 512 << 10, cluster_size=4096, compression_type="zstd")
-    with Qcow2Image.open(str(d / IMAGE)) as e:
+    with open_qcow2(str(d / IMAGE)) as e:
         e.write(0, b"\xb1" * (40 << 10), compress=True)
         e.write(100 << 10, (b"text " * 4000)[:16 << 10], compress=True)
         e.write(200 << 10, b"\xb2" * 8192)
@@ -376,7 +377,7 @@ def build_bases(root: Path, tools: dict[str, str]) -> dict[str, Base]:
 
     d = new("engine512")
     Qcow2Image.create(str(d / IMAGE), 160 << 10, cluster_size=512, refcount_bits=1)
-    with Qcow2Image.open(str(d / IMAGE)) as e:
+    with open_qcow2(str(d / IMAGE)) as e:
         e.write(0, b"\xa1" * 9000)
         e.write(70 << 10, b"\xa2" * 40000)
         e.write_zeroes(20 << 10, 4096)
@@ -734,7 +735,7 @@ def attempt(label: str, fn: Callable[[], object], outcomes: list[str]) -> None:
 
 
 def read_everything(path: str) -> None:
-    with Qcow2Image.open(path, readonly=True) as img:
+    with open_qcow2(path, readonly=True) as img:
         size = img.size
         n = min(size, READ_CAP)
         img.read(0, n)
@@ -747,7 +748,7 @@ def read_everything(path: str) -> None:
 
 def read_bitmaps(path: str) -> None:
     """The bitmap store's view: directory, tables, and the bits of every usable bitmap."""
-    with Qcow2Image.open(path, readonly=True) as img:
+    with open_qcow2(path, readonly=True) as img:
         store = Qcow2BitmapStore(img)
         for sb in store.bitmaps:
             if sb.usable:
@@ -803,7 +804,7 @@ def check_reads_match_qemu(path: Path, tools: dict[str, str]) -> str:
     finally:
         raw.unlink(missing_ok=True)
     try:
-        with time_limit(TIME_LIMIT), Qcow2Image.open(str(path), readonly=True) as img:
+        with time_limit(TIME_LIMIT), open_qcow2(str(path), readonly=True) as img:
             ours = img.read(0, min(img.size, len(theirs)))
     except DirtybitsError as exc:
         return f"we refuse: {type(exc).__name__}"
@@ -971,7 +972,7 @@ def _judge_write(path: Path, before: bytes, tools: dict[str, str], offset: int, 
             return f"written; the file grew, {QEMU_OVERLAP}"
         assert isinstance(theirs, int) and theirs > huge, (
             f"the write grew the file to {grown} bytes, QEMU's to {theirs}")
-        with time_limit(TIME_LIMIT), Qcow2Image.open(str(path), readonly=True) as again:
+        with time_limit(TIME_LIMIT), open_qcow2(str(path), readonly=True) as again:
             assert again.read(offset, length) == data, "our own write does not read back"
         return "written; the file grew as with QEMU"
     qemu_after = qemu_check(path, tools)
@@ -994,7 +995,7 @@ def _judge_write(path: Path, before: bytes, tools: dict[str, str], offset: int, 
                     f"qemu-img check: {bad_before} corruptions before our write, {bad_after} "
                     f"after; after the same write by qemu-io: {bad_qemu}")
     try:
-        with time_limit(TIME_LIMIT), Qcow2Image.open(str(path), readonly=True) as again:
+        with time_limit(TIME_LIMIT), open_qcow2(str(path), readonly=True) as again:
             back = again.read(offset, length)
     except DirtybitsError as exc:
         raise AssertionError(f"the write succeeded, reading it back fails: {exc!r}") from exc
@@ -1180,7 +1181,7 @@ def test_regression_engine_data_file_name_with_nul(bases: dict[str, Base],
     image = with_extension(base, EXT_DATA_FILE, b"data\0.raw", incompat=INCOMPAT_DATA_FILE)
     path = make_mutant(base, tmp_path, image=image)
     with pytest.raises(DirtybitsError):
-        Qcow2Image.open(str(path), readonly=True).close()
+        open_qcow2(str(path), readonly=True).close()
 
 
 def test_regression_engine_backing_name_with_nul(bases: dict[str, Base],
@@ -1189,7 +1190,7 @@ def test_regression_engine_backing_name_with_nul(bases: dict[str, Base],
     name_at = struct.unpack_from(">Q", base.data, 8)[0]
     path = make_mutant(base, tmp_path, [("set", name_at + 4, b"\0")])  # "back\0ng.qcow2"
     with pytest.raises(DirtybitsError):
-        Qcow2Image.open(str(path), readonly=True).close()
+        open_qcow2(str(path), readonly=True).close()
 
 
 def test_regression_info_chain_backing_name_with_nul(bases: dict[str, Base],
@@ -1207,7 +1208,7 @@ def test_regression_engine_data_file_extension_without_bit(bases: dict[str, Base
     path = make_mutant(base, tmp_path, image=with_extension(base, EXT_DATA_FILE, b"other.raw"))
     other = path.with_name("other.raw")
     other.write_bytes(b"\xee" * (4 << 20))
-    with Qcow2Image.open(str(path), readonly=True) as img:
+    with open_qcow2(str(path), readonly=True) as img:
         assert img.read(0, 16) == b"\x11" * 16  # what qemu-io reads: the image's own data
 
 
@@ -1219,7 +1220,7 @@ def test_regression_engine_data_file_is_the_image(bases: dict[str, Base],
     path = make_mutant(base, tmp_path,
                        image=with_extension(base, EXT_DATA_FILE, IMAGE.encode()))
     with pytest.raises(LockError, match='Failed to get shared "resize" lock'), \
-            Qcow2Image.open(str(path)) as img:
+            open_qcow2(str(path)) as img:
         img.write(0, b"\xab" * 4096)
     assert path.read_bytes()[:4] == b"QFI\xfb", "the write destroyed the image's header"
 
@@ -1252,7 +1253,7 @@ def test_regression_engine_shared_l2_written_after_read(bases: dict[str, Base],
     # a table without COPIED is copied before it changes (as QEMU's l2_allocate), whether
     # or not a read put it in the cache first
     for read_first in (False, True):
-        with Qcow2Image.open(str(path)) as img:
+        with open_qcow2(str(path)) as img:
             if read_first:
                 img.read(20 << 16, 4096)
             img.write(20 << 16, b"\xc5" * 4096)
@@ -1268,7 +1269,7 @@ def test_regression_engine_write_to_unaligned_host_offset(bases: dict[str, Base]
     host = int.from_bytes(base.data[entry.offset:entry.offset + 8], "big") & L2E_OFFSET_MASK
     path = make_mutant(base, tmp_path, [
         ("set", entry.offset, struct.pack(">Q", OFLAG_COPIED | (host + 0x8000)))])
-    with Qcow2Image.open(str(path)) as img, pytest.raises(DirtybitsError):
+    with open_qcow2(str(path)) as img, pytest.raises(DirtybitsError):
         img.write(0, b"\xc5" * 4096)
 
 
@@ -1281,7 +1282,7 @@ def test_regression_bitmap_table_offset_past_2_63(bases: dict[str, Base],
     old = int.from_bytes(base.data[s.offset:s.offset + 8], "big")
     path = make_mutant(base, tmp_path, [("set", s.offset, struct.pack(">Q", old | 1 << 63))])
     read_bitmaps(str(path))  # the fuzzer's consumer: no OverflowError, no refusal
-    with Qcow2Image.open(str(path), readonly=True) as img:
+    with open_qcow2(str(path), readonly=True) as img:
         store = Qcow2BitmapStore(img)
         damaged = store.find("b0")
         assert damaged is not None and not damaged.usable and damaged.problems
@@ -1346,7 +1347,7 @@ def test_regression_engine_zero_alloc_write(bases: dict[str, Base], tmp_path: Pa
     before = qemu_check(path, qemu_tools)
     assert before is not None and corruptions(before) == 1
     size = path.stat().st_size
-    with Qcow2Image.open(str(path)) as img:
+    with open_qcow2(str(path)) as img:
         img.write(3 << 16, b"\xc5" * (1 << 16))
     after = qemu_check(path, qemu_tools)
     assert after is not None and corruptions(after) <= corruptions(before)
@@ -1364,7 +1365,7 @@ def test_snapshot_count_is_bounded(bases: dict[str, Base], tmp_path: Path) -> No
     base = bases["qemu512"]
     path = make_mutant(base, tmp_path, [("set", 60, struct.pack(">IQ", 0xFFFFFFFF, 4096))])
     with time_limit(10), pytest.raises(DirtybitsError, match="Snapshot table too large"):
-        Qcow2Image.open(str(path), readonly=True)
+        open_qcow2(str(path), readonly=True)
     with time_limit(10), pytest.raises(DirtybitsError):
         check_image(str(path))
     with time_limit(10), pytest.raises(DirtybitsError):

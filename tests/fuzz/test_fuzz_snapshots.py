@@ -48,6 +48,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).parent))
 from fuzzfiles import file_digest
 
+from dirtybits.block.children import open_qcow2
 from dirtybits.errors import DirtybitsError
 from peers import qemu_io, run, sh
 
@@ -340,9 +341,8 @@ def answer(fn: Callable[[], object]) -> str:
 
 
 def read_all(path: str) -> None:
-    from dirtybits.qcow2.image import Qcow2Image
 
-    with Qcow2Image.open(path, readonly=True) as img:
+    with open_qcow2(path, readonly=True) as img:
         img.read(0, img.size)
         list(img.block_status(0, img.size))
 
@@ -355,12 +355,11 @@ def list_all(path: str) -> None:
 
 
 def load_all(path: str) -> None:
-    from dirtybits.qcow2.image import Qcow2Image
 
-    with Qcow2Image.open(path, readonly=True) as img:
+    with open_qcow2(path, readonly=True) as img:
         n = len(img.snapshots)
     for i in range(n):
-        with Qcow2Image.open(path, readonly=True) as img:
+        with open_qcow2(path, readonly=True) as img:
             img.snapshot_load(i)
             img.read(0, img.size)
 

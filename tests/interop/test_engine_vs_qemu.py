@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 
 import peers
+from dirtybits.block.children import open_qcow2
 from dirtybits.block.open import open_image
 from dirtybits.errors import DirtybitsError, UnsupportedFeatureError
 from dirtybits.format.qcow2.header import EXT_BACKING_FORMAT, HeaderCluster
@@ -154,7 +155,7 @@ def discard_model(oracle: bytearray, off: int, length: int, cs: int) -> None:
 
 
 def dirtybits_read(path: Path) -> bytes:
-    with Qcow2Image.open(str(path), readonly=True) as img:
+    with open_qcow2(str(path), readonly=True) as img:
         return img.read(0, img.size)
 
 
@@ -203,7 +204,7 @@ class Workload:
     log: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.img = Qcow2Image.open(str(self.path))
+        self.img = open_qcow2(str(self.path))
 
     @property
     def size(self) -> int:
@@ -256,7 +257,7 @@ class Workload:
             self.log.append(f"resize {new}")
         elif op == "reopen":
             self.img.close()
-            self.img = Qcow2Image.open(str(self.path))
+            self.img = open_qcow2(str(self.path))
             self.log.append("reopen")
         else:
             self.img.flush()
@@ -672,7 +673,7 @@ def test_internal_snapshots_read_write(qemu: Qemu, tmp_path: Path) -> None:
         qemu.img("convert", "-l", f"snapshot.name={name}", "-O", "raw", path, out,
                  cwd=tmp_path)
         snaps[name] = out.read_bytes()
-    with Qcow2Image.open(str(path)) as img:
+    with open_qcow2(str(path)) as img:
         img.write(4096, b"\x05" * 8192)  # inside a cluster all three views share
         img.write(600 * 1024, b"\x06" * 70000)
         img.write_zeroes(0, 65536)
@@ -705,7 +706,7 @@ def test_unsupported_images_are_refused(qemu: Qemu, tmp_path: Path, kind: str) -
     before = sha(path)
     for readonly in (True, False):
         with pytest.raises(UnsupportedFeatureError) as info:
-            Qcow2Image.open(str(path), readonly=readonly)
+            open_qcow2(str(path), readonly=readonly)
         msg = str(info.value)
         assert needle.lower() in msg.lower(), msg
         assert "Traceback" not in msg and len(msg.splitlines()) == 1
@@ -723,7 +724,7 @@ def test_resize_over_larger_backing_matches_qemu(qemu: Qemu, tmp_path: Path) -> 
         qemu.img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", tmp_path / name,
                  "1M", cwd=tmp_path)
     qemu.img("resize", tmp_path / "q.qcow2", "3M")
-    with Qcow2Image.open(str(tmp_path / "d.qcow2")) as img:
+    with open_qcow2(str(tmp_path / "d.qcow2")) as img:
         img.resize(3 * MiB)
     want = qemu.to_raw(tmp_path / "q.qcow2")
     assert want[MiB:] == bytes(2 * MiB)  # QEMU's answer
@@ -734,7 +735,7 @@ def test_resize_over_larger_backing_matches_qemu(qemu: Qemu, tmp_path: Path) -> 
 def test_v2_discard_readable_by_qemu(qemu: Qemu, tmp_path: Path) -> None:
     path = tmp_path / "v2.qcow2"
     Qcow2Image.create(str(path), 1 * MiB, compat="0.10")
-    with Qcow2Image.open(str(path)) as img:
+    with open_qcow2(str(path)) as img:
         img.write(0, b"\x42" * MiB)
         img.flush()
         img.discard(0, 512 * KiB)
@@ -753,7 +754,7 @@ def test_data_file_raw_discard_matches_qemu(qemu: Qemu, tmp_path: Path) -> None:
                  cwd=tmp_path)
         qemu.io(tmp_path / f"{name}.qcow2", "write -P 0x22 0 1M")
     qemu.io(tmp_path / "q.qcow2", "discard 0 512K")
-    with Qcow2Image.open(str(tmp_path / "d.qcow2")) as img:
+    with open_qcow2(str(tmp_path / "d.qcow2")) as img:
         img.discard(0, 512 * KiB)
     want = qemu.to_raw(tmp_path / "q.qcow2")
     assert want[:512 * KiB] == bytes(512 * KiB)  # QEMU's answer
@@ -769,7 +770,7 @@ def test_grow_after_partial_last_cluster_matches_qemu(qemu: Qemu, tmp_path: Path
         qemu.img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", tmp_path / name, "7680")
     qemu.io(tmp_path / "q.qcow2", "write -P 0xaa 0 4k", "discard 0 4k", "write -P 0xbb 4k 3584",
             "truncate 8192")
-    with Qcow2Image.open(str(tmp_path / "d.qcow2")) as img:
+    with open_qcow2(str(tmp_path / "d.qcow2")) as img:
         img.write(0, b"\xaa" * 4096)
         img.discard(0, 4096)
         img.flush()  # the freed host cluster is reused by the next write

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from dirtybits.block import options as o
+from dirtybits.block.children import open_qcow2
 from dirtybits.block.raw import RawImage
 from dirtybits.cli.main import main
 from dirtybits.cli.options import cvtnum
@@ -36,7 +37,7 @@ def qcow2(path: Path, size: int = 4 * MiB, **kw: object) -> Path:
 def write(path: Path, *ops: tuple[str, int, int, int]) -> None:
     """("w", offset, length, byte); ("z"|"u"|"d", offset, length, 0): write zeroes (and
     unmap), discard."""
-    with Qcow2Image.open(str(path)) as img:
+    with open_qcow2(str(path)) as img:
         for op, off, n, byte in ops:
             if op == "w":
                 img.write(off, bytes([byte]) * n)
@@ -189,7 +190,7 @@ def test_create_prints_formatting_and_makes_image(tmp_path: Path,
     assert (rc, err) == (0, "")
     assert out == (f"Formatting '{img}', fmt=qcow2 cluster_size=4096 extended_l2=off "
                    "compression_type=zlib size=1073741824 lazy_refcounts=on refcount_bits=16\n")
-    with Qcow2Image.open(str(img), readonly=True) as q:
+    with open_qcow2(str(img), readonly=True) as q:
         assert (q.size, q.cluster_size) == (1 << 30, 4096)
         assert q.header.compatible_features & 1
 
@@ -201,7 +202,7 @@ def test_create_size_from_backing_file(tmp_path: Path, capsys: pytest.CaptureFix
     rc, out, _ = cli(capsys, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
                      top)
     assert (rc, out) == (0, "")
-    with Qcow2Image.open(str(top), readonly=True) as q:
+    with open_qcow2(str(top), readonly=True) as q:
         assert q.size == 3 * MiB
         assert (q.hc.backing_file, q.hc.backing_format) == ("base.qcow2", "qcow2")
 
@@ -344,7 +345,7 @@ def test_map_sparse_data_clusters_read_as_zero_past_holes(
 
     img = qcow2(tmp_path / "s.qcow2", 16 * MiB)
     write(img, *[("w", i * MiB, 100, 1) for i in range(8)])
-    with Qcow2Image.open(str(img), readonly=True) as q:
+    with open_qcow2(str(img), readonly=True) as q:
         hosts = [e.offset for i in range(8) for e in q.block_status(i * MiB, 64 * KiB)]
     fd = os.open(img, os.O_RDWR)
     try:
@@ -473,7 +474,7 @@ def test_compare_exit_codes_for_bad_input(tmp_path: Path,
 
 
 def _allocated(path: Path) -> list[tuple[int, int]]:
-    with Qcow2Image.open(str(path), readonly=True) as img:
+    with open_qcow2(str(path), readonly=True) as img:
         return [(e.start, e.length) for e in img.block_status(0, img.size) if e.data]
 
 
@@ -501,7 +502,7 @@ def test_convert_flattens_chain_and_stays_sparse(tmp_path: Path,
     assert _contents(back) == _contents(top)
     # only clusters with non-zero bytes are allocated, and the target has no backing file
     assert _allocated(back) == [(64 * KiB, 64 * KiB), (3 * MiB, 64 * KiB)]
-    with Qcow2Image.open(str(back), readonly=True) as q:
+    with open_qcow2(str(back), readonly=True) as q:
         assert q.hc.backing_file is None
 
 
@@ -564,7 +565,7 @@ def test_metadata_image_for_a_raw_drive_takes_the_drive_size(
     rc, _out, err = cli(capsys, "create", "-f", "qcow2", "-o",
                         f"data_file={drive},data_file_raw=on", tmp_path / "meta.qcow2")
     assert rc == 0, err
-    with Qcow2Image.open(str(tmp_path / "meta.qcow2"), readonly=True) as img:
+    with open_qcow2(str(tmp_path / "meta.qcow2"), readonly=True) as img:
         assert img.size == 5 * MiB + 512
     rc, _out, err = cli(capsys, "create", "-f", "qcow2", "-o", f"data_file={drive}",
                         tmp_path / "m2.qcow2")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from dirtybits import filelock
+from dirtybits.block.children import open_qcow2
 from dirtybits.block.open import open_image
 from dirtybits.block.raw import RawImage
 from dirtybits.errors import LockError, UsageError
@@ -92,49 +93,49 @@ def test_bytes_are_qemus(img: Path, perms: Perms, expected: list[int]) -> None:
 
 
 def test_image_opens_hold_qemus_bytes(img: Path) -> None:
-    with Qcow2Image.open(str(img)):
+    with open_qcow2(str(img)):
         assert held_bytes(img) == {100, 101, 103, 201, 203}
     assert held_bytes(img) == set()
-    with Qcow2Image.open(str(img), readonly=True):
+    with open_qcow2(str(img), readonly=True):
         assert held_bytes(img) == {100, 201, 203}
-    with Qcow2Image.open(str(img), readonly=True, force_share=True):
+    with open_qcow2(str(img), readonly=True, force_share=True):
         assert held_bytes(img) == {100}
     assert held_bytes(img) == set()
 
 
 def test_two_writers_conflict(img: Path) -> None:
-    with Qcow2Image.open(str(img)):
+    with open_qcow2(str(img)):
         with pytest.raises(LockError) as e:
-            Qcow2Image.open(str(img))
+            open_qcow2(str(img))
         assert str(e.value) == WRITE_LOCK.format(img)
         with pytest.raises(LockError) as e:
             open_image(str(img), readonly=True)
         assert str(e.value) == SHARED_WRITE_LOCK.format(img)
-    with Qcow2Image.open(str(img)):  # the first close let go of everything
+    with open_qcow2(str(img)):  # the first close let go of everything
         pass
 
 
 def test_reader_blocks_writer_readers_share(img: Path) -> None:
-    with Qcow2Image.open(str(img), readonly=True), Qcow2Image.open(str(img), readonly=True):
+    with open_qcow2(str(img), readonly=True), open_qcow2(str(img), readonly=True):
         with pytest.raises(LockError) as e:
-            Qcow2Image.open(str(img))
+            open_qcow2(str(img))
         assert str(e.value) == WRITE_LOCK.format(img)
 
 
 def test_force_share_reads_past_a_writer_and_blocks_nobody(img: Path) -> None:
-    with Qcow2Image.open(str(img)) as w:
+    with open_qcow2(str(img)) as w:
         w.write(0, b"\xab" * 4096)
         w.flush()
         with open_image(str(img), readonly=True, force_share=True) as r:
             assert r.read(0, 4096) == b"\xab" * 4096
     # -U holds nothing a writer tests
-    with open_image(str(img), readonly=True, force_share=True), Qcow2Image.open(str(img)) as w:
+    with open_image(str(img), readonly=True, force_share=True), open_qcow2(str(img)) as w:
         w.write(0, b"\xcd" * 512)
 
 
 def test_force_share_needs_read_only(img: Path) -> None:
     with pytest.raises(UsageError, match="force-share=on can only be used with read-only"):
-        Qcow2Image.open(str(img), force_share=True)
+        open_qcow2(str(img), force_share=True)
     with pytest.raises(UsageError, match="force-share=on can only be used with read-only"):
         RawImage(str(img), force_share=True)
     assert held_bytes(img) == set()
@@ -174,7 +175,7 @@ def test_another_process_conflicts_until_it_exits(img: Path) -> None:
         assert child.stdout is not None and child.stdout.readline() == "ready\n"
         before = sha(img)
         with pytest.raises(LockError) as e:
-            Qcow2Image.open(str(img))
+            open_qcow2(str(img))
         assert str(e.value) == WRITE_LOCK.format(img)
         with pytest.raises(LockError):
             open_image(str(img))
@@ -183,18 +184,18 @@ def test_another_process_conflicts_until_it_exits(img: Path) -> None:
             pass
         with ImageLock(str(img), QCOW2_INFO.force_shared()):
             pass
-        with Qcow2Image.open(str(img), readonly=True, force_share=True) as r:
+        with open_qcow2(str(img), readonly=True, force_share=True) as r:
             assert r.size == 4 << 20
     finally:
         assert child.stdin is not None
         child.stdin.close()
         assert child.wait(timeout=60) == 0
-    with Qcow2Image.open(str(img)) as w:
+    with open_qcow2(str(img)) as w:
         assert w.read(0, 512) == b"\x11" * 512
 
 
 def test_create_refuses_an_image_in_use_and_leaves_it(img: Path, tmp_path: Path) -> None:
-    with Qcow2Image.open(str(img), readonly=True):
+    with open_qcow2(str(img), readonly=True):
         before = sha(img)
         with pytest.raises(LockError) as e:
             Qcow2Image.create(str(img), 1 << 20)
@@ -210,19 +211,19 @@ def test_backing_file_locked_read_only_and_reported(tmp_path: Path) -> None:
     base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
     Qcow2Image.create(str(base), 1 << 20)
     Qcow2Image.create(str(top), 1 << 20, backing_file="base.qcow2", backing_format="qcow2")
-    with Qcow2Image.open(str(top)):
+    with open_qcow2(str(top)):
         assert held_bytes(base) == {100, 201, 203}
         with pytest.raises(LockError) as e:
-            Qcow2Image.open(str(base))
+            open_qcow2(str(base))
         assert str(e.value) == WRITE_LOCK.format(base)
-        with Qcow2Image.open(str(base), readonly=True):
+        with open_qcow2(str(base), readonly=True):
             pass
-    with Qcow2Image.open(str(base)):
+    with open_qcow2(str(base)):
         with pytest.raises(LockError) as e:
-            Qcow2Image.open(str(top), readonly=True)
+            open_qcow2(str(top), readonly=True)
         assert str(e.value) == "Could not open backing file: " + SHARED_WRITE_LOCK.format(base)
         assert held_bytes(top) == set()  # the failed open let go of the top image too
-        with Qcow2Image.open(str(top), readonly=True, force_share=True):
+        with open_qcow2(str(top), readonly=True, force_share=True):
             assert held_bytes(top) == {100}  # -U reaches the backing file too
     assert held_bytes(base) == set()
 
@@ -231,7 +232,7 @@ def test_raw_backing_locked_as_qemu_does(tmp_path: Path) -> None:
     base, top = tmp_path / "base.raw", tmp_path / "top.qcow2"
     RawImage.create(str(base), 1 << 20)
     Qcow2Image.create(str(top), 1 << 20, backing_file="base.raw", backing_format="raw")
-    with Qcow2Image.open(str(top)):
+    with open_qcow2(str(top)):
         assert held_bytes(base) == {100}
         with RawImage(str(base)) as w:  # QEMU's raw nodes share everything
             w.write(0, b"x")
@@ -240,7 +241,7 @@ def test_raw_backing_locked_as_qemu_does(tmp_path: Path) -> None:
 def test_data_file_locked_and_failed_open_releases_the_image(tmp_path: Path) -> None:
     path, data = tmp_path / "d.qcow2", tmp_path / "d.raw"
     Qcow2Image.create(str(path), 1 << 20, data_file="d.raw")
-    with Qcow2Image.open(str(path)):
+    with open_qcow2(str(path)):
         assert held_bytes(data) == {100, 101, 103, 203}
         with RawImage(str(data)):  # QEMU shares a data file's write permission
             pass
@@ -248,18 +249,18 @@ def test_data_file_locked_and_failed_open_releases_the_image(tmp_path: Path) -> 
     try:
         blocker = lock_fd(fd, str(data), QCOW2_RO)  # unshares write
         with pytest.raises(LockError) as e:
-            Qcow2Image.open(str(path))
+            open_qcow2(str(path))
         assert str(e.value) == WRITE_LOCK.format(data)
         assert held_bytes(path) == set()  # nothing leaked from the failed open
         blocker.release()
     finally:
         os.close(fd)
-    with Qcow2Image.open(str(path)):
+    with open_qcow2(str(path)):
         pass
 
 
 def test_raw_writer_refused_by_a_qcow2_writer(img: Path) -> None:
-    with Qcow2Image.open(str(img)):
+    with open_qcow2(str(img)):
         with pytest.raises(LockError) as e:
             RawImage(str(img))
         assert str(e.value) == WRITE_LOCK.format(img)
@@ -270,7 +271,7 @@ def test_raw_writer_refused_by_a_qcow2_writer(img: Path) -> None:
 def test_raw_resize_takes_resize_like_qemu_io_truncate(tmp_path: Path) -> None:
     path, data = tmp_path / "d.qcow2", tmp_path / "d.raw"
     Qcow2Image.create(str(path), 1 << 20, data_file="d.raw")
-    with Qcow2Image.open(str(path)), RawImage(str(data)) as raw:  # data file: resize unshared
+    with open_qcow2(str(path)), RawImage(str(data)) as raw:  # data file: resize unshared
         with pytest.raises(LockError) as e:
             raw.resize(2 << 20)
         assert str(e.value) == (
@@ -293,7 +294,7 @@ def test_image_lock_for_info(img: Path, fmt: str, force_share: bool, expected: s
 
 
 def test_command_lock_for_info_and_check(img: Path, tmp_path: Path) -> None:
-    with Qcow2Image.open(str(img)):
+    with open_qcow2(str(img)):
         for kw in ({"info": True}, {}, {"readonly": False}):
             with pytest.raises(LockError) as e, filelock.command_lock(str(img), None, **kw):
                 pass

@@ -27,12 +27,7 @@ API_MODULES = frozenset({"__init__", "api"})
 RESTRICTED = {"proto": frozenset({"base", "format", "proto"})}
 
 # Upward imports known and being removed elsewhere; each is (importer, imported module).
-KNOWN_UPWARD = frozenset({
-    # removed by the children-handed-in change: the engine gets its backing and data files
-    # handed in, opened by the block layer, instead of opening them through block/
-    ("dirtybits.qcow2.image", "dirtybits.block.open"),
-    ("dirtybits.qcow2.image", "dirtybits.block.raw"),
-})
+KNOWN_UPWARD: frozenset[tuple[str, str]] = frozenset()
 
 
 def module_name(path: Path) -> str:

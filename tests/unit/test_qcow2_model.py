@@ -55,6 +55,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from dirtybits.block.children import open_qcow2
 from dirtybits.block.raw import RawImage
 from dirtybits.errors import DirtybitsError, UnsupportedFeatureError
 from dirtybits.format.qcow2.header import HeaderCluster
@@ -264,7 +265,7 @@ class Qcow2Model(RuleBasedStateMachine):
         self.oracle = bytearray(size)
         n = min(size, len(self.backing_data))
         self.oracle[:n] = self.backing_data[:n]
-        self.img = Qcow2Image.open(self.path, **cfg.open_args)
+        self.img = open_qcow2(self.path, **cfg.open_args)
         assert self.img.size == size
         self._verify_all("after create")
 
@@ -284,7 +285,7 @@ class Qcow2Model(RuleBasedStateMachine):
             self.backing_path = str(self.dir / "base.qcow2")
             # a qcow2 backing file with its own unallocated, zero and data clusters
             Qcow2Image.create(self.backing_path, bsize, cluster_size=64 * KiB)
-            with Qcow2Image.open(self.backing_path) as b:
+            with open_qcow2(self.backing_path) as b:
                 b.write(0, data)
                 cs = 64 * KiB
                 for c in range(0, bsize // cs, 3):
@@ -382,7 +383,7 @@ class Qcow2Model(RuleBasedStateMachine):
     @step
     def reopen(self) -> None:
         self._image().close()
-        self.img = Qcow2Image.open(self.path, **self.cfg.open_args)
+        self.img = open_qcow2(self.path, **self.cfg.open_args)
         self._verify_all("after reopen")
 
     @rule(check=st.booleans())
@@ -403,11 +404,11 @@ class Qcow2Model(RuleBasedStateMachine):
         open of the flushed file, -U: the writer keeps its lock)."""
         if self.img is not None:
             self.img.flush()
-        with Qcow2Image.open(self.path, readonly=True, force_share=True) as ro:
+        with open_qcow2(self.path, readonly=True, force_share=True) as ro:
             entries = ro.snapshots
         assert sorted(sn.id_str for sn in entries) == sorted(self.snaps), what
         for index, sn in enumerate(entries):
-            with Qcow2Image.open(self.path, readonly=True, force_share=True) as ro:
+            with open_qcow2(self.path, readonly=True, force_share=True) as ro:
                 ro.snapshot_load(index)
                 want = self.snaps[sn.id_str]
                 n = min(len(want), ro.size)
@@ -419,7 +420,7 @@ class Qcow2Model(RuleBasedStateMachine):
             if self.ok and self.img is not None:
                 self.img.close()
                 self.img = None
-                with Qcow2Image.open(self.path, readonly=True) as img:
+                with open_qcow2(self.path, readonly=True) as img:
                     assert img.size == self.size
                     assert_bytes(img.read(0, self.size), self.oracle, "final read after close")
                 assert_check_clean(self.path, "at the end")
@@ -439,7 +440,7 @@ class Qcow2Model(RuleBasedStateMachine):
             with RawImage(self.backing_path, readonly=True) as b:
                 got = b.read(0, b.size)
         else:
-            with Qcow2Image.open(self.backing_path, readonly=True) as q:
+            with open_qcow2(self.backing_path, readonly=True) as q:
                 got = q.read(0, q.size)
             assert_check_clean(self.backing_path, "backing file")
         assert_bytes(got, self.backing_data, "backing file content")
@@ -671,11 +672,11 @@ def test_resize_over_larger_backing_reads_zeros(tmp_path: Path, backing: str) ->
             f.write(b"\xaa" * (4 * MiB))
     else:
         Qcow2Image.create(base, 4 * MiB)
-        with Qcow2Image.open(base) as b:
+        with open_qcow2(base) as b:
             b.write(0, b"\xaa" * (4 * MiB))
     top = str(tmp_path / "top.qcow2")
     Qcow2Image.create(top, 1 * MiB, backing_file=os.path.basename(base), backing_format=backing)
-    with Qcow2Image.open(top) as img:
+    with open_qcow2(top) as img:
         img.resize(3 * MiB)
         assert img.read(0, 1 * MiB) == b"\xaa" * MiB
         assert_bytes(img.read(1 * MiB, 2 * MiB), bytes(2 * MiB), "grown area")
@@ -687,7 +688,7 @@ def test_v2_discard_writes_no_zero_flag(tmp_path: Path, cluster_size: int) -> No
     in pre-v3 image') and marks the image corrupt."""
     path = str(tmp_path / "v2.qcow2")
     Qcow2Image.create(path, 1 * MiB, compat="0.10", cluster_size=cluster_size)
-    with Qcow2Image.open(path) as img:
+    with open_qcow2(path) as img:
         img.write(0, b"x" * MiB)
         img.flush()
         img.discard(0, 512 * KiB)
@@ -702,7 +703,7 @@ def test_grow_after_write_to_partial_last_cluster_reads_zeros(tmp_path: Path) ->
     bytes of a reused host cluster past the end, where growing the disk would show them."""
     path = str(tmp_path / "tail.qcow2")
     Qcow2Image.create(path, 7680, cluster_size=4096)  # last cluster: 3584 of 4096 bytes
-    with Qcow2Image.open(path) as img:
+    with open_qcow2(path) as img:
         img.write(0, b"\xaa" * 4096)
         img.discard(0, 4096)
         img.flush()  # the freed host cluster is reused by the next write
@@ -718,12 +719,12 @@ def test_data_file_cluster_zero(tmp_path: Path, raw: bool) -> None:
     is allocated, not unallocated (QEMU tells them apart by COPIED)."""
     path = str(tmp_path / "img.qcow2")
     Qcow2Image.create(path, 1 * MiB, data_file="img.data", data_file_raw=raw)
-    with Qcow2Image.open(path) as img:
+    with open_qcow2(path) as img:
         img.write(0, b"A" * 512)
         img.write(4096, b"B" * 512)  # same cluster (64 KiB): must keep the A's
         want = b"A" * 512 + bytes(3584) + b"B" * 512
         assert_bytes(img.read(0, len(want)), want, "cluster 0 read back")
     with open(tmp_path / "img.data", "rb") as f:
         assert_bytes(f.read(len(want)), want, "data file content")
-    with Qcow2Image.open(path, readonly=True) as img:
+    with open_qcow2(path, readonly=True) as img:
         assert_bytes(img.read(0, len(want)), want, "cluster 0 after reopen")

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
+from dirtybits.block.children import open_qcow2
 from dirtybits.block.open import open_for_bitmaps, open_image
 from dirtybits.block.qcow2_bitmaps import BitmapOperationError, Qcow2BitmapStore
 from dirtybits.block.raw import RawImage
@@ -61,7 +62,7 @@ def apply_writes(path: Path, writes: list[Write], *, bitmaps: bool = False) -> N
     that marked them in_use and then crashed would leave it)."""
     img: Qcow2Image | RawImage
     if path.read_bytes()[:4] == b"QFI\xfb":
-        img = Qcow2Image.open(str(path), keep_bitmaps=bitmaps)
+        img = open_qcow2(str(path), keep_bitmaps=bitmaps)
     else:
         img = RawImage(str(path))
     with img:
@@ -185,12 +186,12 @@ def test_size_differences(tmp_path: Path) -> None:
     apply_writes(ref, [("data", 0, 3 * MiB, 1)])
     img = tmp_path / "img.qcow2"
     shutil.copy(ref, img)
-    with Qcow2Image.open(str(img)) as i:
+    with open_qcow2(str(img)) as i:
         i.resize(3 * MiB + 5 * 512)  # grown by 2.5 KiB of zeros: the whole tail is new
     bm = rebuilt(img, ref, 64 * KiB)
     assert list(bm.dirty_extents(0, bm.size)) == [(3 * MiB, 5 * 512)]
     small = qcow2(tmp_path / "small.qcow2", size=2 * MiB)
-    with Qcow2Image.open(str(ref), readonly=True) as r, Qcow2Image.open(str(small)) as s:
+    with open_qcow2(str(ref), readonly=True) as r, open_qcow2(str(small)) as s:
         s.write(0, r.read(0, 2 * MiB))
     assert rebuilt(small, ref, 64 * KiB).count_bits() == 0  # shrunk: nothing beyond to mark
 
@@ -223,7 +224,7 @@ def crashed_image(tmp_path: Path, granularity: int) -> tuple[Path, Path]:
     apply_writes(img, random_writes(rnd, SIZE, 10))
     ref = tmp_path / "backup.qcow2"
     shutil.copy(img, ref)
-    with Qcow2Image.open(str(img), keep_bitmaps=True) as i:
+    with open_qcow2(str(img), keep_bitmaps=True) as i:
         store = Qcow2BitmapStore(i)
         store.add("b", granularity)
         stale = DirtyBitmap(SIZE, granularity)
@@ -250,7 +251,7 @@ def test_recover_makes_the_bitmap_consistent(tmp_path: Path, granularity: int) -
         assert f"{want.count_bits()} granules" in out.getvalue()
         assert node.bitmaps.info("b").disk_state is DiskState.REBUILT
         assert node.bitmaps.bits("b") == want
-    with Qcow2Image.open(str(img), readonly=True) as i:
+    with open_qcow2(str(img), readonly=True) as i:
         store = Qcow2BitmapStore(i)
         sb = store._get("b")
         assert not sb.in_use and sb.entry.auto and sb.entry.granularity == granularity
@@ -260,7 +261,7 @@ def test_recover_makes_the_bitmap_consistent(tmp_path: Path, granularity: int) -
 
 def test_recover_on_a_consistent_bitmap_gives_the_same_result(tmp_path: Path) -> None:
     img, ref = crashed_image(tmp_path, 64 * KiB)
-    with Qcow2Image.open(str(img), keep_bitmaps=True) as i, \
+    with open_qcow2(str(img), keep_bitmaps=True) as i, \
             open_image(str(ref), readonly=True) as r:
         store = Qcow2BitmapStore(i)
         first = recover_bitmap(store, "b", r).bitmap
@@ -283,22 +284,22 @@ def test_interrupted_run_changes_nothing_and_rerun_succeeds(
         real(self, *a)  # type: ignore[arg-type]
 
     monkeypatch.setattr(DataCompare, "_compare", flaky)
-    with Qcow2Image.open(str(img), keep_bitmaps=True) as i, \
+    with open_qcow2(str(img), keep_bitmaps=True) as i, \
             open_image(str(ref), readonly=True) as r, pytest.raises(KeyboardInterrupt):
         recover_bitmap(Qcow2BitmapStore(i), "b", r)
     assert calls == 3
     assert digest(img) == before
     monkeypatch.setattr(DataCompare, "_compare", real)
-    with Qcow2Image.open(str(img), keep_bitmaps=True) as i, \
+    with open_qcow2(str(img), keep_bitmaps=True) as i, \
             open_image(str(ref), readonly=True) as r:
         recover_bitmap(Qcow2BitmapStore(i), "b", r)
-    with Qcow2Image.open(str(img), readonly=True) as i:
+    with open_qcow2(str(img), readonly=True) as i:
         assert Qcow2BitmapStore(i).load("b") == oracle(img, ref, 512)
 
 
 def test_store_refuses_wrong_shape_and_missing(tmp_path: Path) -> None:
     img, ref = crashed_image(tmp_path, 64 * KiB)
-    with Qcow2Image.open(str(img), keep_bitmaps=True) as i, \
+    with open_qcow2(str(img), keep_bitmaps=True) as i, \
             open_image(str(ref), readonly=True) as r:
         store = Qcow2BitmapStore(i)
         with pytest.raises(BitmapOperationError, match="granularity"):

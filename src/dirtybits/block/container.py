@@ -303,7 +303,7 @@ class Container:
             raise UsageError("the maximum drive size must be positive")
         Qcow2Image.create(path, (max_size + 511) & ~511, cluster_size=cluster_size)
         try:
-            img = Qcow2Image.open(path, keep_bitmaps=True, open_backing=False)
+            img = Qcow2Image.open(path, keep_bitmaps=True)  # new: no children
             try:
                 img.update_header(extensions={EXT_DRIVES: DriveTable(uuid.uuid4()).pack()})
             finally:
@@ -316,14 +316,14 @@ class Container:
 
     @classmethod
     def open(cls, path: str, *, readonly: bool = False) -> Container:
+        from dirtybits.block.children import open_qcow2
         from dirtybits.block.open import probe_format
         from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
-        from dirtybits.qcow2.image import Qcow2Image
 
         if probe_format(path) != "qcow2":
             raise NotAContainerError(f"'{path}' is not a qcow2 image, so not a container")
-        img = Qcow2Image.open(path, readonly=readonly, keep_bitmaps=not readonly,
-                              open_backing=False)
+        img = open_qcow2(path, readonly=readonly, keep_bitmaps=not readonly,
+                         open_backing=False)
         try:
             ext = img.hc.extension(EXT_DRIVES)
             if ext is None:

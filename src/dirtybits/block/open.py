@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from dirtybits.block.owner import BlockOwner
     from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
     from dirtybits.block.write_intent import WriteIntentMap
+    from dirtybits.qcow2.children import BackingImage, DataFile
 
 FORMATS = ("qcow2", "raw")
 
@@ -29,7 +30,8 @@ def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
                open_backing: bool = True, cache: str = "writeback",
                bitmaps: str = "auto", checkpoint: CheckpointPolicy | None = None,
                always_node: bool = False, force_share: bool = False,
-               owner: BlockOwner | None = None) -> ImageDriver:
+               owner: BlockOwner | None = None, backing: BackingImage | None = None,
+               data_file: DataFile | None = None) -> ImageDriver:
     """Open ``path`` as ``fmt`` (probed when None) and return its driver.
 
     ``cache`` takes qemu's cache modes (``dirtybits.osfile.CACHE_MODES``): ``none`` and
@@ -42,16 +44,20 @@ def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
     Python API's uniform interface); otherwise a plain driver comes back when there is nothing
     to track, without loading the bitmap engine (numpy).
     ``force_share`` is qemu's -U (read-only opens only): lock nothing others could trip on.
+    A qcow2 image's children (``dirtybits.block.children``): the backing file and data file
+    its header names, or ``backing`` / ``data_file`` handed in open (QMP's ``backing: NODE``,
+    ``data-file: NODE``), which stay the caller's; ``open_backing=False`` opens no backing.
     """
     if bitmaps not in ("auto", "no"):
         raise UsageError(f"bitmaps must be 'auto' or 'no', not '{bitmaps}'")
     if fmt is None:
         fmt = probe_format(path, writable=not readonly)
     if fmt == "qcow2":
-        from dirtybits.qcow2.image import Qcow2Image
+        from dirtybits.block.children import open_qcow2
 
-        img = Qcow2Image.open(path, readonly=readonly, open_backing=open_backing, cache=cache,
-                              keep_bitmaps=not readonly, force_share=force_share)
+        img = open_qcow2(path, readonly=readonly, open_backing=open_backing, cache=cache,
+                         keep_bitmaps=not readonly, force_share=force_share, backing=backing,
+                         data_file=data_file)
         from dirtybits.format.qcow2.header import EXT_BITMAPS
 
         has_bitmaps = img.hc.extension(EXT_BITMAPS) is not None
@@ -79,6 +85,8 @@ def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
     if fmt == "raw":
         from dirtybits.block.raw import RawImage
 
+        if backing is not None or data_file is not None:
+            raise UsageError("a raw image has no backing file or data file")
         raw = RawImage(path, readonly=readonly, force_share=force_share, cache=cache)
         return _node(raw, None, checkpoint, True, None, cache, owner) if always_node else raw
     raise UsageError(f"Unknown file format '{fmt}'")
@@ -121,11 +129,11 @@ def open_for_bitmaps(path: str, *, readonly: bool, open_backing: bool = True) ->
     bitmap`` opens it), as a node whose registry does the work. No timed checkpoints: every
     operation stores its result before it returns."""
     from dirtybits.block.checkpoint import CheckpointPolicy
+    from dirtybits.block.children import open_qcow2
     from dirtybits.block.node import BlockNode
     from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore
-    from dirtybits.qcow2.image import Qcow2Image
 
-    img = Qcow2Image.open(path, readonly=readonly, keep_bitmaps=True, open_backing=open_backing)
+    img = open_qcow2(path, readonly=readonly, keep_bitmaps=True, open_backing=open_backing)
     try:
         return BlockNode(img, Qcow2BitmapStore(img),
                          policy=CheckpointPolicy(interval=None, idle=None, threshold_bits=None))

@@ -28,13 +28,13 @@ log = logging.getLogger(__name__)
 
 def _open(path: str, *, readonly: bool, force_share: bool = False) -> Qcow2Image | None:
     """The image as qcow2, or None when it is another format (raw: no snapshots)."""
+    from dirtybits.block.children import open_qcow2
     from dirtybits.block.open import probe_format
 
     if probe_format(path, writable=not readonly) != "qcow2":
         return None
     # the bitmaps stay as they are: only apply changes guest data, and it refuses them
-    return Qcow2Image.open(path, readonly=readonly, keep_bitmaps=True,
-                           force_share=force_share)
+    return open_qcow2(path, readonly=readonly, keep_bitmaps=True, force_share=force_share)
 
 
 def list_snapshots(path: str, *, force_share: bool = False) -> list[SnapshotTableEntry]:

@@ -51,9 +51,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("resilient-region needs resilient=on")
         region = int(parse_size(wanted["resilient-region"]))
     from dirtybits.block import write_intent
-    from dirtybits.qcow2.image import Qcow2Image
+    from dirtybits.block.children import open_qcow2
 
-    with Qcow2Image.open(args.filename, keep_bitmaps=True) as img:
+    with open_qcow2(args.filename, keep_bitmaps=True) as img:
         if mode == "off":
             write_intent.disable(img)
         elif mode == "on" or region is not None:

@@ -189,11 +189,7 @@ class Qcow2ExtL2Image(Qcow2Image):
         backing = self.backing
         if backing is not None and goff < backing.size:
             m = min(n, backing.size - goff)
-            read_into = getattr(backing, "read_into", None)
-            if read_into is not None:
-                read_into(goff, view[:m])  # straight into the caller's buffer
-            else:
-                view[:m] = backing.read(goff, m)
+            backing.read_into(goff, view[:m])  # straight into the caller's buffer
             if m < n:
                 view[m:] = bytes(n - m)
         else:

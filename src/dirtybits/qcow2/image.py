@@ -37,17 +37,13 @@ from dirtybits.errors import (
     FormatError,
     ImageError,
     ImageIOError,
-    LockError,
     ReadOnlyError,
     UnsupportedFeatureError,
     UsageError,
 )
 from dirtybits.filecreate import CreatedFile, create_file
 from dirtybits.filelock import (
-    DATA_FILE_RO,
-    DATA_FILE_RW,
     FileLock,
-    Perms,
     check_force_share,
     lock_fd,
     qcow2_perms,
@@ -106,6 +102,7 @@ from dirtybits.osfile import (
     punch_hole,
     reopen_same_file,
 )
+from dirtybits.qcow2.children import BackingImage, ChildOpener, DataFile
 from dirtybits.qcow2.extent import MapExtent
 
 log = logging.getLogger(__name__)
@@ -119,7 +116,6 @@ Buffer = bytes | bytearray | memoryview
 DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
 DEFAULT_REFBLOCK_CACHE_BYTES = 8 * 1024 * 1024
 MAX_PENDING_FREES = 1 << 16
-MAX_BACKING_DEPTH = 64
 _RWF_DSYNC = getattr(os, "RWF_DSYNC", 0)
 _rwf_dsync = bool(_RWF_DSYNC)  # cleared at the first EOPNOTSUPP (a kernel before 4.7)
 
@@ -158,12 +154,13 @@ class Qcow2Image:
         self._rc_max = rc.max_refcount(h.refcount_order)
         self._l2_cache_max = max(4, l2_cache_bytes // self.cluster_size)
         self._rb_cache_max = max(4, DEFAULT_REFBLOCK_CACHE_BYTES // self.cluster_size)
-        self.backing: Any = None  # ImageDriver of the backing file, when opened
-        self._data_fd = fd
+        self.backing: BackingImage | None = None  # the backing image, when one is attached
+        self.data_file: DataFile | None = None  # the external data file, when the image has one
+        self._data_fd = fd  # where guest data lives: the data file's descriptor, or the image's
         self._data_file_path: str | None = None
+        self._owned: list[BackingImage | DataFile] = []  # children this image closes
         self.force_share = False
-        self._lock: FileLock | None = None  # QEMU's lock bytes on the image / data file
-        self._data_lock: FileLock | None = None
+        self._lock: FileLock | None = None  # QEMU's lock bytes on the image
         self.cache = "writeback"
         self._unsafe = False  # cache=unsafe: flushes (fdatasync) are skipped
         self._writethrough = False  # writethrough/directsync: a flush after every write
@@ -205,17 +202,25 @@ class Qcow2Image:
         self._comp_next = 0  # where the next compressed cluster's bytes go (qcow2_alloc_bytes)
 
     @classmethod
-    def open(cls, path: str, *, readonly: bool = False, open_backing: bool = True,
+    def open(cls, path: str, *, readonly: bool = False,
              l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES, cache: str = "writeback",
              keep_bitmaps: bool = False, force_share: bool = False,
-             _depth: int = 0) -> Qcow2Image:
+             backing: BackingImage | None = None, data_file: DataFile | None = None,
+             children: ChildOpener | None = None) -> Qcow2Image:
         """Open an existing image; a failed or read-only open never writes to the file.
 
         ``cache="none"`` moves aligned data I/O to ``O_DIRECT`` descriptors (qemu's
-        cache=none): large sequential I/O then bypasses the page cache's write-back.
-        The image, its data file and backing files are locked as QEMU locks them (a writer
-        excludes other writers and consistent readers; ``force_share`` (-U, read-only only)
-        reads past a writer and keeps no one out.
+        cache=none), the data file's too: large sequential I/O then bypasses the page
+        cache's write-back. The image is locked as QEMU locks it (a writer excludes other
+        writers and consistent readers; ``force_share`` (-U, read-only only) reads past a
+        writer and keeps no one out).
+
+        The engine opens no other file (``dirtybits.qcow2.children``): ``backing`` and
+        ``data_file`` are children handed in open (they stay the caller's); a child not
+        handed in that the header names is asked of ``children`` (and is then the image's
+        own). Without either, the image has no backing file (reads of unallocated clusters
+        see zeros, as ``open_backing=False``), and one that needs its data file is refused.
+        ``dirtybits.block.children.open_qcow2`` opens an image with what its header names.
         """
         if cache not in CACHE_MODES:
             raise UsageError(f"Invalid cache option: {cache}")
@@ -244,10 +249,14 @@ class Qcow2Image:
             img._file_end = img._file_end_at_open = st.st_size
             img._validate_features()
             img._load_tables()
-            if img._uses_data_file:
-                img._open_data_file()
-            if open_backing and hc.backing_name:
-                img._open_backing(_depth)
+            img._attach_data_file(data_file, children)
+            if backing is not None:
+                img.backing = backing
+            elif children is not None and hc.backing_name:
+                img.backing = children.open_backing(hc.backing_name, hc.backing_format,
+                                                    parent=path, force_share=force_share)
+                if img.backing is not None:
+                    img._owned.append(img.backing)
             img.cache = cache
             img._unsafe = cache == "unsafe"
             img._writethrough = cache in ("writethrough", "directsync")
@@ -270,17 +279,13 @@ class Qcow2Image:
 
     @staticmethod
     def _abandon(img: Qcow2Image | None, fd: int, lock: FileLock | None) -> None:
-        """Undo a failed open: every descriptor and lock it took, backing files included."""
+        """Undo a failed open: every descriptor and lock it took, the children it was given
+        by a ``ChildOpener`` included (those handed in stay open: their caller's)."""
         if img is not None:
-            with contextlib.suppress(Exception):
-                if img.backing is not None:
-                    img.backing.close()
             for dfd in img._direct.values():
                 os.close(dfd)
-            if img._data_lock is not None:
-                img._data_lock.release()
-            if img._data_fd != fd:
-                os.close(img._data_fd)
+            with contextlib.suppress(Exception):  # the open's own error is the one to report
+                img._close_children()
         if lock is not None:
             lock.release()
         os.close(fd)
@@ -409,49 +414,42 @@ class Qcow2Image:
             self._abuf = mmap.mmap(-1, max(size, 1 << 20))
         return self._abuf
 
-    def _open_data_file(self) -> None:
-        name = self.hc.data_file or ""
-        path = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
-        dfd = open_file(path, os.O_RDONLY if self.readonly else os.O_RDWR,
-                        what="open data file")
-        perms = DATA_FILE_RO if self.readonly else DATA_FILE_RW
-        if self.force_share:
-            perms = perms.force_shared()
-        try:
-            # QEMU attaches the data file in two steps (first only what it unshares), which
-            # decides the message when the data file is in use: do the same
-            lock = lock_fd(dfd, path, Perms(0, perms.shared))
-            lock.apply(perms)
-        except BaseException:
-            os.close(dfd)
-            raise
-        self._data_lock = lock
-        self._data_fd = dfd
-        self._data_file_path = path
+    def _attach_data_file(self, data_file: DataFile | None,
+                          children: ChildOpener | None) -> None:
+        """Take the data file handed in, or ask ``children`` for the one the header names
+        (QEMU's checks and words, qcow2_do_open)."""
+        if not self._uses_data_file:
+            if data_file is not None:
+                raise UsageError("'data-file' can only be set for images with an external "
+                                 "data file")
+            return
+        if data_file is None:
+            if children is None:
+                raise UsageError("'data-file' is required for this image")
+            data_file = children.open_data_file(self.hc.data_file or "", parent=self.path,
+                                                readonly=self.readonly,
+                                                force_share=self.force_share)
+            self._owned.append(data_file)
+        elif data_file.closed:
+            raise UsageError(f"data file '{data_file.path}' is closed")
+        elif data_file.readonly and not self.readonly:
+            raise ReadOnlyError(f"data file '{data_file.path}' is opened read-only")
+        self.data_file = data_file
+        self._data_fd = data_file.fd
+        self._data_file_path = data_file.path
 
-    def _open_backing(self, depth: int) -> None:
-        if depth >= MAX_BACKING_DEPTH:
-            raise ImageError(f"backing chain of '{self.path}' is too deep (loop?)")
-        name = self.hc.backing_name or ""
-        path = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
-        fmt = self.hc.backing_format
-        if fmt is None:
-            from dirtybits.block.open import probe_format
-
-            fmt = probe_format(path)
-        try:
-            if fmt == "qcow2":
-                self.backing = Qcow2Image.open(path, readonly=True, force_share=self.force_share,
-                                               _depth=depth + 1)
-            elif fmt == "raw":
-                from dirtybits.block.raw import RawImage
-
-                # QEMU 7.2 locks a raw backing file as a plain read: [100], nothing unshared
-                self.backing = RawImage(path, readonly=True, force_share=self.force_share)
-            else:
-                raise UnsupportedFeatureError(f"backing file format '{fmt}' is not supported")
-        except LockError as exc:
-            raise LockError(f"Could not open backing file: {exc}") from None
+    def _close_children(self) -> None:
+        """Close the children this image owns, the last opened first (the backing file,
+        then the data file), every one even when one fails; the first failure is raised."""
+        owned, self._owned = self._owned, []
+        first: BaseException | None = None
+        for child in reversed(owned):
+            try:
+                child.close()
+            except BaseException as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
     def _refuse_unreadable_bitmaps(self) -> None:
         """A caller keeping the bitmaps cannot keep them when their directory is unreadable:
@@ -686,8 +684,15 @@ class Qcow2Image:
                 raise _io_error(f"creating '{path}'", exc) from exc
             made.close()
             if size:
-                with cls.open(path, open_backing=False) as img:
-                    img.resize(size)
+                # the data file this creation made is its to open (no other opener knows it
+                # yet); the backing file is not opened, as qemu-img create -u
+                dfile = DataFile.open(dpath, readonly=False) if data_file else None
+                try:
+                    with cls.open(path, data_file=dfile) as img:
+                        img.resize(size)
+                finally:
+                    if dfile is not None:
+                        dfile.close()
         except ImageIOError as exc:
             made.remove()
             if data is not None:
@@ -2181,7 +2186,8 @@ class Qcow2Image:
     # ------------------------------------------------------------------ close
     def locks(self) -> list[FileLock]:
         """The lock descriptions held on the image and its data file (for inactivation)."""
-        return [lk for lk in (self._lock, self._data_lock) if lk is not None]
+        data_lock = self.data_file.lock if self.data_file is not None else None
+        return [lk for lk in (self._lock, data_lock) if lk is not None]
 
     def close(self) -> None:
         if self._closed:
@@ -2192,20 +2198,17 @@ class Qcow2Image:
                 self.flush()
         finally:
             self._closed = True
-            if self.backing is not None:
-                self.backing.close()
             for dfd in self._direct.values():
                 os.close(dfd)
             self._direct.clear()
             if self._abuf is not None:
                 self._abuf.close()
-            if self._data_lock is not None:
-                self._data_lock.release()
-            if self._data_fd != self._fd:
-                os.close(self._data_fd)
-            if self._lock is not None:
-                self._lock.release()
-            os.close(self._fd)
+            try:
+                self._close_children()
+            finally:
+                if self._lock is not None:
+                    self._lock.release()
+                os.close(self._fd)
 
     def __enter__(self) -> Qcow2Image:
         return self
