@@ -17,10 +17,15 @@ from pathlib import Path
 from hypothesis import note, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent / "unit"))
 from peers import nbd_map, qemu_bitmaps
-from test_registry_model import MODEL_SETTINGS, RegistryModel, run_model, runs_to_granules
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "unit"))  # the machine itself
+from test_registry_model import (
+    MODEL_SETTINGS,
+    RegistryModel,
+    run_model,
+    runs_to_granules,
+)
 
 QEMU_SETTINGS = settings(
     MODEL_SETTINGS,
