@@ -293,3 +293,23 @@ def test_zstd_frame_claiming_more_than_a_cluster_is_not_expanded(tmp_path: Path)
         f.write(bomb)
     with open_qcow2(str(p), readonly=True) as img:
         assert img.read(0, 4096) == b"\x07" * 4096  # as QEMU: the cluster's worth, no more
+
+
+def test_snapshot_apply_ends_packing_into_a_freed_compressed_cluster(tmp_path: Path) -> None:
+    """Found by the snapshot model: apply freed the host cluster compressed bytes were being
+    packed into, a plain write reused it, and the next compressed write appended into that
+    data cluster (refcount 2 under a COPIED entry; the snapshot table was overwritten next)."""
+    p = str(tmp_path / "d.qcow2")
+    cs = 4096
+    Qcow2Image.create(p, 1 << 20, cluster_size=cs)
+    with open_qcow2(p) as img:
+        img.snapshot_create("a")
+        img.write(0, b"\x01" * cs, compress=True)  # a few bytes into a fresh host cluster
+        packing = img._comp_next
+        assert packing
+        img.snapshot_apply(0)  # frees that host cluster
+        assert img._comp_next == 0
+        img.write(0, b"\x02" * (1 << 20))
+        img.write(0, b"\x03" * cs, compress=True)
+    res = check_image(p)
+    assert (res.corruptions, res.leaks) == (0, 0), res.messages

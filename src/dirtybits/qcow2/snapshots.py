@@ -303,6 +303,8 @@ def _drop_refcounts(img: Qcow2Image, refs: Counter[int], *, views: bool = False)
             continue
         ok[c] = k
     freed = _add_refcounts(img, ok, -1)
+    if img._comp_next and (img._comp_next >> cb) in freed:
+        img._comp_next = 0  # free now, may be reused whole: no more compressed bytes into it
     for c in freed:
         img._l2_cache.pop(c << cb, None)
         img._l2_dirty.discard(c << cb)
