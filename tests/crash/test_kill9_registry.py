@@ -16,7 +16,7 @@ and every changed sector it recorded since its baseline). Every tenth run closes
 first: then every bitmap must be consistent.
 
 Environment: ``DIRTYBITS_CRASH_SEED`` (default: random, printed), ``DIRTYBITS_REGCRASH_KILLS``
-(default 60), ``DIRTYBITS_CRASH_WORKERS`` (default 2). A failing kill prints the command that
+(default 120), ``DIRTYBITS_CRASH_WORKERS`` (default 2). A failing kill prints the command that
 replays it (``python tests/crash/regcrash.py replay SEED``).
 """
 
@@ -32,7 +32,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import regcrash
 
-KILLS = int(os.environ.get("DIRTYBITS_REGCRASH_KILLS", "60"))
+KILLS = int(os.environ.get("DIRTYBITS_REGCRASH_KILLS", "120"))
 WORKERS = int(os.environ.get("DIRTYBITS_CRASH_WORKERS", "2"))
 
 
