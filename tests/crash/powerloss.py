@@ -57,6 +57,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import harness
+import regcrash
 
 KiB, MiB = 1 << 10, 1 << 20
 SECTOR = 512
@@ -79,6 +80,7 @@ class Event:
     length: int = 0
     dsync: bool = False
     site: str = ""
+    dropped: bool = False  # an RWF_DSYNC write recorded as a plain one (``drop``)
 
 
 @dataclass
@@ -146,13 +148,18 @@ class _TracingOs:
 class Recorder:
     """Traces the drivers' file calls while active (``with Recorder(...) as trace``).
 
-    ``drop``: sync sites whose syncs are recorded as never made. ``fail_sync``: the index
-    (among syncs) of one fdatasync that fails with EIO (and makes nothing durable).
+    ``drop``: sync sites whose syncs are recorded as never made. ``drop_under``: function
+    qualnames (``BitmapRegistry._mark``): every sync and RWF_DSYNC write made while one of
+    them is on the stack is recorded as never made (one caller of a shared site).
+    ``fail_sync``: the index (among syncs) of one fdatasync that fails with EIO (and makes
+    nothing durable).
     """
 
-    def __init__(self, drop: set[str] | None = None, fail_sync: int | None = None):
+    def __init__(self, drop: set[str] | None = None, fail_sync: int | None = None,
+                 drop_under: set[str] | None = None):
         self.trace = Trace()
         self.drop = drop or set()
+        self.drop_under = drop_under or set()
         self.fail_sync = fail_sync
         self._syncs = 0
         self._real = os
@@ -203,13 +210,26 @@ class Recorder:
     def add(self, ev: Event) -> None:
         self.trace.events.append(ev)
 
+    def _dropped(self, site: str) -> bool:
+        if site in self.drop:
+            return True
+        if self.drop_under:
+            f = sys._getframe(2)
+            while f is not None:
+                if f.f_code.co_qualname in self.drop_under:
+                    return True
+                f = f.f_back  # type: ignore[assignment]
+        return False
+
     def write(self, fd: int, offset: int, data: bytes, dsync: bool) -> None:
         if not data:
             return
         site = _site()
-        if dsync and site in self.drop:
+        dropped = dsync and self._dropped(site)
+        if dropped:
             dsync = False
-        self.add(Event("write", self.file_of(fd), offset, data, dsync=dsync, site=site))
+        self.add(Event("write", self.file_of(fd), offset, data, dsync=dsync, site=site,
+                       dropped=dropped))
 
     def sync(self, fd: int, real_sync: Callable[[int], None]) -> None:
         self.touch(fd)
@@ -221,7 +241,7 @@ class Recorder:
             raise OSError(5, os.strerror(5))
         real_sync(fd)
         # a dropped sync stays in the trace as a marker without effect
-        self.add(Event("dropped-sync" if site in self.drop else "sync", self.file_of(fd),
+        self.add(Event("dropped-sync" if self._dropped(site) else "sync", self.file_of(fd),
                        site=site))
 
     # -- markers from the workload
@@ -235,7 +255,8 @@ class Recorder:
         self.add(Event("flushed", length=len(self.trace.snapshots) - 1))
 
     def mark(self, **note: Any) -> None:
-        """A snapshot operation begins or ends (``note``: what the judge needs to know)."""
+        """A snapshot or registry operation begins or ends (``note``: what the judge needs
+        to know)."""
         self.add(Event("mark", data=json.dumps(note).encode()))
 
 
@@ -390,7 +411,7 @@ class Workload:
     name: str
     template: str | None  # harness template the image starts from
     run: Callable[[Any, Recorder], None]  # (context, recorder)
-    kind: str = "image"  # image | resilient | recovery | container | snapshot
+    kind: str = "image"  # image | resilient | recovery | container | snapshot | registry
 
 
 NO_TIMERS = {"interval": None, "idle": None, "threshold_bits": None}
@@ -750,6 +771,31 @@ def _snapshot_apply_run(ctx: Any, rec: Recorder) -> None:
     _session(ctx, rec, model, rng, n, False)
 
 
+def _registry_run(ctx: Any, rec: Recorder) -> None:
+    """The registry's operations on the open node among guest requests
+    (``regcrash.steps``): each step between marks ``b=k`` and ``e=k`` (begun, returned),
+    so the judge knows which had returned at a crash point."""
+    import dirtybits
+
+    todo = regcrash.steps(ctx.seed, ctx.tpl.spec.size, between=max(2, ctx.ops // 15))
+    ctx.extra["steps"] = todo
+    model = bytearray(ctx.tpl.pre.tobytes())
+    node = dirtybits.open(str(ctx.image), checkpoint=dirtybits.CheckpointPolicy(**NO_TIMERS))
+    for k, step in enumerate(todo):
+        rec.mark(b=k)
+        op = step["op"]
+        if op in regcrash.REQUESTS:
+            rec.op(step["off"], step["len"])
+        regcrash.execute(node, step)
+        if op == "write":
+            model[step["off"]:step["off"] + step["len"]] = step["data"]
+        elif op == "zero":
+            model[step["off"]:step["off"] + step["len"]] = bytes(step["len"])
+        elif op in ("flush", "close"):
+            rec.flushed(bytes(model))
+        rec.mark(e=k)
+
+
 # small disks: every crash state reads each snapshot whole; 512-byte clusters give a 1 KiB
 # L1 table (two sectors, which a power cut may tear) and many L2 tables
 SNAPSHOT_TEMPLATES = (
@@ -777,6 +823,7 @@ WORKLOADS = {
     "snapshot-apply": Workload("snapshot-apply", "s4k", _snapshot_apply_run, "snapshot"),
     "snapshot-apply-s512": Workload("snapshot-apply-s512", "s512", _snapshot_apply_run,
                                     "snapshot"),
+    "registry": Workload("registry", regcrash.TEMPLATE.name, _registry_run, "registry"),
 }
 
 
@@ -797,6 +844,7 @@ class Context:
     pre_raw: bytes = b""
     pre_container: bytes = b""
     originals: dict[Path, bytes] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # what a workload's judge keeps
 
 
 def prepare(w: Workload, templates: dict[str, Any], work: Path, seed: int,
@@ -844,10 +892,10 @@ def prepare(w: Workload, templates: dict[str, Any], work: Path, seed: int,
     return ctx
 
 
-def trace_run(ctx: Context, drop: set[str] | None = None,
-              fail_sync: int | None = None) -> tuple[Trace, str | None]:
+def trace_run(ctx: Context, drop: set[str] | None = None, fail_sync: int | None = None,
+              drop_under: set[str] | None = None) -> tuple[Trace, str | None]:
     """Run the workload traced; (trace, the error it ended with, if any)."""
-    rec = Recorder(drop, fail_sync)
+    rec = Recorder(drop, fail_sync, drop_under)
     error = None
     with rec as trace:
         try:
@@ -895,6 +943,11 @@ def judge(ctx: Context, trace: Trace, point: Point, files: list[bytearray],
             problems += _judge_snapshot(ctx, trace, point, image, scratch)
         elif w.kind == "recovery":
             problems += _judge_recovery(ctx, names.get(ctx.image, ctx.image))
+        elif w.kind == "registry":
+            image = names.get(ctx.image, scratch / ctx.image.name)
+            if ctx.image not in names:
+                shutil.copyfile(ctx.image, image)
+            problems += _judge_registry(ctx, trace, point, image)
         else:
             problems += _judge_container(ctx, trace, point, names)
     except Exception as exc:
@@ -986,6 +1039,36 @@ def _judge_snapshot(ctx: Context, trace: Trace, point: Point, image: Path,
             if now not in (last["active"], later[0]["active"]):
                 problems.append("an interrupted apply left neither the old disk nor the "
                                 "snapshot's")
+    return problems
+
+
+def _judge_registry(ctx: Context, trace: Trace, point: Point, image: Path) -> list[str]:
+    """``regcrash.judge_image`` (its docstring has the rule) against the model after the
+    steps whose ``e`` mark precedes the crash point, or after the one begun but not
+    returned; then no leak right after a completed flush, and the flushed data is there."""
+    import bisect
+
+    key = ("registry", id(trace))
+    if key not in ctx.extra:
+        begun: dict[int, int] = {}
+        ended: list[int] = []
+        for i, e in enumerate(trace.events):
+            if e.kind == "mark":
+                note = json.loads(e.data)
+                if "b" in note:
+                    begun[note["b"]] = i
+                elif "e" in note:
+                    ended.append(i)
+        ctx.extra[key] = (begun, ended, regcrash.states(ctx.tpl, ctx.extra["steps"]))
+    begun, ended, states = ctx.extra[key]
+    done = bisect.bisect_left(ended, point.index)
+    in_flight = begun.get(done, len(trace.events)) < point.index
+    v = regcrash.judge_image(image, regcrash.alternatives(states, done, in_flight))
+    problems = list(v.problems)
+    if point.first_after_flush and v.leaks:
+        problems.append(f"{v.leaks} leaked clusters right after a completed flush")
+    if not problems:
+        problems += _durability(trace, point, _guest_qcow2(image))
     return problems
 
 
@@ -1123,8 +1206,43 @@ def near(trace: Trace, sites: set[str], window: int = 3) -> Callable[[Point], bo
     return keep
 
 
+def near_dropped(trace: Trace, window: int = 3) -> Callable[[Point], bool]:
+    """``near`` for whatever ``drop``/``drop_under`` removed: the first ``window`` crash
+    points after each dropped sync or RWF_DSYNC write."""
+    marks = [i for i, e in enumerate(trace.events) if e.dropped or e.kind == "dropped-sync"]
+    sync_points = [i for i, e in enumerate(trace.events)
+                   if e.kind == "sync" or (e.kind == "write" and e.dsync)]
+    wanted = {len(trace.events)}
+    for m in marks:
+        wanted.update([i for i in sync_points if i >= m][:window])
+    return lambda p: p.index in wanted
+
+
+def near_steps(trace: Trace, ctx: Context, ops: set[str],
+               window: int = 2) -> Callable[[Point], bool]:
+    """The registry workload's crash points while a step of ``ops`` (``clear``, ``tx``...)
+    runs, and the first ``window`` after it returned."""
+    todo = ctx.extra["steps"]
+    sync_points = [i for i, e in enumerate(trace.events)
+                   if e.kind == "sync" or (e.kind == "write" and e.dsync)]
+    wanted = {len(trace.events)}
+    begin = None
+    for i, e in enumerate(trace.events):
+        if e.kind != "mark":
+            continue
+        note = json.loads(e.data)
+        if "b" in note and todo[note["b"]]["op"] in ops:
+            begin = i
+        elif "e" in note and begin is not None:
+            wanted.update(p for p in sync_points if begin < p < i)
+            wanted.update([p for p in sync_points if p > i][:window])
+            begin = None
+    return lambda p: p.index in wanted
+
+
 def templates_in(directory: Path, names: set[str]) -> dict[str, Any]:
-    specs = tuple(s for s in harness.ALL_TEMPLATES + SNAPSHOT_TEMPLATES if s.name in names)
+    specs = tuple(s for s in harness.ALL_TEMPLATES + SNAPSHOT_TEMPLATES
+                  + (regcrash.TEMPLATE,) if s.name in names)
     harness.build_templates(directory, specs)
     return harness.load_templates(directory, specs)
 

@@ -1,7 +1,10 @@
 """Power loss (only what was synced survives), judged over crash states built from a trace of
 every write and sync (``powerloss.py``): tracking, checkpoints, ``bitmaps=no``, resilient mode,
-recovery from a backup, raw drives with a bitmap container, compressed writes, and internal
-snapshots (create, delete and apply among copy-on-write writes, judged by ``snapjudge.py``).
+recovery from a backup, raw drives with a bitmap container, compressed writes, internal
+snapshots (create, delete and apply among copy-on-write writes, judged by ``snapjudge.py``),
+and the bitmap registry's operations on an open node (``regcrash.py``: clear, merge, add,
+disable/enable, copy, rename, remove, transactions, successors; judged per bitmap against a
+model of what each must hold after the operations that had returned).
 
 - every path: the crash states (subsets, reorderings and 512-byte tears of the writes after
   the last sync) show no corruption, no silent miss, no lost flushed data, no leak right
@@ -10,7 +13,11 @@ snapshots (create, delete and apply among copy-on-write writes, judged by ``snap
   never made), produces a failing crash state in some path;
 - after a failed fdatasync nothing is retried into success: later flushes fail, bitmaps stay
   in_use, and the crash states stay sound; with the sticky failure disabled the same
-  exploration finds a failing state.
+  exploration finds a failing state;
+- the registry's own durable steps are needed: without the in_use mark's durable write
+  (under ``BitmapRegistry._mark``), or without the checkpoint's sync before in_use is cleared,
+  the registry workload has a failing state; so it has without the data flush before a clear
+  or an abdicate moves a bitmap's baseline (``BitmapRegistry._settle_data``).
 
 Sizes fit CI; ``python tests/crash/powerloss.py --long`` explores more.
 """
@@ -32,6 +39,7 @@ import powerloss as pl
 SEED = int(os.environ.get("DIRTYBITS_POWERLOSS_SEED", "20261207"))
 OPS = 30
 STATES = int(os.environ.get("DIRTYBITS_POWERLOSS_STATES", "45"))
+MORE_STATES = {"registry": 3}  # the registry's many paths: three times the states
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +53,8 @@ def _explore(templates: dict[str, Any], work: Path, name: str, **kw: Any) -> pl.
     ctx = pl.prepare(pl.WORKLOADS[name], templates, work / name, SEED, OPS)
     trace, error = pl.trace_run(ctx)
     assert error is None, error
-    return pl.explore(ctx, trace, randoms=2, max_states=STATES, seed=SEED, error=error, **kw)
+    states = STATES * MORE_STATES.get(name, 1)
+    return pl.explore(ctx, trace, randoms=2, max_states=states, seed=SEED, error=error, **kw)
 
 
 @pytest.mark.interop
@@ -62,7 +71,8 @@ def test_power_loss_states_are_sound(templates: dict[str, Any], tmp_path: Path, 
 # Where to look first for each site's effect (a site is caught once any path fails).
 ORDER = ("tracking-c4k", "untracked-c4k", "resilient-r64k", "tracking-c64k", "container",
          "recovery", "resilient-r1m", "resize-c4k", "resize-r1m", "extl2",
-         "extl2-tracking", "compressed", "snapshot", "snapshot-apply", "snapshot-apply-s512")
+         "extl2-tracking", "compressed", "snapshot", "snapshot-apply", "snapshot-apply-s512",
+         "registry")
 
 
 def _sites(templates: dict[str, Any], work: Path) -> dict[str, list[str]]:
@@ -211,3 +221,54 @@ def test_extl2_paths_need_each_of_their_syncs(templates: dict[str, Any], tmp_pat
     with capsys.disabled():
         print(f"\nextl2 sync sites removed in turn ({len(where)}):\n" + "\n".join(lines))
     assert not missed, f"removing these syncs went unnoticed: {missed}"
+
+
+def _registry_fails(templates: dict[str, Any], work: Path, *,
+                    drop: set[str] | None = None, drop_under: set[str] | None = None,
+                    near: set[str] | None = None) -> pl.Report:
+    ctx = pl.prepare(pl.WORKLOADS["registry"], templates, work, SEED, OPS)
+    trace, error = pl.trace_run(ctx, drop=drop, drop_under=drop_under)
+    assert error is None, error
+    keep = pl.near_steps(trace, ctx, near, window=1) if near else pl.near_dropped(trace)
+    return pl.explore(ctx, trace, randoms=2, max_states=150, seed=SEED, stop_at_first=True,
+                      points_filter=keep)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("what", ["in_use mark", "checkpoint sync"])
+def test_registry_workload_needs_the_mark_and_the_checkpoint_sync(
+        templates: dict[str, Any], tmp_path: Path, what: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The registry workload alone fails without the durable in_use mark (every sync and
+    RWF_DSYNC write made under ``BitmapRegistry._mark``: the flag write of ``set_in_use``,
+    from the write path and from the operations) or without the checkpoint's sync before it
+    clears in_use (the site ``BitmapRegistry.checkpoint``)."""
+    if what == "in_use mark":
+        rep = _registry_fails(templates, tmp_path / "m", drop_under={"BitmapRegistry._mark"})
+    else:
+        ctx = pl.prepare(pl.WORKLOADS["registry"], templates, tmp_path / "s", SEED, OPS)
+        trace, _ = pl.trace_run(ctx)
+        sites = {s for s in trace.sites() if "BitmapRegistry.checkpoint" in s}
+        assert len(sites) == 1, sorted(trace.sites())
+        rep = _registry_fails(templates, tmp_path / "c", drop=sites)
+    with capsys.disabled():
+        first = rep.failures[0] if rep.failures else None
+        print(f"\nregistry without the {what}: {rep.line()}\n  {first}")
+    assert rep.failures, f"removing the {what} went unnoticed"
+
+
+@pytest.mark.interop
+def test_registry_baseline_moves_only_over_durable_data(templates: dict[str, Any],
+                                                        tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was a silent miss: an in-place clear (and an abdicate) stored the emptied bitmap
+    consistent after a checkpoint that only syncs; a write issued just before, its L2 entry
+    still in memory, was then taken back by a power cut, so the disk differed from the data at
+    the clear with no bit set. The fix flushes the data first (``_settle_data``); without it
+    the same exploration finds the failing state."""
+    from dirtybits.block.registry import BitmapRegistry
+
+    monkeypatch.setattr(BitmapRegistry, "_settle_data", lambda self, persistent: None)
+    rep = _registry_fails(templates, tmp_path / "b", near={"clear", "abdicate"})
+    assert rep.failures, "a clear over unflushed data went unnoticed"
+    assert "misses" in rep.failures[0]["problems"][0], rep.failures[0]

@@ -287,6 +287,50 @@ def test_background_checkpoint_failure_is_an_event(image: str,
     assert stored_granules(image, "a") == {0, 1}
 
 
+@pytest.mark.parametrize("call", ["add", "merge", "clear", "count", "bits", "successor",
+                                  "copy", "transaction", "checkpoint"])
+def test_registry_calls_run_as_the_owner(image: str, call: str) -> None:
+    """Was a silent miss: ``node.bitmaps.merge`` on a script's thread ran while the block
+    thread ran a timed checkpoint; the checkpoint cleared in_use and forgot the mark the
+    merge had just set, so the merged bits were never stored and the bitmap read consistent
+    on disk without them. Every registry call now waits for the owner's lock."""
+    with dirtybits.open(image, checkpoint=NO_TIMERS) as d:
+        reg = d.bitmaps
+        reg.add("t", 65536)
+        d.write(0, b"x")
+        calls = {
+            "add": lambda: reg.add("n", 65536, persistent=True),
+            "merge": lambda: reg.merge("a", ["t"]),
+            "clear": lambda: reg.clear("a"),
+            "count": lambda: reg.count("a"),
+            "bits": lambda: reg.bits("a"),
+            "successor": lambda: reg.create_successor("a", "job0"),
+            "copy": lambda: reg.copy("a", "c", persistent=True),
+            "transaction": lambda: reg.transaction([reg.action_clear("t")]),
+            "checkpoint": reg.checkpoint,
+        }
+        held, release = threading.Event(), threading.Event()
+
+        def owner_busy() -> None:  # the block thread, running something long
+            with d.owner.lock:
+                held.set()
+                release.wait(10)
+
+        owner = threading.Thread(target=owner_busy)
+        owner.start()
+        assert held.wait(10)
+        done = threading.Event()
+        caller = threading.Thread(target=lambda: (calls[call](), done.set()))
+        caller.start()
+        try:
+            assert not done.wait(0.2), f"{call} ran while the owner held the node"
+        finally:
+            release.set()
+            owner.join(10)
+            caller.join(10)
+        assert done.is_set()
+
+
 # ---------------------------------------------------------------------- node lifecycle
 def test_inactivate_stores_bitmaps_and_releases_locks(image: str) -> None:
     from dirtybits.block.node import NodeInactiveError

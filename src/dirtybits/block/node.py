@@ -118,7 +118,8 @@ class BlockNode:
         cs = getattr(driver, "cluster_size", None)
         self.bitmaps = BitmapRegistry(self.node_name, driver.size, view,
                                       readonly=driver.readonly, track=track, intent=intent,
-                                      cluster_size=cs if isinstance(cs, int) else None)
+                                      cluster_size=cs if isinstance(cs, int) else None,
+                                      flush_data=driver.flush, lock=self._lock)
         self.bitmaps.listeners.append(self._bitmap_changed)
         if self.policy.timed and not self.readonly:
             self.owner.adopt(self)

@@ -21,18 +21,22 @@ How the bits are held (DESIGN.md, persistence protocol):
   checkpoint, so what returned is on disk.
 
 Every mutating operation is also a transaction action (``prepare``/``commit``/``abort``), and
-``transaction`` runs a list of them all or nothing. Not thread-safe by itself: the node's
-owner (the block thread) serializes every call.
+``transaction`` runs a list of them all or nothing. Every public call runs as the node's
+owner (under the owner's lock, ``BitmapRegistry.lock``): a script calling
+``node.bitmaps.merge`` waits while the block thread runs a timed checkpoint, and the reverse.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
 from dirtybits.block.qcow2_bitmaps import BitmapOperationError, default_granularity
 from dirtybits.errors import DirtybitsError
@@ -48,6 +52,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_RAW_GRANULARITY = 65536  # QEMU's default when the node has no cluster size
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _owned(fn: Callable[Concatenate[BitmapRegistry, _P], _R]
+           ) -> Callable[Concatenate[BitmapRegistry, _P], _R]:
+    """Run the call as the node's owner (under ``lock``, re-entrant). Without it a caller's
+    thread and the block thread's timed checkpoint interleave: a merge marked, the
+    checkpoint cleared in_use and forgot the mark, the merged bits were never stored, and the
+    bitmap read consistent on disk without them."""
+    def run(self: BitmapRegistry, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self.lock:
+            return fn(self, *args, **kwargs)
+    functools.update_wrapper(run, fn)
+    return run
 
 
 class BitmapStatus(enum.Enum):
@@ -282,13 +302,20 @@ class BitmapRegistry:
     ``view`` is where persistent bitmaps live (None: nowhere, e.g. a plain raw file).
     ``track=False`` (``bitmaps=no``) loads none of the stored bitmaps: the enabled ones are
     marked in_use before the first write and left so (they would miss writes, so they say
-    so). ``intent`` is the image's write-intent map (resilient mode).
+    so). ``intent`` is the image's write-intent map (resilient mode). ``flush_data``: makes
+    every write issued to the node durable, its mapping included (the driver's flush).
+    ``lock``: the owner's lock (the node passes its owner's), taken by every public call.
     """
 
     def __init__(self, node_name: str, size: int, view: StoreView | None, *,
                  readonly: bool, track: bool = True, intent: WriteIntentMap | None = None,
-                 cluster_size: int | None = None) -> None:
+                 cluster_size: int | None = None,
+                 flush_data: Callable[[], None] | None = None,
+                 lock: AbstractContextManager[object] | None = None) -> None:
         self.node_name = node_name
+        self.flush_data = flush_data
+        self.lock: AbstractContextManager[object] = lock if lock is not None \
+            else threading.RLock()
         self._size = size
         self.view = view
         self.readonly = readonly
@@ -390,6 +417,7 @@ class BitmapRegistry:
     def chunk_bytes(self) -> int:
         return self.view.store.cluster_size if self.view is not None else 65536
 
+    @_owned
     def names(self) -> list[str]:
         """Bitmap names, oldest first (stored ones in directory order, then added ones)."""
         return [lb.name for lb in self._live()]
@@ -461,6 +489,7 @@ class BitmapRegistry:
         self._slow = True
         return bits
 
+    @_owned
     def bits(self, name: str) -> DirtyBitmap:
         """A copy of the bitmap's current bits (over the node's size). Raises
         ``BitmapOperationError`` for an unknown or inconsistent bitmap."""
@@ -484,6 +513,7 @@ class BitmapRegistry:
             out.truncate(self._size)
         return out
 
+    @_owned
     def count(self, name: str) -> int:
         """Dirty bytes as QEMU counts them (dirty granules x granularity)."""
         lb = self.get(name)
@@ -491,10 +521,12 @@ class BitmapRegistry:
             return 0
         return self._view_bits(lb).count()
 
+    @_owned
     def count_bytes(self, name: str) -> int:
         """Dirty bytes within the node (runs clipped at its end), not QEMU's granule count."""
         return sum(n for _, n in self.extents(name))
 
+    @_owned
     def sha256(self, name: str) -> str:
         """``x-debug-block-dirty-bitmap-sha256`` (works on busy and inconsistent bitmaps).
 
@@ -516,6 +548,7 @@ class BitmapRegistry:
         lb.sha = bits.sha256()
         return lb.sha
 
+    @_owned
     def extents(self, name: str, offset: int = 0, length: int | None = None
                 ) -> list[tuple[int, int]]:
         """The dirty runs ``(offset, length)`` within ``[offset, offset+length)``, as a list
@@ -526,6 +559,7 @@ class BitmapRegistry:
             return []
         return list(self._view_bits(lb).dirty_extents(offset, end))
 
+    @_owned
     def runs(self, name: str, end: int) -> list[tuple[int, int, bool]]:
         """Alternating clean/dirty runs ``(offset, length, dirty)`` over ``[0, end)``.
 
@@ -538,6 +572,7 @@ class BitmapRegistry:
             return list(self.view.store.extents(self.view.full(name), end))
         return list(self._view_bits(lb).extents(0, end))
 
+    @_owned
     def info(self, name: str) -> BitmapInfo:
         lb = self.get(name)
         return self._info(lb)
@@ -562,6 +597,7 @@ class BitmapRegistry:
                     "are in memory and it is retried")
         return "changes since the last checkpoint are in memory (in_use set)"
 
+    @_owned
     def query(self) -> list[BitmapInfo]:
         """Every bitmap, newest first (QEMU's ``dirty-bitmaps`` order)."""
         return [self._info(lb) for lb in reversed(self._live())]
@@ -645,6 +681,16 @@ class BitmapRegistry:
         self._flags_unknown = False
         log.debug("%s: in_use set on %s", self.node_name, ", ".join(full_names))
 
+    def _settle_data(self, persistent: bool) -> None:
+        """Before a persistent bitmap's baseline moves forward (a clear, an abdicate, an
+        add: from then on it vouches only for later writes), every write issued so far is
+        made durable, its mapping included. A checkpoint only syncs (``img.sync``): a write
+        that a power cut then takes back (its L2 entry never flushed, or its data, on a raw
+        drive) would change the disk against the new baseline with no bit set."""
+        if persistent and self.flush_data is not None and self.view is not None \
+                and not self.readonly:
+            self.flush_data()
+
     def _ensure_marked(self, lb: LiveBitmap) -> None:
         if lb.persistent and self.view is not None and not self.readonly:
             full = self.view.full(lb.name)
@@ -664,6 +710,7 @@ class BitmapRegistry:
         return bool(self._marked)
 
     # ------------------------------------------------------------------ checkpoint
+    @_owned
     def checkpoint(self) -> int:
         """Store every changed chunk of every persistent bitmap and clear ``in_use``.
 
@@ -734,6 +781,7 @@ class BitmapRegistry:
             self.checkpoint()
 
     # ------------------------------------------------------------------ transactions
+    @_owned
     def transaction(self, actions: Sequence[Action]) -> None:
         """Run ``actions`` all or nothing: each is prepared in order; if one fails, those
         prepared are aborted in reverse and the error is raised; else all commit, then one
@@ -808,6 +856,8 @@ class BitmapRegistry:
                             disk_state=DiskState.CLEAN if persistent else DiskState.NONE,
                             reason="stored consistent" if persistent else "not persistent")
             if full is not None and self.view is not None:
+                if bits is None:
+                    self._settle_data(True)  # a copy keeps its source's baseline
                 if bits is not None and bm.count_bits():
                     with self.view.store.by_owner():
                         self.view.store.add_with_bits(full, bm, disabled=disabled)
@@ -918,6 +968,7 @@ class BitmapRegistry:
 
             lb = self.get(name)
             self.check(lb, Check.DEFAULT)
+            self._settle_data(lb.persistent)
             if lb.bits is None and lb.persistent and self.view is not None:
                 g = lb.group
                 if g is not None:
@@ -1087,6 +1138,7 @@ class BitmapRegistry:
     def merge(self, target: str, sources: Sequence[str | tuple[BitmapRegistry, str]]) -> None:
         self._run(self.action_merge(target, sources))
 
+    @_owned
     def copy(self, name: str, new_name: str, *, persistent: bool = False,
              disabled: bool | None = None) -> None:
         """A new bitmap with ``name``'s bits (not persistent unless asked; enabled as the
@@ -1101,6 +1153,7 @@ class BitmapRegistry:
     def rename(self, name: str, new_name: str) -> None:
         self._run(self.action_rename(name, new_name))
 
+    @_owned
     def replace_inconsistent(self, name: str, bits: DirtyBitmap) -> None:
         """Adopt a full rebuild (``dirtybits.block.recover``) of a persistent bitmap in one
         directory switch, clearing its in_use flag. Only for bitmaps no writer holds."""
@@ -1123,6 +1176,7 @@ class BitmapRegistry:
         self._changed(nlb)
 
     # ------------------------------------------------------------------ successors
+    @_owned
     def create_successor(self, name: str, owner: str) -> None:
         """Freeze ``name`` for a job: from now on an anonymous successor records the writes
         (QEMU's ``bdrv_dirty_bitmap_create_successor``); the bitmap is busy with ``owner``."""
@@ -1140,11 +1194,13 @@ class BitmapRegistry:
         lb.busy = owner
         self._changed(lb)
 
+    @_owned
     def frozen_bits(self, name: str) -> DirtyBitmap:
         """A copy of a frozen bitmap's bits without its successor's (what the job copies)."""
         lb = self.get(name)
         return self._materialize(lb).copy()
 
+    @_owned
     def abdicate(self, name: str) -> None:
         """The job succeeded: the successor's bits become the bitmap (the frozen bits are
         dropped)."""
@@ -1153,12 +1209,14 @@ class BitmapRegistry:
         if succ is None:
             raise BitmapOperationError(f"Bitmap '{name}' has no successor")
         bits = self._materialize(lb)
+        self._settle_data(lb.persistent)
         self._ensure_marked(lb)
         bits.clear()
         bits.merge_from(succ)
         self._end_successor(lb)
         self._after_op(lb)
 
+    @_owned
     def reclaim(self, name: str) -> None:
         """The job failed or keeps the bits: the successor is merged back (no bit lost)."""
         lb = self.get(name)
@@ -1173,6 +1231,7 @@ class BitmapRegistry:
         lb.successor = lb.successor_feed = lb.successor_cursor = None
         lb.busy = None
 
+    @_owned
     def set_busy(self, name: str, owner: str | None) -> None:
         """Mark a bitmap busy with ``owner`` (an export, a job), or free it (None)."""
         lb = self.get(name)
@@ -1182,6 +1241,7 @@ class BitmapRegistry:
         self._changed(lb)
 
     # ------------------------------------------------------------------ cursors
+    @_owned
     def cursor(self, name: str) -> ChangeCursor:
         """An independent change cursor on ``name`` (every chunk changed at first)."""
         lb = self.get(name)
@@ -1190,6 +1250,7 @@ class BitmapRegistry:
         return lb.feed.cursor(all_changed=True)
 
     # ------------------------------------------------------------------ resize
+    @_owned
     def resized(self, new_size: int) -> None:
         """The node's size changed (the store resized its bitmaps already): live bits
         follow, the grown area clean, nothing owed to disk."""
