@@ -451,15 +451,7 @@ def run_child_and_kill(path: Path, plan: KillPlan) -> tuple[str, bool, list[str]
                     time.sleep(plan.kill_delay)
                 break
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        # drain what the child wrote up to its death
-        with contextlib.suppress(OSError):
-            os.set_blocking(rfd, False)
-            while more := os.read(rfd, 65536):
-                events += more
-        os.close(rfd)
+        status = kill_and_reap(pid, rfd, events)
     killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     if plan.mode == "close":
         if b"C" not in events and not problems:
@@ -469,6 +461,20 @@ def run_child_and_kill(path: Path, plan: KillPlan) -> tuple[str, bool, list[str]
     if plan.mode == "quiet" and b"Q" not in events and not problems:
         problems.append("no quiet moment was announced")
     return _summary(bytes(events)), killed, problems
+
+
+def kill_and_reap(pid: int, rfd: int, events: bytearray) -> int:
+    """SIGKILL the child (if it still runs), reap it, and add to ``events`` what it wrote
+    up to its death; closes ``rfd``. Returns its wait status."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    with contextlib.suppress(OSError):
+        os.set_blocking(rfd, False)
+        while more := os.read(rfd, 65536):
+            events += more
+    os.close(rfd)
+    return status
 
 
 def _summary(events: bytes) -> str:

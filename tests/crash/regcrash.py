@@ -600,14 +600,7 @@ def one_kill(seed: int, tpl: harness.Template, workdir: Path,
                     time.sleep(plan.kill_delay)
                 break
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        with contextlib.suppress(OSError):
-            os.set_blocking(rfd, False)
-            while more := os.read(rfd, 65536):
-                events += more
-        os.close(rfd)
+        status = harness.kill_and_reap(pid, rfd, events)
     res.killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     if b"E" in events:
         res.problems.append("child raised " + bytes(events[events.index(b"E") + 1:])
