@@ -612,9 +612,9 @@ def _clear_not_stored(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(BitmapRegistry, "action_clear", action_clear)
 
 
-def _merge_not_marked(mp: pytest.MonkeyPatch) -> None:
-    """A merge into a persistent bitmap does not set in_use first (so nothing is marked and
-    the checkpoint after it writes nothing)."""
+def _merge_not_stored(mp: pytest.MonkeyPatch) -> None:
+    """A merge into a persistent bitmap neither stores the clean target whole at commit nor
+    sets in_use on one already open (so the checkpoint after it writes nothing)."""
     orig = BitmapRegistry.action_merge
 
     def action_merge(self: BitmapRegistry, target: str, sources: Any) -> Any:
@@ -630,6 +630,7 @@ def _merge_not_marked(mp: pytest.MonkeyPatch) -> None:
                 self._ensure_marked = real  # type: ignore[method-assign]
 
         act.prepare = prepare
+        act.commit = lambda: None
         return act
 
     mp.setattr(BitmapRegistry, "action_merge", action_merge)
@@ -670,7 +671,7 @@ def _sparse_merge_drops_partial(mp: pytest.MonkeyPatch) -> None:
 
 PLANTS: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], str]] = {
     "clear-not-stored": (_clear_not_stored, r"stored granules differ"),
-    "merge-not-marked": (_merge_not_marked, r"stored granules differ|in_use"),
+    "merge-not-stored": (_merge_not_stored, r"stored granules differ|in_use"),
     "disable-not-stored": (_disable_not_stored, r"granularity, auto, in_use|recording|names"),
     "dense-merge": (_sparse_merge_drops_partial, r"extents|stored granules differ"),
 }

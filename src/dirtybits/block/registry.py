@@ -1040,8 +1040,13 @@ class BitmapRegistry:
     def action_merge(self, target: str, sources: Sequence[str | tuple[BitmapRegistry, str]]
                      ) -> Action:
         """``block-dirty-bitmap-merge``: sources are names on this node or (registry, name)
-        pairs on others. Granularities may differ; sizes must match."""
+        pairs on others. Granularities may differ; sizes must match.
+
+        A persistent target whose stored copy is clean (nothing in memory it lacks) is stored
+        whole at commit, copy-on-write: a crash leaves the old bits or the merged ones, both
+        consistent. One already in_use is updated in place at the next checkpoint."""
         backup: list[tuple[LiveBitmap, DirtyBitmap]] = []
+        whole: list[LiveBitmap] = []
 
         def prepare() -> None:
             if not sources:
@@ -1072,14 +1077,27 @@ class BitmapRegistry:
             if merged == old:
                 return
             backup.append((lb, old))
-            self._ensure_marked(lb)
+            view = self.view
+            if (lb.persistent and view is not None and not self.readonly
+                    and view.full(lb.name) not in self._marked and not self._flags_unknown):
+                whole.append(lb)
+            else:
+                self._ensure_marked(lb)
             bits.merge_from(merged)
+
+        def commit() -> None:
+            view = self.view
+            for lb in whole:
+                assert view is not None and lb.bits is not None and lb.cursor is not None
+                with view.store.by_owner():
+                    view.store.store(view.full(lb.name), lb.bits)
+                lb.cursor.take()  # the stored copy holds these bits now
 
         def abort() -> None:
             for lb, old in backup:
                 self._restore(lb, old)
 
-        return Action("block-dirty-bitmap-merge", prepare, abort=abort)
+        return Action("block-dirty-bitmap-merge", prepare, commit, abort)
 
     def action_rename(self, name: str, new_name: str) -> Action:
         done: list[LiveBitmap] = []
