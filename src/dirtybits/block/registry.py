@@ -958,10 +958,13 @@ class BitmapRegistry:
         bits.merge_from(backup)
 
     def action_clear(self, name: str) -> Action:
-        """``block-dirty-bitmap-clear``. A persistent bitmap not yet read is cleared without
-        reading it: at commit the store switches to an empty table (copy-on-write)."""
+        """``block-dirty-bitmap-clear``. A persistent bitmap whose stored copy is clean (read
+        or not) is switched to an empty table at commit, copy-on-write: a crash leaves the old
+        bits or none, both consistent; one not yet read is cleared without reading it. One
+        already in_use is cleared in place at the next checkpoint."""
         backup: list[tuple[LiveBitmap, DirtyBitmap]] = []
         unread: list[tuple[LiveBitmap, _Group | None]] = []
+        read: list[LiveBitmap] = []
 
         def prepare() -> None:
             from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
@@ -982,7 +985,12 @@ class BitmapRegistry:
                 return
             bits = self._materialize(lb)
             backup.append((lb, bits.copy()))
-            self._ensure_marked(lb)
+            view = self.view
+            if (lb.persistent and view is not None and not self.readonly
+                    and view.full(lb.name) not in self._marked and not self._flags_unknown):
+                read.append(lb)  # stored copy clean: switched to an empty table at commit
+            else:
+                self._ensure_marked(lb)
             bits.clear()
 
         def commit() -> None:
@@ -992,6 +1000,11 @@ class BitmapRegistry:
                     self.view.store.clear(self.view.full(lb.name))
                 if g is not None and not g.members:
                     self._groups.pop(g.granularity, None)
+            for lb in read:
+                assert self.view is not None and lb.cursor is not None
+                with self.view.store.by_owner():
+                    self.view.store.clear(self.view.full(lb.name))
+                lb.cursor.take()  # the stored copy is empty, as the live bits
 
         def abort() -> None:
             for lb, old in backup:
