@@ -135,3 +135,26 @@ def test_limits_break_the_connection() -> None:
         server.receive(b"[" * 9)
     with pytest.raises(QmpProtocolError, match="UTF-8"):
         ServerConnection(VERSION).receive(b'{"execute":"\xff"}')
+
+
+def test_schema_checks_in_schema_order_with_qemus_texts() -> None:
+    from dirtybits.proto.qmp import schema
+    from dirtybits.proto.qmp.core import QmpError
+
+    spec = schema.command("x", schema.Member("node", schema.STR),
+                          schema.Member("n", schema.UINT32, True),
+                          schema.Member("l", schema.List(schema.Alternate(
+                              "Alt", schema.Struct("S", (schema.Member("a", schema.STR),)))),
+                              True))
+    assert schema.check({"node": "d", "l": ["s", {"a": "b"}]}, spec) == {
+        "node": "d", "l": ["s", {"a": "b"}]}
+    for args, desc in [({"bogus": 1}, "Parameter 'node' is missing"),
+                       ({"node": "d", "bogus": 1}, "Parameter 'bogus' is unexpected"),
+                       ({"node": "d", "n": -1}, "Parameter 'n' expects uint32_t"),
+                       ({"node": "d", "n": "1"}, "Parameter 'n' expects uint64"),
+                       ({"node": "d", "l": [{}]}, "Parameter 'l[0].a' is missing"),
+                       ({"node": "d", "l": [1]}, "Invalid parameter type for 'null', "
+                                                  "expected: Alt")]:
+        with pytest.raises(QmpError) as err:
+            schema.check(args, spec)
+        assert str(err.value) == desc and err.value.cls is ErrorClass.GENERIC
