@@ -1,11 +1,35 @@
-"""File helpers shared by the fuzz tests (imported after putting this folder on ``sys.path``,
-as pytest's ``--import-mode=importlib`` does not)."""
+"""Helpers shared by the fuzz tests (imported after putting this folder on ``sys.path``,
+as pytest's ``--import-mode=importlib`` does not): a file digest and a time limit."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
+
+
+class FuzzTimeoutError(BaseException):
+    """An example ran past its time limit (BaseException: no handler in the code swallows
+    it)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise ``FuzzTimeoutError`` in the block if it runs longer than ``seconds``."""
+    def expired(signum: int, frame: FrameType | None) -> None:
+        raise FuzzTimeoutError(f"example took longer than {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def file_digest(path: Path) -> str:

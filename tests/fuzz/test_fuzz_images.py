@@ -40,13 +40,11 @@ subprocess one with N // 5); when ``CI`` is set the runs are derandomized.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
 import select
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -54,7 +52,6 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import pytest
@@ -63,7 +60,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: peers, also in the --worker child
-from fuzzfiles import file_digest
+from fuzzfiles import FuzzTimeoutError, file_digest, time_limit
 
 import peers
 from dirtybits.block.children import open_qcow2
@@ -652,24 +649,6 @@ def mutants(draw: st.DrawFn, bases: dict[str, Base], bomb: bool = False,
 
 
 # ============================================================================ the properties
-class FuzzTimeoutError(BaseException):
-    """An example ran past TIME_LIMIT (BaseException: no handler in the code swallows it)."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    def expired(signum: int, frame: FrameType | None) -> None:
-        raise FuzzTimeoutError(f"example took longer than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
 @dataclass(frozen=True)
 class KnownBug:
     """A bug of a module this file does not own, recognised by exception type and raise site.

@@ -29,16 +29,13 @@ ours than in QEMU's copy.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import struct
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import pytest
@@ -46,7 +43,7 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fuzzfiles import file_digest
+from fuzzfiles import FuzzTimeoutError, file_digest, time_limit
 
 from dirtybits.block.children import open_qcow2
 from dirtybits.errors import DirtybitsError
@@ -312,24 +309,6 @@ def mutants(draw: st.DrawFn, bases: dict[str, Base]) -> Mutant:
 
 
 # ============================================================================ consumers
-class FuzzTimeoutError(BaseException):
-    """An example ran past TIME_LIMIT."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    def expired(signum: int, frame: FrameType | None) -> None:
-        raise FuzzTimeoutError(f"took longer than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def answer(fn: Callable[[], object]) -> str:
     """"ok", or the DirtybitsError's class name; anything else propagates (a traceback)."""
     try:
