@@ -576,12 +576,10 @@ class Container:
                 f"(stored as '{full}'; names are unique per container)")
         gran = granularity or default_granularity(self.img.cluster_size)
         try:
+            self.store.check_new(full, gran)  # the store's own words, without a node prefix
             self.registry(drive_id).add(name, gran, persistent=True, disabled=disabled)
-        except ContainerError:
-            raise
-        except DirtybitsError as exc:  # the store's own words, without the node prefix
-            raise ContainerError(str(exc).split(": ", 1)[-1] if "persistent in" in str(exc)
-                                 else str(exc)) from exc
+        except DirtybitsError as exc:
+            raise ContainerError(str(exc)) from exc
         return full
 
     def _stored(self, drive_id: str, name: str) -> str:

@@ -215,7 +215,8 @@ class BlockNode:
         """A guest write (``compress``: stored compressed, see the driver; ``fua``: durable
         on return), recorded in every recording bitmap first."""
         with self._lock:
-            self._writable()
+            if self._inactive or self._corrupt is not None:
+                self._writable()  # raises why the node takes no writes
             reg = self.bitmaps
             try:
                 if reg.hooked and len(data) and self._in_range(offset, len(data)):
@@ -239,7 +240,8 @@ class BlockNode:
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False,
                      fua: bool = False) -> None:
         with self._lock:
-            self._writable()
+            if self._inactive or self._corrupt is not None:
+                self._writable()  # raises why the node takes no writes
             reg = self.bitmaps
             try:
                 if reg.hooked and length and self._in_range(offset, length):
@@ -256,7 +258,8 @@ class BlockNode:
 
     def discard(self, offset: int, length: int) -> None:
         with self._lock:
-            self._writable()
+            if self._inactive or self._corrupt is not None:
+                self._writable()  # raises why the node takes no writes
             reg = self.bitmaps
             try:
                 if reg.hooked and length and self._in_range(offset, length):
@@ -293,7 +296,8 @@ class BlockNode:
         what the store and the driver raise; a drive whose bitmaps live in a container is
         refused (resize the drive, then ``dirtybits container rebind``)."""
         with self._lock:
-            self._writable()
+            if self._inactive or self._corrupt is not None:
+                self._writable()  # raises why the node takes no writes
             store = self.store
             reg = self.bitmaps
             if store is None or not store.bitmaps or self.readonly:
