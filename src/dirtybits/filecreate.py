@@ -141,3 +141,20 @@ def _fill(fd: int, size: int, prealloc: str) -> None:
         what = {"full": "Could not write zeros for preallocation",
                 "falloc": "Could not preallocate new data"}.get(prealloc, "Could not resize file")
         raise ImageIOError(f"{what}: {exc.strerror}", errno=exc.errno) from exc
+
+
+def replace_text_file(path: str, text: str, mode: int = 0o644) -> None:
+    """Write a small text file (a pidfile) atomically: a reader sees the old one or the
+    whole new one, never half of it. Raises ``OSError``."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -124,6 +124,21 @@ async def storage_daemon(*args: Arg, binary: str = STORAGE_DAEMON,
         yield qsd
 
 
+@asynccontextmanager
+async def dirtybits_serve(*args: Arg, timeout: float = 10) -> AsyncIterator[Qemu]:
+    """``dirtybits serve --qmp unix:SOCK ARGS`` (``--blockdev ...``, ``--drive ...``), our
+    daemon, connected over QMP like the QEMU peers (its stderr, with ``--log-level info``,
+    in ``stderr``)."""
+    from . import DIRTYBITS
+
+    def command(sock: Path) -> list[str]:
+        return argv(*DIRTYBITS, "--log-level", "info", "serve", "--qmp", f"unix:{sock}",
+                    *args)
+
+    async with _with_qmp("dirtybits-serve", command, timeout) as d:
+        yield d
+
+
 def missing(binaries: Iterable[str] = (QEMU_SYSTEM, STORAGE_DAEMON)) -> list[str]:
     """Which of the QMP peers are not on PATH."""
     return [b for b in binaries if shutil.which(b) is None]

@@ -101,6 +101,7 @@ class BlockNode:
         self.path = driver.path
         self.readonly = driver.readonly
         self.cache = cache
+        self.unmap = True  # discards reach the image (QMP's discard=unmap); False: ignored
         self.node_name = node_name or os.path.basename(driver.path)
         self.policy = policy if policy is not None else CheckpointPolicy()
         self.owner = owner if owner is not None else default_owner()
@@ -257,6 +258,10 @@ class BlockNode:
                 raise
 
     def discard(self, offset: int, length: int) -> None:
+        """Discard a range; with ``unmap`` off (QEMU's ``discard=ignore``) nothing happens and
+        nothing is marked, as in QEMU."""
+        if not self.unmap:
+            return
         with self._lock:
             if self._inactive or self._corrupt is not None:
                 self._writable()  # raises why the node takes no writes

@@ -31,7 +31,8 @@ def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
                bitmaps: str = "auto", checkpoint: CheckpointPolicy | None = None,
                always_node: bool = False, force_share: bool = False,
                owner: BlockOwner | None = None, backing: BackingImage | None = None,
-               data_file: DataFile | None = None) -> ImageDriver:
+               data_file: DataFile | None = None,
+               node_name: str | None = None) -> ImageDriver:
     """Open ``path`` as ``fmt`` (probed when None) and return its driver.
 
     ``cache`` takes qemu's cache modes (``dirtybits.osfile.CACHE_MODES``): ``none`` and
@@ -47,6 +48,7 @@ def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
     A qcow2 image's children (``dirtybits.block.children``): the backing file and data file
     its header names, or ``backing`` / ``data_file`` handed in open (QMP's ``backing: NODE``,
     ``data-file: NODE``), which stay the caller's; ``open_backing=False`` opens no backing.
+    ``node_name`` names the node (default: the file's base name).
     """
     if bitmaps not in ("auto", "no"):
         raise UsageError(f"bitmaps must be 'auto' or 'no', not '{bitmaps}'")
@@ -78,7 +80,8 @@ def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
                 from dirtybits.block.write_intent import WriteIntentMap
 
                 intent = WriteIntentMap(img)
-            return _node(img, store, checkpoint, bitmaps == "auto", intent, cache, owner)
+            return _node(img, store, checkpoint, bitmaps == "auto", intent, cache, owner,
+                         node_name)
         except BaseException:
             img.close()
             raise
@@ -88,25 +91,27 @@ def open_image(path: str, fmt: str | None = None, *, readonly: bool = False,
         if backing is not None or data_file is not None:
             raise UsageError("a raw image has no backing file or data file")
         raw = RawImage(path, readonly=readonly, force_share=force_share, cache=cache)
-        return _node(raw, None, checkpoint, True, None, cache, owner) if always_node else raw
+        if not always_node:
+            return raw
+        return _node(raw, None, checkpoint, True, None, cache, owner, node_name)
     raise UsageError(f"Unknown file format '{fmt}'")
 
 
 def _node(driver: ImageDriver, store: Qcow2BitmapStore | None,
           policy: CheckpointPolicy | None, track: bool,
           intent: WriteIntentMap | None = None, cache: str = "writeback",
-          owner: BlockOwner | None = None) -> BlockNode:
+          owner: BlockOwner | None = None, node_name: str | None = None) -> BlockNode:
     from dirtybits.block.node import BlockNode
 
     return BlockNode(driver, store, policy=policy, track=track, intent=intent, cache=cache,
-                     owner=owner)
+                     owner=owner, node_name=node_name)
 
 
 def open_node(path: str, fmt: str | None = None, *, readonly: bool = False,
               bitmaps: str = "auto", checkpoint: CheckpointPolicy | None = None,
               cache: str = "writeback", open_backing: bool = True,
               bitmap_file: str | None = None, force_share: bool = False,
-              owner: BlockOwner | None = None) -> BlockNode:
+              owner: BlockOwner | None = None, node_name: str | None = None) -> BlockNode:
     """Open any image as a ``BlockNode`` (``dirtybits.open``'s work; see there)."""
     from dirtybits.block.node import BlockNode
 
@@ -119,7 +124,7 @@ def open_node(path: str, fmt: str | None = None, *, readonly: bool = False,
                           bitmaps=bitmaps, cache=cache, owner=owner)
     node = open_image(path, fmt, readonly=readonly, open_backing=open_backing, cache=cache,
                       bitmaps=bitmaps, checkpoint=checkpoint, always_node=True,
-                      force_share=force_share, owner=owner)
+                      force_share=force_share, owner=owner, node_name=node_name)
     assert isinstance(node, BlockNode)
     return node
 

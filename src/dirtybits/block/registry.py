@@ -28,6 +28,7 @@ owner (under the owner's lock, ``BitmapRegistry.lock``): a script calling
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import logging
@@ -781,41 +782,9 @@ class BitmapRegistry:
             self.checkpoint()
 
     # ------------------------------------------------------------------ transactions
-    @_owned
     def transaction(self, actions: Sequence[Action]) -> None:
-        """Run ``actions`` all or nothing: each is prepared in order; if one fails, those
-        prepared are aborted in reverse and the error is raised; else all commit, then one
-        checkpoint stores the result. A failed transaction that set in_use on a bitmap
-        (an action changed its bits before another failed) checkpoints too, so a refusal
-        leaves no bitmap in_use that was not before (a crash would lose it)."""
-        done: list[Action] = []
-        marked = set(self._marked)
-        self._tx_depth += 1
-        try:
-            try:
-                for act in actions:
-                    act.prepare()
-                    done.append(act)
-            except BaseException:
-                for act in reversed(done):
-                    try:
-                        act.abort()
-                    except Exception:
-                        log.exception("%s: aborting %s failed", self.node_name, act.name)
-                if self._tx_depth == 1 and not self.readonly and self._marked - marked:
-                    try:
-                        self.checkpoint()
-                    except DirtybitsError:
-                        log.exception("%s: checkpoint after a failed transaction failed",
-                                      self.node_name)
-                raise
-            for act in done:
-                act.commit()
-        finally:
-            self._tx_depth -= 1
-        self._changed()
-        if self._tx_depth == 0 and not self.readonly:
-            self.checkpoint()
+        """Run ``actions`` all or nothing (``transaction`` over this registry alone)."""
+        transaction([(self, act) for act in actions])
 
     def _run(self, action: Action) -> None:
         self.transaction([action])
@@ -1307,6 +1276,54 @@ class BitmapRegistry:
         return len(self.names())
 
 
+def transaction(steps: Sequence[tuple[BitmapRegistry, Action]]) -> None:
+    """Run actions of one or more registries all or nothing (QMP's ``transaction`` across
+    nodes): each is prepared in order; if one fails, those prepared are aborted in reverse
+    and the error is raised; else all commit, then one checkpoint per registry stores the
+    result. A failed transaction that set in_use on a bitmap (an action changed its bits
+    before another failed) checkpoints too, so a refusal leaves no bitmap in_use that was not
+    before (a crash would lose it). Runs under every registry's owner lock."""
+    regs: list[BitmapRegistry] = []
+    for reg, _ in steps:
+        if all(reg is not r for r in regs):
+            regs.append(reg)
+    with contextlib.ExitStack() as stack:
+        for reg in regs:
+            stack.enter_context(reg.lock)
+        marked = [set(reg._marked) for reg in regs]
+        done: list[Action] = []
+        for reg in regs:
+            reg._tx_depth += 1
+        try:
+            try:
+                for _, act in steps:
+                    act.prepare()
+                    done.append(act)
+            except BaseException:
+                for act in reversed(done):
+                    try:
+                        act.abort()
+                    except Exception:
+                        log.exception("aborting %s failed", act.name)
+                for reg, before in zip(regs, marked, strict=True):
+                    if reg._tx_depth == 1 and not reg.readonly and reg._marked - before:
+                        try:
+                            reg.checkpoint()
+                        except DirtybitsError:
+                            log.exception("%s: checkpoint after a failed transaction failed",
+                                          reg.node_name)
+                raise
+            for act in done:
+                act.commit()
+        finally:
+            for reg in regs:
+                reg._tx_depth -= 1
+        for reg in regs:
+            reg._changed()
+            if reg._tx_depth == 0 and not reg.readonly:
+                reg.checkpoint()
+
+
 __all__ = [
     "Action",
     "BitmapInfo",
@@ -1318,4 +1335,5 @@ __all__ = [
     "DiskState",
     "LiveBitmap",
     "StoreView",
+    "transaction",
 ]

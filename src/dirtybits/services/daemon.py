@@ -1,0 +1,271 @@
+"""``dirtybits serve``: a daemon shaped like qemu-storage-daemon, with QMP monitors.
+
+It owns one block thread (every node, registry and checkpoint lives there), one block graph,
+and an asyncio loop running the QMP monitors. Start-up builds the graph from the command
+line (``--blockdev``, ``--drive``, ``--dirty-bitmap``) before any socket accepts, so a
+client never sees a half-built graph; any failure there stops start-up with the reason and
+leaves nothing open. ``quit``, SIGTERM and SIGINT stop it the same way: monitors closed,
+every node closed (each checkpoints its bitmaps: clean on disk), the pidfile removed.
+
+``--daemonize`` forks before any thread exists; the parent returns only once the child's
+sockets accept (exit 0) or start-up failed (its reason on the parent's stderr, exit 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dirtybits.block.aio import AsyncBlockLayer
+from dirtybits.block.graph import BlockGraph
+from dirtybits.block.node import NodeEvent, NodeEventKind
+from dirtybits.block.owner import BlockOwner
+from dirtybits.errors import DirtybitsError
+from dirtybits.services.qmp.commands import Commands
+from dirtybits.services.qmp.server import QmpServer
+
+log = logging.getLogger(__name__)
+
+#: What query-version reports: the QEMU release whose QMP the daemon speaks.
+QEMU_VERSION = {"major": 7, "minor": 2, "micro": 0}
+
+
+def package() -> str:
+    from dirtybits import __version__
+
+    return f"dirtybits {__version__}"
+
+
+@dataclass(frozen=True)
+class Monitor:
+    path: str
+    mode: int = 0o600
+
+
+@dataclass
+class DaemonConfig:
+    blockdevs: list[dict[str, Any]] = field(default_factory=list)  # checked BlockdevOptions
+    drives: list[Any] = field(default_factory=list)  # serve_options.DriveOption
+    bitmaps: list[Any] = field(default_factory=list)  # serve_options.DirtyBitmapOption
+    monitors: list[Monitor] = field(default_factory=list)
+    pidfile: str | None = None
+
+
+class Daemon:
+    """One running daemon (``start`` then ``wait``; ``stop`` from anywhere on the loop)."""
+
+    def __init__(self, config: DaemonConfig, *,
+                 hmp_out: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.owner = BlockOwner("dirtybits-block")
+        self.layer = AsyncBlockLayer(self.owner)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.graph = BlockGraph(self.owner, on_event=self._node_event)
+        self.commands = Commands(self.layer, self.graph, version=QEMU_VERSION,
+                                 package=package(), quit=self._quit, hmp_out=hmp_out)
+        self.server = QmpServer(self.commands)
+        self._stopped = asyncio.Event()
+        self._pidfile_written = False
+
+    # ------------------------------------------------------------------ start / stop
+    async def start(self) -> None:
+        """Build the graph, then listen. Raises ``DirtybitsError`` (all closed again)."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self.layer.call(self._build)
+            for mon in self.config.monitors:
+                await self.server.listen_unix(mon.path, mon.mode)
+            if self.config.pidfile is not None:
+                write_pidfile(self.config.pidfile)
+                self._pidfile_written = True
+        except BaseException:
+            await self._teardown()
+            raise
+        log.info("ready: %d node(s), %d monitor(s)", len(self.graph.nodes),
+                 len(self.config.monitors))
+
+    def _build(self) -> None:
+        for opts in self.config.blockdevs:
+            self.graph.add(opts)
+
+    def stop(self) -> None:
+        """Ask the daemon to stop (idempotent)."""
+        self._stopped.set()
+
+    def _quit(self) -> None:
+        self.server.broadcast("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+        assert self._loop is not None
+        self._loop.call_soon(self.stop)
+
+    async def wait(self) -> None:
+        """Run until stopped, then close everything."""
+        await self._stopped.wait()
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        await self.server.close()
+        try:
+            await self.layer.call(self.graph.close)
+        finally:
+            self.owner.stop()
+            if self._pidfile_written and self.config.pidfile is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.config.pidfile)
+        log.info("stopped: every bitmap checkpointed")
+
+    # ------------------------------------------------------------------ events
+    def _node_event(self, event: NodeEvent) -> None:
+        """On the block thread: node events that QEMU reports become QMP events."""
+        if event.kind is not NodeEventKind.CORRUPTED or self._loop is None:
+            return
+        device = next((d for d, n in self.graph.devices.items() if n == event.node), "")
+        data = {"device": device, "node-name": event.node, "msg": event.message,
+                "fatal": event.fatal}
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self.server.broadcast, "BLOCK_IMAGE_CORRUPTED",
+                                            data)
+
+
+def write_pidfile(path: str) -> None:
+    """Write our pid to ``path`` (atomically: a reader never sees it half written)."""
+    from dirtybits.filecreate import replace_text_file
+
+    try:
+        replace_text_file(path, f"{os.getpid()}\n")
+    except OSError as exc:
+        raise DirtybitsError(f"cannot write the pidfile '{path}': {exc.strerror}") from exc
+
+
+async def _serve(config: DaemonConfig, ready: Callable[[str | None], None]) -> int:
+    daemon = Daemon(config)
+    try:
+        await daemon.start()
+    except DirtybitsError as exc:
+        ready(str(exc))
+        return 1
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop)
+    ready(None)
+    await daemon.wait()
+    return 0
+
+
+def run(config: DaemonConfig, *, daemonize: bool = False,
+        report: Callable[[str], None] | None = None) -> int:
+    """Run the daemon until it is stopped; its exit status. ``report`` gets a start-up
+    failure's text (default: stderr). With ``daemonize`` the caller's process returns once
+    the daemon is ready (0) or failed (1), and the daemon runs on in a child."""
+    say = report or (lambda text: print(text, file=sys.stderr))
+    if not daemonize:
+        def ready(err: str | None) -> None:
+            if err is not None:
+                say(err)
+
+        return asyncio.run(_serve(config, ready))
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as r:
+            msg = r.read()
+        if msg == b"ok":
+            return 0
+        say(msg.decode(errors="replace") or "the daemon died during start-up")
+        os.waitpid(pid, 0)
+        return 1
+    os.close(rfd)
+    os.setsid()
+    _detach_stdio()
+
+    def tell(err: str | None) -> None:
+        with contextlib.suppress(OSError):
+            os.write(wfd, b"ok" if err is None else err.encode())
+            os.close(wfd)
+
+    code = 1
+    try:
+        code = asyncio.run(_serve(config, tell))
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(wfd)
+        os._exit(code)
+
+
+def _detach_stdio() -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def configure(*, blockdevs: Sequence[str] = (), drives: Sequence[str] = (),
+              bitmaps: Sequence[str] = (), qmp: Sequence[str] = (),
+              pidfile: str | None = None) -> DaemonConfig:
+    """A daemon's configuration from its command-line option values (parsed and checked,
+    nothing opened). Raises ``UsageError`` (``QmpError`` for a bad ``--blockdev``, with
+    QEMU's text)."""
+    from dirtybits.errors import UsageError
+    from dirtybits.proto.qmp.core import QmpError
+
+    config = DaemonConfig(monitors=monitors(qmp), pidfile=pidfile)
+    for text in blockdevs:
+        try:
+            config.blockdevs.append(_blockdev(text))
+        except QmpError as exc:
+            raise UsageError(f"--blockdev: {exc.desc}") from exc
+    if drives or bitmaps:
+        raise UsageError("--drive and --dirty-bitmap: not in this build yet")
+    if not config.monitors:
+        log.warning("no --qmp monitor: the daemon can only be stopped by a signal")
+    return config
+
+
+def _blockdev(text: str) -> dict[str, Any]:
+    import json
+
+    from dirtybits.proto.qmp.core import QmpError
+
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise QmpError(f"JSON parse error: {exc}") from None
+    if not isinstance(obj, dict):
+        raise QmpError("--blockdev takes a JSON object") from None
+    return obj
+
+
+def monitors(specs: Sequence[str]) -> list[Monitor]:
+    """``--qmp unix:PATH[,mode=OCTAL]`` values. Raises ``UsageError``."""
+    from dirtybits.errors import UsageError
+
+    out = []
+    for spec in specs:
+        if not spec.startswith("unix:"):
+            raise UsageError(f"--qmp '{spec}': only unix:PATH sockets are supported")
+        path, _, rest = spec[5:].partition(",")
+        mode = 0o600
+        if rest:
+            key, _, value = rest.partition("=")
+            if key != "mode":
+                raise UsageError(f"--qmp '{spec}': unknown option '{key}'")
+            try:
+                mode = int(value, 8)
+            except ValueError:
+                raise UsageError(f"--qmp '{spec}': mode must be octal, like 0600") from None
+            if not 0 <= mode <= 0o777:
+                raise UsageError(f"--qmp '{spec}': mode must be between 0 and 0777")
+        if not path:
+            raise UsageError(f"--qmp '{spec}': a socket path is needed")
+        out.append(Monitor(path, mode))
+    return out
+
+
+__all__ = ["QEMU_VERSION", "Daemon", "DaemonConfig", "Monitor", "configure", "monitors", "run"]

@@ -1,0 +1,1 @@
+"""The QMP service: the asyncio server and the daemon's commands."""

@@ -1,0 +1,270 @@
+"""The daemon in process: its QMP monitors driven by ``qemu.qmp`` (the client QEMU's tests
+use), the block graph and the bitmap commands, judged by the registry's own state and by
+an oracle of the writes made through ``human-monitor-command qemu-io``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from qemu.qmp import ExecuteError, QMPClient
+
+import dirtybits
+from dirtybits.qcow2.image import Qcow2Image
+from dirtybits.services.daemon import Daemon, DaemonConfig, Monitor
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+
+MiB = 1 << 20
+
+
+def qcow2(path: Path, size: int = 64 * MiB) -> str:
+    Qcow2Image.create(str(path), size)
+    return str(path)
+
+
+def blockdev(name: str, path: str) -> dict[str, Any]:
+    return {"driver": "qcow2", "node-name": name, "file": {"driver": "file", "filename": path}}
+
+
+class Running:
+    def __init__(self, daemon: Daemon, sock: str, hmp: list[str]) -> None:
+        self.daemon = daemon
+        self.sock = sock
+        self.hmp = hmp
+        self.clients: list[QMPClient] = []
+
+    async def client(self) -> QMPClient:
+        c = QMPClient(f"t{len(self.clients)}")
+        await c.connect(self.sock)
+        self.clients.append(c)
+        return c
+
+
+@pytest_asyncio.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Running]:
+    sock = str(tmp_path / "qmp.sock")
+    img = qcow2(tmp_path / "a.qcow2")
+    hmp: list[str] = []
+    d = Daemon(DaemonConfig(blockdevs=[blockdev("n0", img)], monitors=[Monitor(sock)]),
+               hmp_out=hmp.append)
+    await d.start()
+    run = Running(d, sock, hmp)
+    waiter = asyncio.ensure_future(d.wait())
+    try:
+        yield run
+    finally:
+        for c in run.clients:
+            with contextlib.suppress(EOFError, ConnectionError):
+                await c.disconnect()
+        d.stop()
+        await asyncio.wait_for(waiter, 20)
+
+
+async def error_of(c: QMPClient, cmd: str, args: dict[str, Any] | None = None) -> tuple[str, str]:
+    with pytest.raises(ExecuteError) as ei:
+        await c.execute(cmd, args)
+    return ei.value.error_class, ei.value.error.error.desc
+
+
+async def io(c: QMPClient, node: str, cmd: str) -> None:
+    assert await c.execute("human-monitor-command",
+                           {"command-line": f'qemu-io {node} "{cmd}"'}) == ""
+
+
+async def test_socket_is_private_and_answers_version(served: Running) -> None:
+    assert stat.S_IMODE(os.stat(served.sock).st_mode) == 0o600
+    c = await served.client()
+    v = await c.execute("query-version")
+    assert v["qemu"] == {"major": 7, "minor": 2, "micro": 0}
+    names = {x["name"] for x in await c.execute("query-commands")}
+    assert {"blockdev-add", "block-dirty-bitmap-merge", "transaction",
+            "human-monitor-command", "block-dirty-bitmap-edit"} <= names
+    assert await error_of(c, "nope") == ("CommandNotFound", "The command nope has not been found")
+
+
+async def test_bitmap_commands_follow_the_writes(served: Running) -> None:
+    c = await served.client()
+    await c.execute("block-dirty-bitmap-add", {"node": "n0", "name": "a", "persistent": True})
+    await c.execute("block-dirty-bitmap-add", {"node": "n0", "name": "b", "disabled": True})
+    await io(c, "n0", "write 0 64k")
+    await io(c, "n0", "write 1M 4k")
+    assert "wrote 65536/65536 bytes at offset 0" in "".join(served.hmp)
+    nodes = await c.execute("query-named-block-nodes")
+    top = next(n for n in nodes if n["node-name"] == "n0")
+    bm = {b["name"]: b for b in top["dirty-bitmaps"]}
+    assert [b["name"] for b in top["dirty-bitmaps"]] == ["b", "a"]  # newest first
+    assert bm["a"]["count"] == 128 * 1024 and bm["a"]["persistent"]
+    assert bm["b"]["count"] == 0 and not bm["b"]["recording"]
+    assert bm["a"]["x-dirtybits"]["disk-state"] in ("open", "clean")
+    # merge, clear, enable, sha256 (the oracle: two clusters written)
+    await c.execute("block-dirty-bitmap-merge", {"node": "n0", "target": "b",
+                                                 "bitmaps": ["a", {"node": "n0", "name": "a"}]})
+    ha = await c.execute("x-debug-block-dirty-bitmap-sha256", {"node": "n0", "name": "a"})
+    hb = await c.execute("x-debug-block-dirty-bitmap-sha256", {"node": "n0", "name": "b"})
+    assert ha == hb
+    await c.execute("block-dirty-bitmap-clear", {"node": "n0", "name": "a"})
+    await c.execute("block-dirty-bitmap-enable", {"node": "n0", "name": "b"})
+    await io(c, "n0", "write 2M 512")
+    nodes = await c.execute("query-named-block-nodes", {"flat": True})
+    bm = {b["name"]: b for b in nodes[0]["dirty-bitmaps"]}
+    assert bm["a"]["count"] == 64 * 1024 and bm["b"]["count"] == 3 * 64 * 1024
+    await c.execute("block-dirty-bitmap-remove", {"node": "n0", "name": "b"})
+    assert await error_of(c, "block-dirty-bitmap-remove", {"node": "n0", "name": "b"}) == \
+        ("GenericError", "Dirty bitmap 'b' not found")
+    assert await error_of(c, "block-dirty-bitmap-clear", {"node": "zz", "name": "a"}) == \
+        ("GenericError", "Node 'zz' not found")
+    assert await error_of(c, "block-dirty-bitmap-add", {"node": "zz", "name": "a"}) == \
+        ("GenericError", "Cannot find device='zz' nor node-name='zz'")
+    assert await error_of(c, "block-dirty-bitmap-add", {"node": "n0", "name": "a"}) == \
+        ("GenericError", "Bitmap already exists: a")
+    err = await error_of(c, "block-dirty-bitmap-merge",
+                         {"node": "n0", "target": "a", "bitmaps": []})
+    assert "empty" in err[1]
+    assert await error_of(c, "block-dirty-bitmap-add", {"node": "n0"}) == \
+        ("GenericError", "Parameter 'name' is missing")
+    assert await error_of(c, "block-dirty-bitmap-add",
+                          {"node": "n0", "name": "q", "granularity": 1000}) == \
+        ("GenericError", "Granularity must be power of 2 and at least 512")
+
+
+async def test_transaction_is_all_or_nothing(served: Running) -> None:
+    c = await served.client()
+    await c.execute("block-dirty-bitmap-add", {"node": "n0", "name": "a", "persistent": True})
+    await io(c, "n0", "write 0 64k")
+    err = await error_of(c, "transaction", {"actions": [
+        {"type": "block-dirty-bitmap-add", "data": {"node": "n0", "name": "new"}},
+        {"type": "block-dirty-bitmap-clear", "data": {"node": "n0", "name": "a"}},
+        {"type": "block-dirty-bitmap-clear", "data": {"node": "n0", "name": "nope"}}]})
+    assert err == ("GenericError", "Dirty bitmap 'nope' not found")
+    nodes = await c.execute("query-named-block-nodes", {"flat": True})
+    bm = {b["name"]: b for b in nodes[0]["dirty-bitmaps"]}
+    assert set(bm) == {"a"} and bm["a"]["count"] == 64 * 1024
+    assert await error_of(c, "transaction", {"actions": [{"type": "bogus", "data": {}}]}) == \
+        ("GenericError", "Parameter 'type' does not accept value 'bogus'")
+    await c.execute("transaction", {"actions": [
+        {"type": "block-dirty-bitmap-add", "data": {"node": "n0", "name": "new"}},
+        {"type": "block-dirty-bitmap-clear", "data": {"node": "n0", "name": "a"}}]})
+    nodes = await c.execute("query-named-block-nodes", {"flat": True})
+    bm = {b["name"]: b for b in nodes[0]["dirty-bitmaps"]}
+    assert set(bm) == {"a", "new"} and bm["a"]["count"] == 0
+
+
+async def test_copy_edit_and_checkpoint(served: Running, tmp_path: Path) -> None:
+    c = await served.client()
+    await c.execute("block-dirty-bitmap-add", {"node": "n0", "name": "a", "persistent": True})
+    await io(c, "n0", "write 0 128k")
+    await c.execute("block-dirty-bitmap-copy", {"node": "n0", "name": "a", "new-name": "c"})
+    await c.execute("block-dirty-bitmap-edit", {"node": "n0", "name": "c", "new-name": "d",
+                                                "persistent": True, "granularity": 1 << 20})
+    err = await error_of(c, "block-dirty-bitmap-edit",
+                         {"node": "n0", "name": "d", "granularity": 65536})
+    assert "granularity can only grow" in err[1]
+    states = await c.execute("x-dirtybits-checkpoint")
+    (entry,) = states
+    bm = {b["name"]: b for b in entry["dirty-bitmaps"]}
+    assert bm["d"]["granularity"] == 1 << 20 and bm["d"]["count"] == 1 << 20
+    assert bm["d"]["persistent"] and bm["d"]["x-dirtybits"]["disk-state"] == "clean"
+    assert bm["a"]["x-dirtybits"]["disk-state"] == "clean"
+
+
+async def test_blockdev_add_and_del(served: Running, tmp_path: Path) -> None:
+    c = await served.client()
+    img = qcow2(tmp_path / "b.qcow2")
+    raw = tmp_path / "r.raw"
+    raw.write_bytes(b"\0" * MiB)
+    assert await error_of(c, "blockdev-add", blockdev("n0", img)) == \
+        ("GenericError", "Duplicate nodes with node-name='n0'")
+    await c.execute("blockdev-add", {"driver": "file", "node-name": "f1", "filename": str(raw)})
+    await c.execute("blockdev-add", {"driver": "raw", "node-name": "r1", "file": "f1"})
+    assert await error_of(c, "blockdev-add", {"driver": "raw", "node-name": "r2",
+                                              "file": "nope"}) == \
+        ("GenericError", "Cannot find device='nope' nor node-name='nope'")
+    err = await error_of(c, "blockdev-add", {"driver": "qcow2", "node-name": "x", "file": "f1"})
+    assert err[1] == "Node 'f1' is already the file of 'r1': two format nodes cannot share one file"
+    assert await error_of(c, "blockdev-add", {"driver": "qcow2", "node-name": "x", "file": {
+        "driver": "file", "filename": str(raw)}}) == \
+        ("GenericError", "Image is not in qcow2 format")
+    assert await error_of(c, "blockdev-add", {"driver": "file", "node-name": "x",
+                                              "filename": "/nonexistent/q"}) == \
+        ("GenericError", "Could not open '/nonexistent/q': No such file or directory")
+    assert await error_of(c, "blockdev-add", {"driver": "file", "node-name": "9x",
+                                              "filename": str(raw)}) == \
+        ("GenericError", "Invalid node-name: '9x'")
+    assert await error_of(c, "blockdev-add", {"driver": "file", "filename": str(raw)}) == \
+        ("GenericError", "'node-name' must be specified for the root node")
+    assert await error_of(c, "blockdev-del", {"node-name": "f1"}) == \
+        ("GenericError", "Block device f1 is in use")
+    assert await error_of(c, "blockdev-del", {"node-name": "zz"}) == \
+        ("GenericError", "Failed to find node with node-name='zz'")
+    await c.execute("block-dirty-bitmap-add", {"node": "r1", "name": "t"})
+    await io(c, "r1", "write 0 4k")
+    await c.execute("blockdev-del", {"node-name": "r1"})
+    await c.execute("blockdev-del", {"node-name": "f1"})
+    await c.execute("blockdev-add", blockdev("n1", img))
+    names = [n["node-name"] for n in await c.execute("query-named-block-nodes")]
+    assert names[0] == "n0" and names[2] == "n1" and all(n.startswith("#block")
+                                                         for n in names[1::2])
+    await c.execute("blockdev-del", {"node-name": "n1"})
+    assert len(await c.execute("query-named-block-nodes")) == 2
+
+
+async def test_hmp_answers_like_qemu(served: Running) -> None:
+    c = await served.client()
+    assert await c.execute("human-monitor-command",
+                           {"command-line": 'qemu-io zz "write 0 64k"'}) == \
+        "Error: Cannot find device='' nor node-name='zz'\r\n"
+    assert await c.execute("human-monitor-command", {"command-line": "foo"}) == \
+        "unknown command: 'foo'\r\n"
+    await io(c, "n0", "read -P 0 0 4k")
+    await io(c, "n0", "bogus")
+    assert 'command "bogus" not found' in "".join(served.hmp)
+
+
+async def test_monitors_are_independent(served: Running) -> None:
+    a = await served.client()
+    # a raw client that breaks the JSON and one that sends half a line, then the rest
+    r, w = await asyncio.open_unix_connection(served.sock)
+    assert b'"QMP"' in await r.readline()
+    w.write(b'{"execute": "qmp_capabilities"}\n{"execute": nope}\n{"execute": "query-')
+    await w.drain()
+    assert await r.readline() == b'{"return": {}}\r\n'
+    assert json.loads(await r.readline())["error"]["desc"] == \
+        "JSON parse error, invalid keyword 'nope'"
+    assert (await a.execute("query-version"))["qemu"]["major"] == 7
+    w.write(b'version"}\n')
+    await w.drain()
+    assert json.loads(await r.readline())["return"]["qemu"]["minor"] == 2
+    w.close()
+    assert (await a.execute("query-version"))["qemu"]["major"] == 7
+
+
+async def test_quit_stops_and_leaves_bitmaps_clean(tmp_path: Path) -> None:
+    sock = str(tmp_path / "q.sock")
+    img = qcow2(tmp_path / "a.qcow2")
+    d = Daemon(DaemonConfig(blockdevs=[blockdev("n0", img)], monitors=[Monitor(sock)]),
+               hmp_out=lambda text: None)
+    await d.start()
+    waiter = asyncio.ensure_future(d.wait())
+    c = QMPClient("q")
+    await c.connect(sock)
+    await c.execute("block-dirty-bitmap-add", {"node": "n0", "name": "a", "persistent": True})
+    await io(c, "n0", "write 0 64k")
+    events = c.events
+    await c.execute("quit")
+    ev = await asyncio.wait_for(events.get(), 5)
+    assert ev["event"] == "SHUTDOWN" and ev["data"]["reason"] == "host-qmp-quit"
+    await asyncio.wait_for(waiter, 20)
+    with contextlib.suppress(EOFError):
+        await c.disconnect()
+    with dirtybits.open(img, readonly=True) as node:
+        info = node.bitmaps.info("a")
+        assert info.disk_state.value == "clean" and info.count == 64 * 1024
