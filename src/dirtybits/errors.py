@@ -41,7 +41,17 @@ class UnsupportedFeatureError(ImageError):
 
 
 class CorruptImageError(ImageError):
-    """The image's metadata is inconsistent; writing would make it worse."""
+    """The image's metadata is inconsistent; writing would make it worse.
+
+    ``reason`` is the finding alone (QEMU's event text), ``offset``/``size`` the host range
+    of a refused write, when there was one."""
+
+    def __init__(self, *args: object, reason: str | None = None, offset: int | None = None,
+                 size: int | None = None) -> None:
+        super().__init__(*args)
+        self.reason = reason if reason is not None else (str(args[0]) if args else "")
+        self.offset = offset
+        self.size = size
 
 
 class ReadOnlyError(ImageError):

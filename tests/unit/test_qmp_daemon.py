@@ -268,3 +268,39 @@ async def test_quit_stops_and_leaves_bitmaps_clean(tmp_path: Path) -> None:
     with dirtybits.open(img, readonly=True) as node:
         info = node.bitmaps.info("a")
         assert info.disk_state.value == "clean" and info.count == 64 * 1024
+
+
+async def test_corruption_is_a_block_image_corrupted_event(tmp_path: Path) -> None:
+    """QEMU's event, with its text and the refused host range (as qemu-system-x86_64 7.2
+    sends it for the same image: an L2 entry pointing at the L1 table)."""
+    import struct
+
+    img = qcow2(tmp_path / "c.qcow2")
+    with dirtybits.open(img) as node:
+        node.write(0, b"x" * 65536)
+    with open(img, "r+b") as f:
+        hdr = f.read(104)
+        l1 = struct.unpack(">Q", hdr[40:48])[0]
+        f.seek(l1)
+        l2 = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+        f.seek(l2)
+        f.write(struct.pack(">Q", (1 << 63) | l1))
+    sock = str(tmp_path / "q.sock")
+    d = Daemon(DaemonConfig(blockdevs=[blockdev("n0", img)], monitors=[Monitor(sock)]),
+               hmp_out=lambda text: None)
+    await d.start()
+    waiter = asyncio.ensure_future(d.wait())
+    c = QMPClient("c")
+    await c.connect(sock)
+    try:
+        await io(c, "n0", "write 0 512")
+        ev = await asyncio.wait_for(c.events.get(), 5)
+        assert ev["event"] == "BLOCK_IMAGE_CORRUPTED"
+        assert ev["data"] == {"device": "", "node-name": "n0", "fatal": True, "offset": l1,
+                              "size": 512, "msg": "Preventing invalid write on metadata "
+                                                  "(overlaps with active L1 table)"}
+    finally:
+        with contextlib.suppress(EOFError, ConnectionError):
+            await c.disconnect()
+        d.stop()
+        await asyncio.wait_for(waiter, 20)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dirtybits.block.driver import ImageDriver
 from dirtybits.block.node import BlockNode, NodeEvent
 from dirtybits.block.owner import BlockOwner
 from dirtybits.errors import DirtybitsError
@@ -124,8 +125,11 @@ class BlockGraph:
             node.subscribe(self.on_event)
 
     # ------------------------------------------------------------------ blockdev-add
-    def add(self, opts: dict[str, Any], *, implicit: bool = False) -> str:
+    def add(self, opts: dict[str, Any], *, implicit: bool = False, bitmaps: str = "auto",
+            bitmap_file: str | None = None) -> str:
         """``blockdev-add`` with checked ``BlockdevOptions``; returns the node's name.
+        ``bitmaps="no"`` loads none of the image's bitmaps (``--drive bitmap=no``);
+        ``bitmap_file``: a raw node's bitmaps live in that container (``--drive``).
         Raises ``GraphError`` and what opening the image raises; nothing is left behind."""
         name = opts.get("node-name")
         if name is None:
@@ -167,7 +171,7 @@ class BlockGraph:
             self._take_file(fgn, name)
             gn.path = fgn.path
             gn.children["file"] = file_name
-            self._open_format(gn, opts, made)
+            self._open_format(gn, opts, made, bitmaps, bitmap_file)
         except BaseException:
             for child in reversed(made):
                 self._drop(child)
@@ -224,16 +228,27 @@ class BlockGraph:
             fgn.node.close()
             fgn.node = None
 
-    def _open_format(self, gn: GraphNode, opts: dict[str, Any], made: list[str]) -> None:
-        from dirtybits.block.open import open_image, probe_format
+    def _open_format(self, gn: GraphNode, opts: dict[str, Any], made: list[str],
+                     bitmaps: str, bitmap_file: str | None) -> None:
+        from dirtybits.block.open import open_image, open_node, probe_format
 
         ro, fs = gn.readonly, bool(gn.extra["force-share"])
+        node: BlockNode | ImageDriver
+        if bitmap_file is not None and gn.driver != "raw":
+            raise GraphError(f"'{gn.name}' is {gn.driver}: it keeps its bitmaps in its own "
+                             "image; a bitmap container is for raw drives")
         if gn.driver == "raw":
             for key in ("offset", "size"):
                 if key in opts:
                     raise GraphError(f"raw '{key}' is not supported by dirtybits")
-            node = open_image(gn.path, "raw", readonly=ro, cache=gn.cache, always_node=True,
-                              force_share=fs, owner=self.owner, node_name=gn.name)
+            if bitmap_file is not None:
+                node = open_node(gn.path, "raw", readonly=ro, cache=gn.cache, owner=self.owner,
+                                 bitmap_file=bitmap_file, bitmaps=bitmaps, node_name=gn.name)
+                gn.extra["bitmap-file"] = bitmap_file
+            else:
+                node = open_image(gn.path, "raw", readonly=ro, cache=gn.cache,
+                                  always_node=True, force_share=fs, owner=self.owner,
+                                  node_name=gn.name)
         else:
             try:
                 fmt = probe_format(gn.path, writable=not ro)
@@ -263,7 +278,7 @@ class BlockGraph:
             node = open_image(gn.path, "qcow2", readonly=ro, cache=gn.cache, always_node=True,
                               force_share=fs, owner=self.owner, backing=backing,  # type: ignore[arg-type]
                               data_file=gn.data_file, open_backing=open_backing,
-                              node_name=gn.name)
+                              node_name=gn.name, bitmaps=bitmaps)
         assert isinstance(node, BlockNode)
         node.unmap = gn.discard == "unmap"
         gn.node = node

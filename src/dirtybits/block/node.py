@@ -57,6 +57,8 @@ class NodeEvent:
     message: str
     bitmap: str | None = None
     fatal: bool = False
+    offset: int | None = None  # CORRUPTED: the host range of the refused write, if any
+    size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -183,8 +185,8 @@ class BlockNode:
             self._corrupt = str(exc)
             self.readonly = True
             log.error("%s: image corrupt, the node is read-only now: %s", self.node_name, exc)
-            self._emit(NodeEvent(NodeEventKind.CORRUPTED, self.node_name, str(exc),
-                                 fatal=True))
+            self._emit(NodeEvent(NodeEventKind.CORRUPTED, self.node_name, exc.reason,
+                                 fatal=True, offset=exc.offset, size=exc.size))
 
     # ------------------------------------------------------------------ I/O
     def _in_range(self, offset: int, length: int) -> bool:

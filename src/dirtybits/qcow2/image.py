@@ -750,7 +750,8 @@ class Qcow2Image:
             have = self._meta.get(c)
             if have is not None and have != role:
                 self._signal_corruption(
-                    f"Preventing invalid write on metadata (overlaps with {have})")
+                    f"Preventing invalid write on metadata (overlaps with {have})",
+                    offset, len(data))
         if dsync:
             self._pwrite_dsync(offset, data)
         else:
@@ -801,7 +802,8 @@ class Qcow2Image:
         if is_main and offset > self._file_end:
             self._file_end = offset
 
-    def _signal_corruption(self, reason: str) -> None:
+    def _signal_corruption(self, reason: str, offset: int | None = None,
+                           size: int | None = None) -> None:
         """Mark the image corrupt (QEMU's qcow2_signal_corruption) and refuse the write."""
         msg = f"{reason}; image marked as corrupt"
         if not self.readonly and self._corrupt_reason is None:
@@ -818,7 +820,7 @@ class Qcow2Image:
                 except OSError:
                     pass
             self.readonly = True
-        raise CorruptImageError(f"{self.path}: {msg}")
+        raise CorruptImageError(f"{self.path}: {msg}", reason=reason, offset=offset, size=size)
 
     # ------------------------------------------------------------------ refcounts
     def _refblock(self, rt_index: int, *, create: bool, cluster: int = -1) -> bytearray | None:
@@ -1562,7 +1564,8 @@ class Qcow2Image:
                 for c in range(host >> cb, ((host + len(chunk) - 1) >> cb) + 1):
                     if c in meta:
                         self._signal_corruption(
-                            f"Preventing invalid write on metadata (overlaps with {meta[c]})")
+                            f"Preventing invalid write on metadata (overlaps with {meta[c]})",
+                            host, len(chunk))
         self._pwrite(self._data_fd, host, chunk)
 
     def _write_allocating(self, tbl: bytearray, offset: int, pos: int, stop: int,

@@ -126,8 +126,10 @@ class Daemon:
         if event.kind is not NodeEventKind.CORRUPTED or self._loop is None:
             return
         device = next((d for d, n in self.graph.devices.items() if n == event.node), "")
-        data = {"device": device, "node-name": event.node, "msg": event.message,
-                "fatal": event.fatal}
+        data: dict[str, Any] = {"device": device, "node-name": event.node,
+                                "msg": event.message, "fatal": event.fatal}
+        if event.offset is not None and event.size is not None:
+            data["offset"], data["size"] = event.offset, event.size
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self.server.broadcast, "BLOCK_IMAGE_CORRUPTED",
                                             data)
@@ -189,6 +191,10 @@ def run(config: DaemonConfig, *, daemonize: bool = False,
         with contextlib.suppress(OSError):
             os.write(wfd, b"ok" if err is None else err.encode())
             os.close(wfd)
+        if err is None:  # started: let go of the caller's stderr too, as QEMU does
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 2)
+            os.close(null)
 
     code = 1
     try:
