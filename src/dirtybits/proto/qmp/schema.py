@@ -403,7 +403,7 @@ class _Visitor:
             self.members(prefix, t.members, obj, out, visited)
         else:
             self.members(prefix, t.base, obj, out, visited)
-            variant = t.variants.get(out[t.discriminator])
+            variant = t.variants.get(out.get(t.discriminator, ""))
             if variant is not None:
                 self.members(prefix, variant.members, obj, out, visited)
         if len(visited) < len(obj):
