@@ -132,4 +132,4 @@ def test_start_up_failure_says_why_and_leaves_nothing(tmp_path: Path, daemonize:
     done = peers.db("serve", "--qmp", "tcp:1234", ok=(1,))
     assert "only unix:PATH" in done.stderr
     done = peers.db("serve", "--blockdev", "{bad", ok=(1,))
-    assert done.stderr.startswith("dirtybits serve: --blockdev: ")
+    assert done.stderr.startswith("dirtybits serve: --blockdev {bad: JSON parse error")

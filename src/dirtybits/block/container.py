@@ -53,6 +53,7 @@ are stored relative to the container's directory, as qcow2 stores its file names
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat
 import struct
@@ -64,6 +65,8 @@ from typing import TYPE_CHECKING
 from dirtybits.block.node import BlockNode
 from dirtybits.block.qcow2_bitmaps import default_granularity
 from dirtybits.errors import DirtybitsError, ImageError, UsageError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
@@ -741,6 +744,32 @@ def open_drive(container_path: str, raw_path: str, *, readonly: bool = False,
         raise
 
 
+def ensure_drive(container_path: str, raw_path: str, drive_id: str, *,
+                 create: bool) -> DriveRecord:
+    """The record of ``raw_path`` in the container; with ``create`` the container is made
+    when missing and the drive attached as ``drive_id`` when it is not yet. Uses the
+    container this process has open already, if any (drives opened side by side). Raises
+    ``ContainerError`` (and ``NotAContainerError``) saying what is missing."""
+    if not os.path.exists(container_path):
+        if not create:
+            raise ContainerError(f"the bitmap file '{container_path}' does not exist "
+                                 "(create=on makes it)")
+        Container.create(container_path)
+        log.info("created bitmap container %s", container_path)
+    container = _share_container(container_path, False)
+    try:
+        try:
+            return container.find_drive(raw_path)
+        except ContainerError:
+            if not create:
+                raise
+        rec = container.attach(raw_path, drive_id)
+        log.info("attached %s to %s as '%s'", raw_path, container_path, rec.id)
+        return rec
+    finally:
+        _release_container(container)
+
+
 # Containers open in this process, by file identity: two drives of one container opened with
 # ``open_drive`` share one open container (a second open would fail on its write lock).
 _OPEN: dict[tuple[int, int], Container] = {}
@@ -793,6 +822,7 @@ __all__ = [
     "DriveTable",
     "NotAContainerError",
     "bitmap_name",
+    "ensure_drive",
     "open_drive",
     "split_name",
 ]

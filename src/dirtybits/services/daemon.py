@@ -30,6 +30,7 @@ from dirtybits.block.owner import BlockOwner
 from dirtybits.errors import DirtybitsError
 from dirtybits.services.qmp.commands import Commands
 from dirtybits.services.qmp.server import QmpServer
+from dirtybits.services.serve_options import ServeOptions
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,7 @@ class Monitor:
 @dataclass
 class DaemonConfig:
     blockdevs: list[dict[str, Any]] = field(default_factory=list)  # checked BlockdevOptions
-    drives: list[Any] = field(default_factory=list)  # serve_options.DriveOption
-    bitmaps: list[Any] = field(default_factory=list)  # serve_options.DirtyBitmapOption
+    drives: ServeOptions = field(default_factory=lambda: ServeOptions((), ()))
     monitors: list[Monitor] = field(default_factory=list)
     pidfile: str | None = None
 
@@ -94,6 +94,10 @@ class Daemon:
     def _build(self) -> None:
         for opts in self.config.blockdevs:
             self.graph.add(opts)
+        if self.config.drives.drives:
+            from dirtybits.services.drives import open_drives
+
+            open_drives(self.graph, self.config.drives)
 
     def stop(self) -> None:
         """Ask the daemon to stop (idempotent)."""
@@ -226,26 +230,25 @@ def configure(*, blockdevs: Sequence[str] = (), drives: Sequence[str] = (),
         try:
             config.blockdevs.append(_blockdev(text))
         except QmpError as exc:
-            raise UsageError(f"--blockdev: {exc.desc}") from exc
+            raise UsageError(f"--blockdev {text}: {exc.desc}") from exc
     if drives or bitmaps:
-        raise UsageError("--drive and --dirty-bitmap: not in this build yet")
+        from dirtybits.services.serve_options import (
+            parse_dirty_bitmap,
+            parse_drive,
+            resolve,
+        )
+
+        config.drives = resolve([*(parse_drive(t) for t in drives),
+                                 *(parse_dirty_bitmap(t) for t in bitmaps)])
     if not config.monitors:
         log.warning("no --qmp monitor: the daemon can only be stopped by a signal")
     return config
 
 
 def _blockdev(text: str) -> dict[str, Any]:
-    import json
+    from dirtybits.proto.keyval import parse_blockdev
 
-    from dirtybits.proto.qmp.core import QmpError
-
-    try:
-        obj = json.loads(text)
-    except ValueError as exc:
-        raise QmpError(f"JSON parse error: {exc}") from None
-    if not isinstance(obj, dict):
-        raise QmpError("--blockdev takes a JSON object") from None
-    return obj
+    return parse_blockdev(text)
 
 
 def monitors(specs: Sequence[str]) -> list[Monitor]:

@@ -165,7 +165,9 @@ class Commands:
 
     # ------------------------------------------------------------------ nodes
     async def blockdev_add(self, args: dict[str, Any]) -> Any:
-        opts = _blockdev_options(args)
+        from dirtybits.proto.qmp.blockdev import blockdev_options
+
+        opts = blockdev_options(args)
         await self.layer.call(self.graph.add, opts)
         return {}
 
@@ -400,15 +402,6 @@ class Commands:
         if text:
             self._hmp_out(text)
         return ""
-
-
-def _blockdev_options(args: dict[str, Any]) -> dict[str, Any]:
-    """``BlockdevOptions`` checked (the first checks; the full schema is being written)."""
-    if "driver" not in args:
-        raise QmpError("Parameter 'driver' is missing")
-    if args["driver"] not in ("file", "raw", "qcow2"):
-        raise QmpError(f"Parameter 'driver' does not accept value '{args['driver']}'")
-    return args
 
 
 def edit_bitmap(reg: BitmapRegistry, name: str, *, new_name: str | None = None,
