@@ -31,7 +31,8 @@ from dirtybits.errors import DirtybitsError
 
 log = logging.getLogger(__name__)
 
-_NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}\Z")  # QEMU's id_wellformed
+_NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")  # QEMU's id_wellformed
+MAX_NODE_NAME = 31  # bytes (QEMU's node_name[32], NUL included)
 _auto_names = itertools.count(1)
 
 
@@ -140,8 +141,12 @@ class BlockGraph:
                 name = f"#block{next(_auto_names):03d}"
         elif not _NODE_NAME.match(name):
             raise GraphError(f"Invalid node-name: '{name}'")
-        if name in self.nodes or name in self.devices:
+        if name in self.devices:
+            raise GraphError(f"node-name={name} is conflicting with a device id")
+        if name in self.nodes:
             raise GraphError(f"Duplicate nodes with node-name='{name}'")
+        if len(name.encode()) > MAX_NODE_NAME:
+            raise GraphError("Node name too long")
         driver = opts["driver"]
         cache = opts.get("cache", {})
         direct, no_flush = bool(cache.get("direct", False)), bool(cache.get("no-flush", False))
@@ -163,7 +168,8 @@ class BlockGraph:
             return name
         made: list[str] = []  # implicit children made here, removed if the open fails
         try:
-            file_name = self._child(opts["file"], made, "file", readonly)
+            file_name = self._child(opts["file"], made, "file", readonly,
+                                    {"direct": direct, "no-flush": no_flush})
             fgn = self.nodes[file_name]
             if fgn.driver != "file":
                 raise GraphError(f"the 'file' child of '{name}' must be a 'file' node, not "
@@ -183,10 +189,10 @@ class BlockGraph:
             if gn.data_file is not None:
                 gn.data_file.close()
             raise
-        # listed as QEMU lists them: a node before the children made for it
+        # listed as QEMU lists them: the newest first, a node before the children made for it
         order = [n for n in self.nodes if n not in made]
         self.nodes[name] = gn
-        self.nodes = {n: self.nodes[n] for n in (*order, name, *made)}
+        self.nodes = {n: self.nodes[n] for n in (name, *made, *order)}
         for child in gn.children.values():
             self.nodes[child].parents[name] = "child"
         log.info("blockdev-add %s: %s over %s", name, driver, gn.path)
@@ -202,7 +208,7 @@ class BlockGraph:
             raise GraphError(f"'{path}' is not a regular file or block device")
 
     def _child(self, ref: str | dict[str, Any], made: list[str], role: str,
-               readonly: bool) -> str:
+               readonly: bool, inherit: dict[str, Any] | None = None) -> str:
         """A child reference (a node name, or inline options added as an implicit node)."""
         if isinstance(ref, str):
             self.lookup(ref)
@@ -210,6 +216,8 @@ class BlockGraph:
         opts = dict(ref)
         if readonly and "read-only" not in opts:
             opts["read-only"] = True
+        if inherit is not None:  # QEMU's bdrv_inherited_options: the parent's cache
+            opts["cache"] = {**inherit, **opts.get("cache", {})}
         child = self.add(opts, implicit=True)
         if "node-name" not in ref:
             self.nodes[child].implicit = True
@@ -371,7 +379,8 @@ class BlockGraph:
         except OSError as exc:
             raise _open_error(gn.path, exc) from None
         if gn.driver == "file":
-            return {"virtual-size": st.st_size, "filename": gn.path, "format": "file",
+            return {"virtual-size": -(-st.st_size // 512) * 512, "filename": gn.path,
+                    "format": "file",
                     "actual-size": st.st_blocks * 512, "dirty-flag": False}
         info = dict(image_info(gn.path, gn.driver))
         if gn.node is not None:

@@ -857,8 +857,7 @@ class BitmapRegistry:
     def _check_persistable(self, name: str, granularity: int) -> str:
         if self.view is None:
             raise BitmapOperationError(
-                f"Can't make bitmap '{name}' persistent in '{self.node_name}': Operation not "
-                "supported")
+                f"Can't store persistent bitmaps to {self.node_name}: Operation not supported")
         if self.readonly:
             raise BitmapOperationError(
                 f"Can't make bitmap '{name}' persistent in '{self.node_name}': the node is "
@@ -1276,16 +1275,17 @@ class BitmapRegistry:
         return len(self.names())
 
 
-def transaction(steps: Sequence[tuple[BitmapRegistry, Action]]) -> None:
+def transaction(steps: Sequence[tuple[BitmapRegistry | None, Action]]) -> None:
     """Run actions of one or more registries all or nothing (QMP's ``transaction`` across
     nodes): each is prepared in order; if one fails, those prepared are aborted in reverse
     and the error is raised; else all commit, then one checkpoint per registry stores the
     result. A failed transaction that set in_use on a bitmap (an action changed its bits
     before another failed) checkpoints too, so a refusal leaves no bitmap in_use that was not
-    before (a crash would lose it). Runs under every registry's owner lock."""
+    before (a crash would lose it). Runs under every registry's owner lock. A step without
+    a registry belongs to none (an action that only refuses, say)."""
     regs: list[BitmapRegistry] = []
     for reg, _ in steps:
-        if all(reg is not r for r in regs):
+        if reg is not None and all(reg is not r for r in regs):
             regs.append(reg)
     with contextlib.ExitStack() as stack:
         for reg in regs:

@@ -60,6 +60,22 @@ class CommandOutput:
     quit: bool
 
 
+@dataclass(frozen=True)
+class MonitorOutput:
+    """One command line as QEMU's HMP ``qemu-io`` splits its output: what qemu-io prints
+    (``stdout``), what it writes to stderr (``stderr``: unknown commands, argument counts),
+    and its ``error_report`` messages, which in a monitor go to the monitor's reply
+    (``reply``, without the program prefix)."""
+
+    stdout: str
+    stderr: str
+    reply: str
+
+
+#: qemu-io commands that exist only in the qemu-io program, not in HMP's ``qemu-io``.
+NOT_IN_MONITOR = frozenset({"open", "close", "quit"})
+
+
 class Executor:
     """Runs qemu-io command lines against one open driver, printing qemu-io's output on
     ``out`` and ``err``. Synchronous: it belongs to the thread that owns the driver."""
@@ -75,6 +91,7 @@ class Executor:
         self._readonly = driver.readonly
         self._patterns: dict[tuple[int, int], bytes] = {}
         self._pattern_cache_bytes = 0
+        self._report: TextIO | None = None  # error_report's sink in a monitor
         self._read_buf = bytearray()  # reused by reads: no fresh pages to fault in per read
         self._handlers: dict[type, Callable[[Any], bool]] = {
             syn.Read: self._read,
@@ -109,6 +126,24 @@ class Executor:
             self.failed = failed or self.failed
             self.out, self.err = out, err
 
+    def execute_in_monitor(self, line: str) -> MonitorOutput:
+        """Run one command line as HMP's ``qemu-io`` runs it (``MonitorOutput``): without
+        the program-only commands, ``aio_flush`` a no-op (nothing is ever in flight here)."""
+        out, err, rep = io.StringIO(), io.StringIO(), io.StringIO()
+        saved = self.out, self.err, self.failed, self._report
+        self.out, self.err, self._report = out, err, rep
+        try:
+            words = line.split(None, 1)
+            name = words[0] if words else ""
+            if name in NOT_IN_MONITOR:
+                self._stderr(f'command "{name}" not found')
+            elif name != "aio_flush":
+                self.run_line(line)
+            return MonitorOutput(out.getvalue(), err.getvalue(), rep.getvalue())
+        finally:
+            self.out, self.err, failed, self._report = saved[0], saved[1], saved[2], saved[3]
+            self.failed = failed or self.failed
+
     def run_line(self, line: str) -> bool:
         """Run one command line; False once ``quit`` says to stop."""
         log.debug("%s: %s", self.prog, line)
@@ -116,7 +151,9 @@ class Executor:
             cmd = syn.parse_command(line, readonly=self._readonly, warn=self._warn)
         except syn.CommandError as exc:
             self.failed = True
-            if exc.stderr:
+            if exc.prefixed and self._report is not None:
+                self._report.write(exc.message + "\n")
+            elif exc.stderr:
                 self._stderr(f"{self.prog}: {exc.message}" if exc.prefixed else exc.message)
             else:
                 self.out.write(exc.message + "\n")

@@ -18,7 +18,6 @@ The seed's additions (QEMU clients never send them, so nothing changes for them)
 from __future__ import annotations
 
 import logging
-import shlex
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,15 +28,16 @@ from dirtybits.block.registry import Action, BitmapRegistry, transaction
 from dirtybits.errors import DirtybitsError
 from dirtybits.proto.qmp.core import ErrorClass, QmpError
 from dirtybits.proto.qmp.schema import (
-    ANY,
     BOOL,
     INT,
     STR,
     UINT32,
     Alternate,
+    Enum,
     List,
     Member,
     Struct,
+    Union,
     check,
     command,
 )
@@ -66,6 +66,7 @@ BITMAP_EDIT = command("block-dirty-bitmap-edit", Member("node", STR), Member("na
                       Member("new-name", STR, True), Member("persistent", BOOL, True),
                       Member("auto", BOOL, True), Member("granularity", UINT32, True))
 TRANSACTION_ACTIONS = {
+    "abort": Struct("Abort", ()),
     "block-dirty-bitmap-add": BITMAP_ADD,
     "block-dirty-bitmap-remove": BLOCK_DIRTY_BITMAP,
     "block-dirty-bitmap-clear": BLOCK_DIRTY_BITMAP,
@@ -73,7 +74,19 @@ TRANSACTION_ACTIONS = {
     "block-dirty-bitmap-disable": BLOCK_DIRTY_BITMAP,
     "block-dirty-bitmap-merge": BITMAP_MERGE,
 }
-COMPLETION_MODES = ("individual", "grouped")
+#: QEMU's other actions (jobs and snapshots): refused with a text that says so.
+LATER_ACTIONS = ("blockdev-backup", "blockdev-snapshot", "blockdev-snapshot-internal-sync",
+                 "blockdev-snapshot-sync", "drive-backup")
+TRANSACTION_ACTION = Union(
+    "TransactionAction", (Member("type", Enum("TransactionActionKind", tuple(
+        TRANSACTION_ACTIONS))),), "type",
+    {kind: Struct(f"{kind}-wrapper", (Member("data", spec),))
+     for kind, spec in TRANSACTION_ACTIONS.items()})
+TRANSACTION = command(
+    "transaction", Member("actions", List(TRANSACTION_ACTION)),
+    Member("properties", Struct("TransactionProperties", (
+        Member("completion-mode", Enum("ActionCompletionMode", ("individual", "grouped")),
+               True),)), True))
 
 
 @dataclass(frozen=True)
@@ -95,14 +108,15 @@ class Commands:
 
     def __init__(self, layer: AsyncBlockLayer, graph: BlockGraph, *,
                  version: dict[str, int], package: str,
-                 quit: Callable[[], None], hmp_out: Callable[[str], None] | None = None
-                 ) -> None:
+                 quit: Callable[[], None], hmp_out: Callable[[str], None] | None = None,
+                 hmp_err: Callable[[str], None] | None = None) -> None:
         self.layer = layer
         self.graph = graph
         self.version = version
         self.package = package
         self._quit = quit
         self._hmp_out = hmp_out or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+        self._hmp_err = hmp_err or (lambda text: (sys.stderr.write(text), sys.stderr.flush()))
         self._executors: dict[str, Executor] = {}
         self.table: dict[str, Spec] = {}
         no_args = Struct("none", ())
@@ -128,8 +142,7 @@ class Commands:
             ("block-dirty-bitmap-edit", BITMAP_EDIT, self.bitmap_edit),
             ("x-dirtybits-checkpoint",
              command("x-dirtybits-checkpoint", Member("node", STR, True)), self.checkpoint),
-            ("transaction", command("transaction", Member("actions", List(ANY)),
-                                    Member("properties", ANY, True)), self.transaction),
+            ("transaction", TRANSACTION, self.transaction),
             ("human-monitor-command",
              command("human-monitor-command", Member("command-line", STR),
                      Member("cpu-index", INT, True)), self.human_monitor_command),
@@ -323,65 +336,58 @@ class Commands:
 
     # ------------------------------------------------------------------ transaction
     async def transaction(self, args: dict[str, Any]) -> Any:
-        steps: list[tuple[str, dict[str, Any]]] = []
-        for i, item in enumerate(args["actions"]):
-            path = f"actions[{i}]"
-            if not isinstance(item, dict):
-                raise QmpError(f"Invalid parameter type for '{path}', expected: object")
-            if "type" not in item:
-                raise QmpError("Parameter 'type' is missing")
-            kind = item["type"]
-            if not isinstance(kind, str):
-                raise QmpError("Invalid parameter type for 'type', expected: string")
-            spec = TRANSACTION_ACTIONS.get(kind)
-            if spec is None:
-                raise QmpError(f"Parameter 'type' does not accept value '{kind}'")
-            if "data" not in item:
-                raise QmpError("Parameter 'data' is missing")
-            for key in item:
-                if key not in ("type", "data"):
-                    raise QmpError(f"Parameter '{key}' is unexpected")
-            data = item["data"]
-            if not isinstance(data, dict):
-                raise QmpError("Invalid parameter type for 'data', expected: object")
-            steps.append((kind, check(data, spec)))
-        props = args.get("properties", {})
-        if not isinstance(props, dict):
-            raise QmpError("Invalid parameter type for 'properties', expected: object")
-        for key, value in props.items():
-            if key != "completion-mode":
-                raise QmpError(f"Parameter '{key}' is unexpected")
-            if value not in COMPLETION_MODES:
-                raise QmpError(f"Parameter 'completion-mode' does not accept value '{value}'")
+        """All or nothing, across nodes; each action is looked up and prepared in order, so
+        the first failure is the one QEMU reports."""
+        for item in args["actions"]:
+            if item["type"] in LATER_ACTIONS:  # pragma: no cover - not in the enum yet
+                raise QmpError(f"transaction action '{item['type']}' is not supported yet")
+        grouped = args.get("properties", {}).get("completion-mode") == "grouped"
+
+        def step(kind: str, data: dict[str, Any]) -> tuple[BitmapRegistry | None, Action]:
+            def refuse(exc: BaseException) -> tuple[None, Action]:
+                def prepare() -> None:
+                    raise exc
+                return None, Action(kind, prepare)
+
+            if kind == "abort":
+                return refuse(QmpError("Transaction aborted using Abort action"))
+            if grouped:
+                return refuse(QmpError(f"Action '{kind}' does not support Transaction "
+                                       "property completion-mode = grouped"))
+            try:
+                return self._action(kind, data)
+            except DirtybitsError as exc:
+                return refuse(exc)
 
         def run() -> None:
-            made = [self._action(kind, data) for kind, data in steps]
-            transaction(made)
+            transaction([step(item["type"], item["data"]) for item in args["actions"]])
 
         await self.layer.call(run)
         return {}
 
     # ------------------------------------------------------------------ HMP
     async def human_monitor_command(self, args: dict[str, Any]) -> Any:
-        """HMP: ``qemu-io [-d] NODE "CMD"`` (output on the daemon's stdout, as QEMU prints
-        it; the return is empty), anything else answered as QEMU's monitor answers it."""
-        line = args["command-line"].strip()
-        try:
-            words = shlex.split(line)
-        except ValueError as exc:
-            return f"Error: {exc}\r\n"
+        """HMP: ``qemu-io [-d] NODE "CMD"`` as QEMU's monitor runs it: qemu-io's output on
+        the daemon's stdout and stderr, its ``error_report`` messages (and the monitor's own
+        complaints) as the reply; anything else answered as QEMU's monitor answers it."""
+        from dirtybits.proto.qmp.hmp import HmpError, parse_qemu_io
+
+        line = args["command-line"]
+        words = line.split(None, 1)
         if not words:
             return ""
         if words[0] != "qemu-io":
             return f"unknown command: '{words[0]}'\r\n"
-        rest = words[1:]
-        if rest and rest[0] == "-d":
-            rest = rest[1:]
-        if len(rest) != 2:
-            return "Error: qemu-io needs a node and a command: qemu-io [-d] NODE \"CMD\"\r\n"
-        name, cmdline = rest
+        try:
+            qdev, name, cmdline = parse_qemu_io(words[1] if len(words) > 1 else "")
+        except HmpError as exc:
+            if exc.printed:
+                self._hmp_out(exc.printed + "\n")
+            return _monitor_text(f"{exc}\nTry \"help qemu-io\" for more information\n")
+        if qdev:  # -d names a guest device; a daemon has none
+            return f"Error: Device '{name}' not found\r\n"
 
-        def run() -> str:
+        def run() -> tuple[str, str, str]:
             from dirtybits.services.qemu_io import Executor
 
             key = self.graph.devices.get(name, name)
@@ -391,17 +397,25 @@ class Commands:
             node = self.graph.open_node(gn)
             ex = self._executors.get(key)
             if ex is None or ex.driver is not node:
-                ex = Executor(node, sys.stdout, sys.stdout, prog="qemu-io")
+                ex = Executor(node, sys.stdout, sys.stderr, prog="qemu-io")
                 self._executors[key] = ex
-            return ex.execute(cmdline).text
+            out = ex.execute_in_monitor(cmdline)
+            return out.stdout, out.stderr, out.reply
 
         try:
-            text = await self.layer.call(run)
+            stdout, stderr, reply = await self.layer.call(run)
         except DirtybitsError as exc:
             return f"Error: {exc}\r\n"
-        if text:
-            self._hmp_out(text)
-        return ""
+        if stdout:
+            self._hmp_out(stdout)
+        if stderr:
+            self._hmp_err(stderr)
+        return _monitor_text(reply)
+
+
+def _monitor_text(text: str) -> str:
+    """Text as a monitor sends it: every line ends with CR LF."""
+    return text.replace("\r\n", "\n").replace("\n", "\r\n")
 
 
 def edit_bitmap(reg: BitmapRegistry, name: str, *, new_name: str | None = None,
