@@ -12,6 +12,7 @@ The images (built once per module by qemu-img and qemu-io):
 - ``c.qcow2``: 64 MiB, bitmaps ``iu0`` and ``iu1`` left ``in-use`` by a qemu-io killed with
   SIGKILL after a write (inconsistent: they can only be removed);
 - ``d.qcow2``: a copy of ``b.qcow2``, added read-only (its bitmaps are readonly);
+- ``e.qcow2``: a fresh 64 MiB qcow2 (added with ``discard=unmap`` and ``cache.direct=on``);
 - ``r.raw``: 16 MiB raw, its first MiB written.
 
 What is normalized before comparing (``normalize``), and why:
@@ -96,7 +97,8 @@ def _in_use_image(path: Path) -> None:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("images")
-    peers.qemu_img("create", "-q", "-f", "qcow2", d / "a.qcow2", "64M")
+    for name in ("a.qcow2", "e.qcow2"):
+        peers.qemu_img("create", "-q", "-f", "qcow2", d / name, "64M")
     b = d / "b.qcow2"
     peers.qemu_img("create", "-q", "-f", "qcow2", b, "64M")
     peers.qemu_img("bitmap", "--add", b, "pb0")
@@ -213,6 +215,38 @@ def _show(v: Any) -> str:
     return text if len(text) < 1500 else text[:1500] + "..."
 
 
+def _key(v: Any) -> Any:
+    return (v.get("node-name"), v.get("file"), v.get("name")) if isinstance(v, dict) else None
+
+
+def _paths(q: Any, o: Any, path: str = "") -> Iterator[str]:
+    """Where two replies differ, member by member (list items of nodes and bitmaps matched by
+    their names)."""
+    if isinstance(q, dict) and isinstance(o, dict):
+        for k in sorted(set(q) | set(o)):
+            if k not in o:
+                yield f"{path}.{k}: only QEMU has it: {_show(q[k])[:200]}"
+            elif k not in q:
+                yield f"{path}.{k}: only ours has it: {_show(o[k])[:200]}"
+            else:
+                yield from _paths(q[k], o[k], f"{path}.{k}")
+    elif isinstance(q, list) and isinstance(o, list):
+        qk, ok = [_key(v) for v in q], [_key(v) for v in o]
+        if None in qk or None in ok or len(set(qk)) < len(qk) or len(set(ok)) < len(ok):
+            if len(q) != len(o):
+                yield f"{path}: QEMU {_show(q)[:300]}, ours {_show(o)[:300]}"
+            for i, (x, y) in enumerate(zip(q, o, strict=False)):
+                yield from _paths(x, y, f"{path}[{i}]")
+            return
+        if qk != ok:
+            yield f"{path}: QEMU lists {qk}, ours {ok}"
+        for k in qk:
+            if k in ok:
+                yield from _paths(q[qk.index(k)], o[ok.index(k)], f"{path}[{k[0] or k[2]}]")
+    elif q != o:
+        yield f"{path}: QEMU {_show(q)[:300]}, ours {_show(o)[:300]}"
+
+
 Key = int | str  # a step's index, or "sha256", "status", "stdout"
 
 
@@ -220,7 +254,10 @@ def differences(steps: list[Step], qemu: Transcript, ours: Transcript) -> dict[K
     """What differs: per step (its index), and the final sha256s, exit status and stdout."""
     out: dict[Key, str] = {}
     for i, (step, q, o) in enumerate(zip(steps, qemu.replies, ours.replies, strict=True)):
-        if q != o:
+        if q != o and q[0] == o[0] == "return":
+            out[i] = f"step {i} {step[0]} {_show(step[1])}:\n" + "\n".join(
+                f"  {line}" for line in list(_paths(q[1], o[1]))[:40])
+        elif q != o:
             out[i] = (f"step {i} {step[0]} {_show(step[1])}:\n  QEMU: {_show(q)}\n"
                       f"  ours: {_show(o)}")
     if qemu.sha256 != ours.sha256:
@@ -300,6 +337,12 @@ NODES: list[Step] = [
     blockdev("raw", "r0", "fr"),
     blockdev("qcow2", "n2", file("c.qcow2", **{"node-name": "f2"})),  # in-use bitmaps
     blockdev("qcow2", "ro", file("d.qcow2"), **{"read-only": True}),
+    # (the children say their cache mode too: we do not pass it down, see DIFFERENCES)
+    blockdev("qcow2", "nu", file("e.qcow2", cache={"direct": True}), discard="unmap",
+             cache={"direct": True}),
+    blockdev("qcow2", "fs", file("d.qcow2"), **{"read-only": True, "force-share": True}),
+    blockdev("raw", "ar", file("r.raw", **{"read-only": True, "cache": {"no-flush": True}}),
+             **{"auto-read-only": True, "read-only": True, "cache": {"no-flush": True}}),
     QNBN, QNBN_FLAT, ("query-block", None),
     # blockdev-add refused
     ("blockdev-add", {}),
@@ -314,6 +357,7 @@ NODES: list[Step] = [
     ("blockdev-add", file("nonexistent", **{"node-name": "x", "read-only": True})),
     ("blockdev-add", {"driver": "file", "node-name": "x", "filename": "@D"}),
     blockdev("qcow2", "x", file("r.raw")),  # not a qcow2 image
+    blockdev("qcow2", "x", file("e.qcow2"), **{"force-share": True}),  # not read-only
 ]
 
 BITMAPS: list[Step] = [
@@ -333,6 +377,11 @@ BITMAPS: list[Step] = [
     add("nx", "x"),
     add("n0", ""),
     add("n0", "y" * 1100, persistent=True),
+    add("nu", "z" * 1023, persistent=True),  # the longest name qcow2 stores
+    add("nu", "z" * 1024, persistent=True),
+    add("nu", "g31", persistent=True, granularity=1 << 31),
+    add("nu", "u0", granularity=4096),
+    add("fs", "t0", disabled=True),
     bm("remove", "n0", "big"),
     bm("remove", "n0", "zz"),
     bm("remove", "nx", "zz"),
@@ -385,6 +434,11 @@ WRITES: list[Step] = [
     io("r0", "discard 0 1M"),
     io("r0", "write -z 2M 1M"),
     io("ro", "read 0 4k"),
+    io("nu", "write -P 0x44 0 1M"),
+    bm("clear", "nu", "u0"),
+    io("nu", "discard 0 128k"),  # discard=unmap: recorded
+    io("nu", "write -z -u 512k 128k"),
+    io("nu", "read -P 0 0 128k"),
     io("nx", "write 0 1"),
     hmp("foo"),
     hmp(""),
@@ -417,6 +471,14 @@ TRANSACTIONS: list[Step] = [
     ("transaction", {"actions": ["x"]}),
     ("transaction", {}),
     ("transaction", {"actions": [{"type": "bogus", "data": {}}]}),
+    tx(act("add", node="nu", name="tt"), act("remove", node="nu", name="tt")),
+    tx(act("add", node="nu", name="tt"), act("clear", node="nu", name="tt"),
+       act("merge", node="nu", target="tt", bitmaps=["u0"])),
+    tx(act("remove", node="nu", name="tt"), act("add", node="nu", name="tt")),
+    tx(act("disable", node="nu", name="u0"), act("disable", node="nu", name="u0"),
+       act("enable", node="nu", name="u0")),
+    tx(act("merge", node="nu", target="tt", bitmaps=["tt"])),
+    merge("nu", "u0", "u0", "u0", "tt"),
     io("n0", "write 30M 1M"),  # recorded by the new, enabled d0 and not by t0 (disabled)
     QNBN_FLAT,
 ]
@@ -610,6 +672,9 @@ DOCUMENTED: list[tuple[list[Step], tuple[str, str]]] = [
       blockdev("raw", "r0", "fr"), blockdev("raw", "r1", "fr")],
      ("GenericError", "Node 'fr' is already the file of 'r0': two format nodes cannot share "
                       "one file")),
+    # QEMU: {} (zero writes detected and turned into write-zeroes)
+    ([blockdev("raw", "r0", file("r.raw"), **{"detect-zeroes": "on"})],
+     ("GenericError", "detect-zeroes=on is not supported by dirtybits (only off)")),
     # QEMU: {} (a raw window into the file)
     ([blockdev("raw", "r0", file("r.raw"), offset=512)],
      ("GenericError", "raw 'offset' is not supported by dirtybits")),
@@ -660,6 +725,12 @@ DIFFERENCES = [
           "query-named-block-nodes: a file node's image.virtual-size is the file's length "
           "rounded up to 512 in QEMU (bdrv_getlength counts sectors): 197120 for a.qcow2 of "
           "196616 bytes; we say 196616", exact=True),
+    _case("cache-inherited", [blockdev("qcow2", "n0", file("a.qcow2"), cache={"direct": True}),
+                              blockdev("raw", "r0", file("r.raw"), cache={"no-flush": True}),
+                              QNBN_FLAT], {2},
+          "query-named-block-nodes: an inline file child inherits its parent's cache.direct "
+          "and cache.no-flush in QEMU (bdrv_inherited_options): the #block under n0 says "
+          "direct: true, the one under r0 no-flush: true; ours say false"),
     _case("raw-persistent-text", [blockdev("raw", "r0", file("r.raw")),
                                   add("r0", "p", persistent=True)], {1},
           "block-dirty-bitmap-add persistent=true on a raw node: QEMU: \"Can't store "
