@@ -51,6 +51,12 @@ class Qemu:
         """What the process wrote to its stderr so far."""
         return self.stderr_path.read_text(errors="replace")
 
+    @property
+    def stdout(self) -> str:
+        """What the process wrote to its stdout so far (HMP ``qemu-io`` prints there; QEMU's
+        stdio buffers it: read it after the process exited)."""
+        return (self.dir / "stdout").read_text(errors="replace")
+
     async def execute(self, cmd: str, arguments: dict[str, Any] | None = None) -> Any:
         """``qmp.execute``: the command's return value, or ``qemu.qmp.ExecuteError``."""
         return await self.qmp.execute(cmd, arguments)
@@ -74,9 +80,9 @@ async def _with_qmp(name: str, command: Callable[[Path], list[str]],
     sock, errpath = d / "qmp.sock", d / "stderr"
     cmd = command(sock)
     try:
-        with open(errpath, "w") as err:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=err, text=True)
+        with open(errpath, "w") as err, open(d / "stdout", "w") as out:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    text=True)
         qmp = QMPClient(name)
         try:
             deadline = time.monotonic() + timeout

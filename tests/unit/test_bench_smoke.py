@@ -199,3 +199,29 @@ def test_block_bench_quick_runs_and_checks_pass(qemu_tools: dict[str, str],
     sha = [r["side"].split(" ")[0] for r in rows if r["part"] == "sha256"]
     assert sha == (["new", "old", "qemu-io"] if baseline else ["new", "qemu-io"])
     assert [p.name for p in tmp_path.iterdir()] == ["block.json"]
+
+
+@pytest.mark.interop
+@pytest.mark.timeout(300)
+def test_qmp_bench_quick_runs_and_checks_pass(qemu_tools: dict[str, str],
+                                              tmp_path: Path) -> None:
+    """Both servers start, take every timed call and agree (merges, queries, the stored
+    bitmaps after quit); a round trip comes out for each operation and side."""
+    out = tmp_path / "qmp.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "qmp_bench.py"), "--quick", "--size", "1G",
+         "--bitmaps", "4", "--runs-per-bitmap", "8", "--sessions", "1", "--calls", "3",
+         "--dir", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAIL" not in proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    assert results["ok"] is True
+    ops = [r["operation"] for r in results["results"]]
+    assert ops[:3] == ["query-named-block-nodes", "block-dirty-bitmap-add",
+                       "block-dirty-bitmap-remove"]
+    assert "transaction (6 actions)" in ops and "start-up until QMP listens" in ops
+    for r in results["results"]:
+        assert all(r["median_us"][side] > 0 for side in ("dirtybits", "qemu")), r
+    assert [p.name for p in tmp_path.iterdir()] == ["qmp.json"]
