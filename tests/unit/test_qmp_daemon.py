@@ -55,7 +55,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Running]:
     img = qcow2(tmp_path / "a.qcow2")
     hmp: list[str] = []
     d = Daemon(DaemonConfig(blockdevs=[blockdev("n0", img)], monitors=[Monitor(sock)]),
-               hmp_out=hmp.append)
+               hmp_out=hmp.append, hmp_err=hmp.append)
     await d.start()
     run = Running(d, sock, hmp)
     waiter = asyncio.ensure_future(d.wait())
@@ -211,7 +211,7 @@ async def test_blockdev_add_and_del(served: Running, tmp_path: Path) -> None:
     await c.execute("blockdev-del", {"node-name": "f1"})
     await c.execute("blockdev-add", blockdev("n1", img))
     names = [n["node-name"] for n in await c.execute("query-named-block-nodes")]
-    assert names[0] == "n0" and names[2] == "n1" and all(n.startswith("#block")
+    assert names[0] == "n1" and names[2] == "n0" and all(n.startswith("#block")
                                                          for n in names[1::2])
     await c.execute("blockdev-del", {"node-name": "n1"})
     assert len(await c.execute("query-named-block-nodes")) == 2

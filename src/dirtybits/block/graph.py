@@ -163,7 +163,7 @@ class BlockGraph:
         if driver == "file":
             gn.path = opts["filename"]
             self._check_file(gn.path, readonly)
-            self.nodes[name] = gn
+            self.nodes = {name: gn, **self.nodes}  # the newest first, as QEMU lists them
             log.info("blockdev-add %s: file %s", name, gn.path)
             return name
         made: list[str] = []  # implicit children made here, removed if the open fails

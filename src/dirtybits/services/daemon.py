@@ -62,14 +62,16 @@ class Daemon:
     """One running daemon (``start`` then ``wait``; ``stop`` from anywhere on the loop)."""
 
     def __init__(self, config: DaemonConfig, *,
-                 hmp_out: Callable[[str], None] | None = None) -> None:
+                 hmp_out: Callable[[str], None] | None = None,
+                 hmp_err: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.owner = BlockOwner("dirtybits-block")
         self.layer = AsyncBlockLayer(self.owner)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.graph = BlockGraph(self.owner, on_event=self._node_event)
         self.commands = Commands(self.layer, self.graph, version=QEMU_VERSION,
-                                 package=package(), quit=self._quit, hmp_out=hmp_out)
+                                 package=package(), quit=self._quit, hmp_out=hmp_out,
+                                 hmp_err=hmp_err)
         self.server = QmpServer(self.commands)
         self._stopped = asyncio.Event()
         self._pidfile_written = False

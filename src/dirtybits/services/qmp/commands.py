@@ -163,7 +163,7 @@ class Commands:
         except QmpError:
             raise
         except DirtybitsError as exc:
-            raise QmpError(str(exc)) from exc
+            raise QmpError(qmp_text(exc)) from exc
 
     # ------------------------------------------------------------------ plain commands
     async def query_commands(self, args: dict[str, Any]) -> Any:
@@ -411,6 +411,17 @@ class Commands:
         if stderr:
             self._hmp_err(stderr)
         return _monitor_text(reply)
+
+
+def qmp_text(exc: DirtybitsError) -> str:
+    """An error's text for a QMP reply: without the hint a command line adds to a lock
+    conflict (QEMU keeps hints out of QMP errors)."""
+    from dirtybits.errors import LockError
+
+    text = str(exc)
+    if isinstance(exc, LockError):
+        text = text.split("\nIs another process using the image", 1)[0]
+    return text
 
 
 def _monitor_text(text: str) -> str:

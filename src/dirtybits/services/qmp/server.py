@@ -28,7 +28,7 @@ from dirtybits.proto.qmp.core import (
     ServerConnection,
     State,
 )
-from dirtybits.services.qmp.commands import Commands
+from dirtybits.services.qmp.commands import Commands, qmp_text
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class Monitor:
         except QmpError as exc:
             return self.conn.error(cmd, exc.cls, exc.desc)
         except DirtybitsError as exc:
-            return self.conn.error(cmd, ErrorClass.GENERIC, str(exc))
+            return self.conn.error(cmd, ErrorClass.GENERIC, qmp_text(exc))
         except Exception as exc:  # a bug: say so, keep the daemon and the monitor up
             self.log.exception("command %s failed", cmd.name)
             return self.conn.error(cmd, ErrorClass.GENERIC,
