@@ -304,3 +304,29 @@ async def test_corruption_is_a_block_image_corrupted_event(tmp_path: Path) -> No
             await c.disconnect()
         d.stop()
         await asyncio.wait_for(waiter, 20)
+
+
+async def test_query_reports_the_image_as_it_is_on_disk(served: Running) -> None:
+    """The live image info (from the open image, no reads) is what a fresh read of the
+    file says, bitmap flags included, after adds, writes, removes and checkpoints."""
+    from dirtybits.qcow2.info import image_info
+
+    c = await served.client()
+    for name in ("p1", "p2", "p3"):
+        await c.execute("block-dirty-bitmap-add", {"node": "n0", "name": name,
+                                                   "persistent": True})
+    await io(c, "n0", "write 0 64k")
+    await c.execute("block-dirty-bitmap-remove", {"node": "n0", "name": "p2"})
+    await c.execute("block-dirty-bitmap-disable", {"node": "n0", "name": "p3"})
+    for checkpoint in (False, True):
+        if checkpoint:
+            await c.execute("x-dirtybits-checkpoint")
+        (node,) = [n for n in await c.execute("query-named-block-nodes")
+                   if n["node-name"] == "n0"]
+        live = dict(node["image"])
+        disk = dict(image_info(live["filename"], "qcow2"))
+        for info in (live, disk):
+            info.pop("actual-size")
+        assert live == disk
+        flags = {b["name"]: b["flags"] for b in live["format-specific"]["data"]["bitmaps"]}
+        assert flags["p3"] == [] and set(flags) == {"p1", "p3"}

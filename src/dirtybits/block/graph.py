@@ -382,13 +382,30 @@ class BlockGraph:
             return {"virtual-size": -(-st.st_size // 512) * 512, "filename": gn.path,
                     "format": "file",
                     "actual-size": st.st_blocks * 512, "dirty-flag": False}
-        info = dict(image_info(gn.path, gn.driver))
+        info = dict(self._live_info(gn) or image_info(gn.path, gn.driver))
         if gn.node is not None:
             info["virtual-size"] = gn.node.size
         back = gn.children.get("backing")
         if back is not None and not flat:
             info["backing-image"] = self._image(self.nodes[back], flat)
         return info
+
+    @staticmethod
+    def _live_info(gn: GraphNode) -> dict[str, Any] | None:
+        """A qcow2 node's image info from what its open image holds (header, bitmap
+        directory): nothing is read, so a query costs no I/O. None: read it from disk."""
+        from dirtybits.qcow2.bitmap_scan import BitmapScan
+        from dirtybits.qcow2.image import Qcow2Image
+        from dirtybits.qcow2.info import qcow2_info
+
+        node = gn.node
+        if node is None or not isinstance(node.driver, Qcow2Image):
+            return None
+        store = node.store
+        if store is not None and (store.img is not node.driver or store.directory_problem):
+            return None  # a container's store, or a directory only the disk can explain
+        scan = BitmapScan(None, list(store.bitmaps) if store is not None else [])
+        return dict(qcow2_info(gn.path, node.driver.hc, scanned=scan))
 
     def block_device_info(self, gn: GraphNode, flat: bool = False) -> dict[str, Any]:
         """QEMU's ``BlockDeviceInfo`` for one node (query-named-block-nodes' entries)."""

@@ -36,7 +36,13 @@ from dirtybits.format.qcow2.header import (
 )
 from dirtybits.format.qcow2.write_intent import EXT_WRITE_INTENT, WriteIntentExtension
 from dirtybits.osfile import file_size, open_file, read_at
-from dirtybits.qcow2.bitmap_scan import Pread, count_dirty, disk_length, scan_bitmaps
+from dirtybits.qcow2.bitmap_scan import (
+    BitmapScan,
+    Pread,
+    count_dirty,
+    disk_length,
+    scan_bitmaps,
+)
 
 ImageInfo = dict[str, Any]
 
@@ -118,7 +124,13 @@ def image_info(path: str, fmt: str | None = None, *, dirty: bool = False) -> Ima
         }
     if fmt != "qcow2":
         raise UsageError(f"Unknown driver '{fmt}'")
-    hc = read_header_cluster(path)
+    return qcow2_info(path, read_header_cluster(path), dirty=dirty)
+
+
+def qcow2_info(path: str, hc: HeaderCluster, *, dirty: bool = False,
+               scanned: BitmapScan | None = None) -> ImageInfo:
+    """``image_info`` of a qcow2 image from its header cluster; ``scanned``: its bitmap
+    directory as an open image holds it (a live node's query reads no metadata then)."""
     hdr = hc.header
     info: ImageInfo = {
         "virtual-size": hdr.size // SECTOR * SECTOR,
@@ -137,11 +149,13 @@ def image_info(path: str, fmt: str | None = None, *, dirty: bool = False) -> Ima
             info["backing-filename-format"] = hc.backing_format
     if hdr.nb_snapshots:
         info["snapshots"] = read_snapshots(path, hdr.snapshots_offset, hdr.nb_snapshots)
-    info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(path, hc, dirty)}
+    info["format-specific"] = {"type": "qcow2",
+                               "data": _qcow2_specific(path, hc, dirty, scanned)}
     return info
 
 
-def _qcow2_specific(path: str, hc: HeaderCluster, dirty: bool) -> dict[str, Any]:
+def _qcow2_specific(path: str, hc: HeaderCluster, dirty: bool,
+                    scanned: BitmapScan | None = None) -> dict[str, Any]:
     hdr = hc.header
     compression = "zstd" if hdr.compression_type == COMPRESSION_ZSTD else "zlib"
     if hdr.version == 2:
@@ -155,7 +169,10 @@ def _qcow2_specific(path: str, hc: HeaderCluster, dirty: bool) -> dict[str, Any]
         "corrupt": bool(hdr.incompatible_features & INCOMPAT_CORRUPT),
         "extended-l2": bool(hdr.incompatible_features & INCOMPAT_EXTL2),
     }
-    bitmaps, directory_problem = read_bitmap_list(path, hc, dirty=dirty)
+    if scanned is not None and not dirty:
+        bitmaps, directory_problem = _bitmap_items(scanned, False, hc, _no_read, 0)
+    else:
+        bitmaps, directory_problem = read_bitmap_list(path, hc, dirty=dirty)
     resilient = _resilient(hc)
     if bitmaps:
         data["bitmaps"] = bitmaps
@@ -218,11 +235,20 @@ def read_bitmap_list(path: str, hc: HeaderCluster, *,
         os.close(fd)
 
 
+def _no_read(offset: int, length: int) -> bytes:  # pragma: no cover - never called
+    raise AssertionError("a live query reads nothing")
+
+
 def _bitmap_list(hc: HeaderCluster, pread: Pread, dirty: bool,
                  file_size: int) -> tuple[list[dict[str, Any]], str | None]:
     scan = scan_bitmaps(hc, pread, file_size)
     if scan is None:
         return [], None
+    return _bitmap_items(scan, dirty, hc, pread, file_size)
+
+
+def _bitmap_items(scan: BitmapScan, dirty: bool, hc: HeaderCluster, pread: Pread,
+                  file_size: int) -> tuple[list[dict[str, Any]], str | None]:
     size = disk_length(hc)
     out: list[dict[str, Any]] = []
     for sb in scan.bitmaps:
