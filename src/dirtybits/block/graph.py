@@ -27,6 +27,7 @@ from typing import Any
 from dirtybits.block.driver import ImageDriver
 from dirtybits.block.node import BlockNode, NodeEvent
 from dirtybits.block.owner import BlockOwner
+from dirtybits.block.registry import DiskState
 from dirtybits.errors import DirtybitsError
 
 log = logging.getLogger(__name__)
@@ -422,8 +423,11 @@ class BlockGraph:
         back = gn.children.get("backing")
         if back is not None:
             out["backing_file"] = self.nodes[back].path
-        elif gn.node is not None and gn.node.info().backing:
-            out["backing_file"] = gn.node.info().backing
+        elif gn.node is not None:
+            hc = getattr(gn.node.driver, "hc", None)
+            name = getattr(hc, "backing_file", None)
+            if isinstance(name, str) and name:
+                out["backing_file"] = name
         if gn.node is not None:
             bitmaps = gn.node.bitmaps.query()
             if bitmaps:
@@ -444,11 +448,13 @@ class BlockGraph:
 
 
 def bitmap_info(info: Any) -> dict[str, Any]:
-    """A ``dirty-bitmaps`` entry: QEMU's keys, and beyond QEMU the on-disk state and its
-    reason under ``x-dirtybits`` (a key QEMU's clients ignore)."""
+    """A ``dirty-bitmaps`` entry: QEMU's keys, and beyond QEMU under ``x-dirtybits`` (a key
+    QEMU's clients ignore) the on-disk state, the reason unless it is ``clean`` or ``none``,
+    and who holds a busy bitmap."""
     out = info.qmp()
-    ext: dict[str, Any] = {"status": info.status.value, "disk-state": info.disk_state.value,
-                           "reason": info.reason}
+    ext: dict[str, Any] = {"disk-state": info.disk_state.value}
+    if info.disk_state not in (DiskState.CLEAN, DiskState.NONE):  # the others say why
+        ext["reason"] = info.reason
     if info.owner:
         ext["owner"] = info.owner
     out["x-dirtybits"] = ext

@@ -50,7 +50,8 @@ class Monitor:
 
     def send(self, data: bytes) -> None:
         if not self.writer.is_closing():
-            self.log.debug("-> %s", data.rstrip().decode(errors="replace")[:400])
+            if self.log.isEnabledFor(logging.DEBUG):
+                self.log.debug("-> %s", data[:400].decode(errors="replace").rstrip())
             self.writer.write(data)
 
     async def serve(self) -> None:
