@@ -274,6 +274,7 @@ class Action:
     commit: Callable[[], None] = lambda: None
     abort: Callable[[], None] = lambda: None
     extra: dict[str, object] = field(default_factory=dict)
+    targets: tuple[str, ...] = ()  # the bitmaps it changes (its registry's names)
 
 
 class _UnionBits:
@@ -331,6 +332,7 @@ class BitmapRegistry:
         self._slow = True  # the next write must run _prepare_write first
         self._seq = 0
         self._tx_depth = 0
+        self._shared: set[str] = set()  # changed by several actions of this transaction
         self.intent = intent if intent is not None and intent.enabled else None
         self._untracked: list[str] = []  # bitmaps=no: full names marked in_use once
         self._untracked_intent = False
@@ -692,6 +694,20 @@ class BitmapRegistry:
                 and not self.readonly:
             self.flush_data()
 
+    def _mark_shared(self) -> None:
+        """Mark in_use (durably) the persistent bitmaps several actions of the running
+        transaction change, before any of them does (see ``transaction``)."""
+        fulls = []
+        for name in sorted(self._shared):
+            lb = self.find(name)
+            if lb is not None and lb.persistent and self.view is not None and \
+                    not self.readonly:
+                full = self.view.full(name)
+                if full not in self._marked or self._flags_unknown:
+                    fulls.append(full)
+        if fulls:
+            self._mark(fulls)
+
     def _ensure_marked(self, lb: LiveBitmap) -> None:
         if lb.persistent and self.view is not None and not self.readonly:
             full = self.view.full(lb.name)
@@ -940,7 +956,8 @@ class BitmapRegistry:
             lb = self.get(name)
             self.check(lb, Check.DEFAULT)
             self._settle_data(lb.persistent)
-            if lb.bits is None and lb.persistent and self.view is not None:
+            if lb.bits is None and lb.persistent and self.view is not None and \
+                    lb.name not in self._shared:
                 g = lb.group
                 if g is not None:
                     g.members.remove(lb)
@@ -955,7 +972,8 @@ class BitmapRegistry:
             backup.append((lb, bits.copy()))
             view = self.view
             if (lb.persistent and view is not None and not self.readonly
-                    and view.full(lb.name) not in self._marked and not self._flags_unknown):
+                    and view.full(lb.name) not in self._marked and not self._flags_unknown
+                    and lb.name not in self._shared):
                 read.append(lb)  # stored copy clean: switched to an empty table at commit
             else:
                 self._ensure_marked(lb)
@@ -984,7 +1002,7 @@ class BitmapRegistry:
                     lb.group = g
                 self._slow = True
 
-        return Action("block-dirty-bitmap-clear", prepare, commit, abort)
+        return Action("block-dirty-bitmap-clear", prepare, commit, abort, targets=(name,))
 
     def action_enable(self, name: str, enabled: bool = True) -> Action:
         was: list[tuple[LiveBitmap, bool]] = []
@@ -1016,7 +1034,7 @@ class BitmapRegistry:
                 apply(lb, on)
 
         return Action("block-dirty-bitmap-enable" if enabled else "block-dirty-bitmap-disable",
-                      prepare, abort=abort)
+                      prepare, abort=abort, targets=(name,))
 
     def action_merge(self, target: str, sources: Sequence[str | tuple[BitmapRegistry, str]]
                      ) -> Action:
@@ -1060,7 +1078,8 @@ class BitmapRegistry:
             backup.append((lb, old))
             view = self.view
             if (lb.persistent and view is not None and not self.readonly
-                    and view.full(lb.name) not in self._marked and not self._flags_unknown):
+                    and view.full(lb.name) not in self._marked and not self._flags_unknown
+                    and lb.name not in self._shared):
                 whole.append(lb)
             else:
                 self._ensure_marked(lb)
@@ -1078,7 +1097,7 @@ class BitmapRegistry:
             for lb, old in backup:
                 self._restore(lb, old)
 
-        return Action("block-dirty-bitmap-merge", prepare, commit, abort)
+        return Action("block-dirty-bitmap-merge", prepare, commit, abort, targets=(target,))
 
     def action_rename(self, name: str, new_name: str) -> Action:
         done: list[LiveBitmap] = []
@@ -1108,7 +1127,8 @@ class BitmapRegistry:
             for lb in done:
                 rename(lb, new_name, name)
 
-        return Action("block-dirty-bitmap-rename", prepare, abort=abort)
+        return Action("block-dirty-bitmap-rename", prepare, abort=abort,
+                      targets=(name, new_name))
 
     # ------------------------------------------------------------------ operations
     def add(self, name: str, granularity: int | None = None, *, persistent: bool = False,
@@ -1275,6 +1295,22 @@ class BitmapRegistry:
         return len(self.names())
 
 
+def _shared_targets(steps: Sequence[tuple[BitmapRegistry | None, Action]]
+                    ) -> dict[int, set[str]]:
+    """Per registry (by id), the bitmaps that more than one action of a transaction
+    changes."""
+    seen: dict[tuple[int, str], int] = {}
+    for reg, act in steps:
+        if reg is not None:
+            for name in act.targets:
+                seen[(id(reg), name)] = seen.get((id(reg), name), 0) + 1
+    out: dict[int, set[str]] = {}
+    for (rid, name), n in seen.items():
+        if n > 1:
+            out.setdefault(rid, set()).add(name)
+    return out
+
+
 def transaction(steps: Sequence[tuple[BitmapRegistry | None, Action]]) -> None:
     """Run actions of one or more registries all or nothing (QMP's ``transaction`` across
     nodes): each is prepared in order; if one fails, those prepared are aborted in reverse
@@ -1282,7 +1318,14 @@ def transaction(steps: Sequence[tuple[BitmapRegistry | None, Action]]) -> None:
     result. A failed transaction that set in_use on a bitmap (an action changed its bits
     before another failed) checkpoints too, so a refusal leaves no bitmap in_use that was not
     before (a crash would lose it). Runs under every registry's owner lock. A step without
-    a registry belongs to none (an action that only refuses, say)."""
+    a registry belongs to none (an action that only refuses, say).
+
+    On disk: an action on a bitmap no other action of the transaction changes stores its
+    result whole (copy-on-write) or marks the bitmap in_use first, so a crash leaves that
+    bitmap old or new, consistent, or in_use. A bitmap that several actions change (clear
+    then merge, merge then disable) is marked in_use durably before any of them runs and
+    stays so until the final checkpoint: a crash in between leaves it in_use (reported
+    inconsistent), never consistent with half of the transaction."""
     regs: list[BitmapRegistry] = []
     for reg, _ in steps:
         if reg is not None and all(reg is not r for r in regs):
@@ -1292,10 +1335,14 @@ def transaction(steps: Sequence[tuple[BitmapRegistry | None, Action]]) -> None:
             stack.enter_context(reg.lock)
         marked = [set(reg._marked) for reg in regs]
         done: list[Action] = []
+        shared = _shared_targets(steps)
         for reg in regs:
             reg._tx_depth += 1
         try:
             try:
+                for reg in regs:
+                    reg._shared = shared.get(id(reg), set())
+                    reg._mark_shared()
                 for _, act in steps:
                     act.prepare()
                     done.append(act)
@@ -1318,6 +1365,7 @@ def transaction(steps: Sequence[tuple[BitmapRegistry | None, Action]]) -> None:
         finally:
             for reg in regs:
                 reg._tx_depth -= 1
+                reg._shared = set()
         for reg in regs:
             reg._changed()
             if reg._tx_depth == 0 and not reg.readonly:
