@@ -764,7 +764,7 @@ DIFFERENCES = [
           "HMP qemu-io 'bogus' and 'write' (no arguments): QEMU prints 'command \"bogus\" not "
           "found' and 'bad argument count 0 to write, expected at least 2 arguments' on "
           "stderr (fprintf(stderr)); ours on stdout"),
-    _case("hmp-info", [N0, io("n0", "info")], {1, "stdout"},
+    _fixed("hmp-info", [N0, io("n0", "info")], {1, "stdout"},
           "HMP qemu-io 'info': QEMU returns the 'Format specific information' lines (compat: "
           "1.1 ...) as the HMP reply (qemu_printf in monitor context) and prints the rest on "
           "stdout; ours returns '' and prints all on stdout"),

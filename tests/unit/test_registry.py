@@ -133,7 +133,7 @@ def test_raw_node_has_transient_bitmaps_only(tmp_path: Path) -> None:
         assert d.bitmaps.info("t").granularity == 65536
         d.write(0, b"x")
         assert d.bitmaps.count("t") == 65536
-        with pytest.raises(BitmapOperationError, match="Can't store persistent bitmaps to d.raw"):
+        with pytest.raises(BitmapOperationError, match=r"Can't store persistent bitmaps to d\.raw"):
             d.bitmaps.add("p", persistent=True)
 
 

@@ -336,8 +336,15 @@ class Executor:
             vm_state = -(-engine.size // span) * span
         self.out.write(f"format name: {engine.format_name}\n"
                        f"cluster size: {cvtstr(cluster)}\n"
-                       f"vm state offset: {cvtstr(vm_state)}\n"
-                       f"{_format_specific(engine, node)}")
+                       f"vm state offset: {cvtstr(vm_state)}\n")
+        specific = _format_specific(engine, node)
+        if specific and self._report is not None:
+            # in a monitor, qemu-io prints the heading and QEMU's dump goes to the monitor
+            head, _, body = specific.partition("\n")
+            self.out.write(head + "\n")
+            self._report.write(body)
+        else:
+            self.out.write(specific)
         return True
 
     def _allocated_runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
