@@ -12,6 +12,11 @@ def test_demo_runs_and_qemu_agrees(dirtybits_cli: Any, tmp_path: Path) -> None:
     out = dirtybits_cli("demo", "--dir", tmp_path / "d", check=True).stdout
     assert "qemu-img's verdict: clean" in out
     assert "   1048576     1048576    1  dirty" in out  # the 1 MiB write at 1 MiB, recorded
+    # the daemon: a bitmap added and a write made over QMP, then kill -9 and a restart that
+    # recovers both bitmaps from the write-intent map (resilient mode)
+    assert "disk/live: 131072 dirty bytes, recording, on disk: open" in out
+    assert out.count("on disk: recovered (recovered at open from the write-intent map") == 2
+    assert not (tmp_path / "d" / "serve.pid").exists()  # quit removed it
     disk = tmp_path / "d" / "disk.qcow2"
     qemu_img("check", disk)
     # a rerun starts afresh rather than failing on the existing disk

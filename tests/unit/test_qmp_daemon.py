@@ -330,3 +330,20 @@ async def test_query_reports_the_image_as_it_is_on_disk(served: Running) -> None
         assert live == disk
         flags = {b["name"]: b["flags"] for b in live["format-specific"]["data"]["bitmaps"]}
         assert flags["p3"] == [] and set(flags) == {"p1", "p3"}
+
+
+async def test_our_blocking_client(served: Running) -> None:
+    """``services.qmp.client``: what the demo and (later) the backup tool use."""
+    from dirtybits.services.qmp.client import QmpClient, QmpCommandError
+
+    def session() -> tuple[Any, QmpCommandError]:
+        with QmpClient.connect(served.sock, timeout=10) as c:
+            assert c.greeting.version["qemu"]["major"] == 7
+            c.execute("block-dirty-bitmap-add", {"node": "n0", "name": "x"})
+            with pytest.raises(QmpCommandError) as ei:
+                c.execute("block-dirty-bitmap-add", {"node": "n0", "name": "x"})
+            return c.execute("query-named-block-nodes", {"flat": True}), ei.value
+
+    nodes, err = await asyncio.to_thread(session)
+    assert [b["name"] for b in nodes[0]["dirty-bitmaps"]] == ["x"]
+    assert (err.cls, err.desc) == ("GenericError", "Bitmap already exists: x")

@@ -48,6 +48,14 @@ class Demo:
     def disk(self) -> Path:
         return self.dir / DISK_NAME
 
+    @property
+    def socket(self) -> Path:
+        return self.dir / "qmp.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "serve.pid"
+
 
 @dataclass(frozen=True)
 class Step:
@@ -134,6 +142,93 @@ def step_dump_bitmap(demo: Demo) -> int:
     return dirtybits("bitmap", "--dump", str(demo.disk), "since-full")
 
 
+def _serve_argv(demo: Demo) -> list[str]:
+    return ["serve", "--daemonize", "--pidfile", str(demo.pidfile),
+            "--blockdev", f"driver=file,node-name=f0,filename={demo.disk}",
+            "--blockdev", "driver=qcow2,node-name=disk,file=f0",
+            "--qmp", f"unix:{demo.socket}"]
+
+
+def _start_daemon(demo: Demo) -> int:
+    argv = _serve_argv(demo)
+    _say("$ " + shlex.join(["dirtybits", *argv]))
+    proc = subprocess.run([sys.executable, "-m", "dirtybits.cli.main", *argv], check=False)
+    return proc.returncode
+
+
+def _qmp(demo: Demo, name: str, arguments: dict[str, object] | None = None) -> object:
+    import json
+
+    from dirtybits.services.qmp.client import QmpClient
+
+    _say(f"(QMP) {name}" + (f" {json.dumps(arguments)}" if arguments else ""))
+    with QmpClient.connect(str(demo.socket)) as c:
+        return c.execute(name, arguments)
+
+
+def _show_bitmaps(demo: Demo) -> None:
+    nodes = _qmp(demo, "query-named-block-nodes", {"flat": True})
+    assert isinstance(nodes, list)
+    for node in nodes:
+        for b in node.get("dirty-bitmaps", []):
+            ext = b.get("x-dirtybits", {})
+            state = ext.get("disk-state", "?")
+            why = f" ({ext['reason']})" if "reason" in ext else ""
+            _say(f"  {node['node-name']}/{b['name']}: {b['count']} dirty bytes, "
+                 f"{'recording' if b['recording'] else 'not recording'}, on disk: "
+                 f"{state}{why}")
+
+
+def step_serve(demo: Demo) -> int:
+    _say("# resilient mode: a coarse write-intent map lets a crash be recovered without a")
+    _say("# full backup (the bitmaps come back as a superset of the truth)")
+    status = dirtybits("amend", "-o", "resilient=on", str(demo.disk))
+    if status != 0:
+        return status
+    _say("# the daemon keeps the disk open; any QMP client drives it (qmp-shell, libvirt)")
+    status = _start_daemon(demo)
+    if status != 0:
+        return status
+    _qmp(demo, "block-dirty-bitmap-add", {"node": "disk", "name": "live", "persistent": True})
+    _say("# a guest-like write through the daemon, in qemu-io syntax (QEMU's HMP command)")
+    _qmp(demo, "human-monitor-command",
+         {"command-line": 'qemu-io disk "write -P 0x33 4M 128k"'})
+    _show_bitmaps(demo)
+    return 0
+
+
+def step_crash(demo: Demo) -> int:
+    import os
+    import signal
+    import time
+
+    pid = int(demo.pidfile.read_text())
+    _qmp(demo, "human-monitor-command",
+         {"command-line": 'qemu-io disk "write -P 0x44 8M 64k"'})
+    _say(f"$ kill -9 {pid}      # no checkpoint, no clean close")
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(500):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.01)
+    demo.pidfile.unlink(missing_ok=True)
+    _say("# the same command line again: every bitmap comes back clean (its last checkpoint")
+    _say("# covers every write), recovered (resilient mode: a superset, still usable for an")
+    _say("# incremental backup) or inconsistent (never trusted), and says which and why")
+    status = _start_daemon(demo)
+    if status != 0:
+        return status
+    _show_bitmaps(demo)
+    _qmp(demo, "quit")
+    for _ in range(500):
+        if not demo.pidfile.exists():
+            break
+        time.sleep(0.01)
+    return 0
+
+
 def step_info(demo: Demo) -> int:
     return dirtybits("info", str(demo.disk))
 
@@ -166,6 +261,8 @@ STEPS: list[Step] = [
     Step("Write a few patterns (qemu-io syntax); the bitmap records them", step_write),
     Step("Read them back and verify", step_verify),
     Step("Show what the bitmap recorded (as nbdinfo --map would)", step_dump_bitmap),
+    Step("Serve the disk over QMP (dirtybits serve, a qemu-storage-daemon peer)", step_serve),
+    Step("Crash the daemon (kill -9) and start it again", step_crash),
     Step("Show the image", step_info),
     Step("Check the image with dirtybits", step_check),
     Step("Check the image with QEMU's own qemu-img", step_qemu_img_check),
@@ -178,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
     demo = Demo(dir=Path(args.dir))
     try:
         prepare_dir(demo)
+        demo.socket.unlink(missing_ok=True)
     except DirtybitsError as exc:
         print(f"dirtybits demo: {exc}", file=sys.stderr)
         return 1
