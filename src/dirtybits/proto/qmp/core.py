@@ -27,6 +27,7 @@ import enum
 import json
 import logging
 import re
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -94,8 +95,18 @@ class Reply:
 
 
 def dumps(obj: Any) -> bytes:
-    """One server message, spaced as QEMU spaces it, with its line end."""
-    return json.dumps(obj, ensure_ascii=False, separators=(", ", ": ")).encode() + EOL
+    """One server message, spaced as QEMU spaces it, with its line end. An ``id`` nested as
+    deep as QEMU allows (``MAX_DEPTH``) is echoed too (the encoder recurses per level)."""
+    try:
+        text = json.dumps(obj, ensure_ascii=False, separators=(", ", ": "))
+    except RecursionError:
+        old = sys.getrecursionlimit()
+        sys.setrecursionlimit(old + 2 * MAX_DEPTH + 100)
+        try:
+            text = json.dumps(obj, ensure_ascii=False, separators=(", ", ": "))
+        finally:
+            sys.setrecursionlimit(old)
+    return text.encode() + EOL
 
 
 class JsonSplitter:
@@ -177,6 +188,9 @@ class JsonSplitter:
             elif c in b"}]":
                 self._depth -= 1
                 if self._depth == 0:
+                    if i + 1 - start > self.max_message:
+                        raise QmpProtocolError(
+                            f"a JSON message longer than {self.max_message} bytes")
                     out.append(bytes(buf[start:i + 1]))
                     start = i + 1
             i += 1
@@ -208,17 +222,42 @@ class JsonSplitter:
         return len(self._buf)
 
 
-_KEYWORD = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*")
+class _NotPlainJson(Exception):
+    """Python's json would read this text differently from QEMU's parser."""
 
 
-def _parse_error(text: bytes, exc: json.JSONDecodeError) -> str:
-    """QEMU's words for the commonest JSON mistakes."""
-    m = _KEYWORD.match(text, exc.pos) if exc.pos < len(text) else None
-    if m is not None and exc.msg.startswith("Expecting value"):
-        return f"JSON parse error, invalid keyword '{m.group().decode()}'"
-    if exc.msg.startswith("Expecting value"):
-        return "JSON parse error, expecting value"
-    return f"JSON parse error, {exc.msg[0].lower()}{exc.msg[1:]}"
+def _no_constant(name: str) -> Any:
+    raise _NotPlainJson(name)  # NaN, Infinity, -Infinity: not JSON, QEMU refuses them
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise _NotPlainJson("duplicate key")
+    return out
+
+
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _loads(decoded: str, raw: bytes) -> Any:
+    """One JSON text as QEMU's parser reads it. The common case takes Python's C parser;
+    anything it would read differently (QEMU's extensions and refusals: single quotes,
+    duplicate keys, NaN, surrogate escapes, nesting past Python's recursion) and every
+    error go to the port of QEMU's parser, for its result and its texts. Raises
+    ``QmpError``."""
+    from dirtybits.proto.keyval import from_json
+
+    if not _SURROGATE.search(raw):
+        try:
+            return json.loads(decoded, parse_constant=_no_constant,
+                              object_pairs_hook=_no_duplicates)
+        except (ValueError, RecursionError, _NotPlainJson):
+            pass
+    try:
+        return from_json(decoded)
+    except RecursionError:  # pragma: no cover - the port does not recurse per level
+        raise QmpError("JSON nesting depth limit exceeded") from None
 
 
 def _error(cls: ErrorClass, desc: str, ident: Any = _NO_ID) -> bytes:
@@ -254,11 +293,13 @@ class ServerConnection:
 
     def _message(self, text: bytes) -> Command | Reply:
         try:
-            obj = json.loads(text.decode("utf-8"))
+            decoded = text.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise QmpProtocolError(f"QMP input is not UTF-8: {exc}") from None
-        except json.JSONDecodeError as exc:
-            return Reply(_error(ErrorClass.GENERIC, _parse_error(text, exc)))
+        try:
+            obj = _loads(decoded, text)
+        except QmpError as exc:
+            return Reply(_error(ErrorClass.GENERIC, exc.desc))
         if not isinstance(obj, dict):
             return Reply(_error(ErrorClass.GENERIC, "QMP input must be a JSON object"))
         ident = obj.get("id", _NO_ID)
