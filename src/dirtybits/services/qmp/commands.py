@@ -432,12 +432,14 @@ def _monitor_text(text: str) -> str:
 def edit_bitmap(reg: BitmapRegistry, name: str, *, new_name: str | None = None,
                 persistent: bool | None = None, auto: bool | None = None,
                 granularity: int | None = None) -> None:
-    """``block-dirty-bitmap-edit`` as one transaction on the registry: a change of
-    persistence or granularity rebuilds the bitmap under a temporary name (add, merge,
-    remove, rename), so it is all or nothing. A finer granularity is refused unless the
+    """``block-dirty-bitmap-edit``. A rename or an ``auto`` change is one transaction. A
+    change of persistence or granularity rebuilds the bitmap: a copy with the new settings
+    is made and filled (one transaction: on failure nothing changed), then the old one is
+    removed and the copy takes its name. A crash between those steps leaves both bitmaps,
+    or the copy alone under ``NAME.edit`` (consistent, or in_use and so reported): never a
+    bitmap that reads consistent without its bits. A finer granularity is refused unless the
     bitmap is empty (its bits cannot be split); a coarser one is a superset."""
     info = reg.info(name)
-    actions: list[Action] = []
     final = new_name or name
     rebuild = (persistent is not None and persistent != info.persistent) or \
         (granularity is not None and granularity != info.granularity)
@@ -445,30 +447,32 @@ def edit_bitmap(reg: BitmapRegistry, name: str, *, new_name: str | None = None,
         raise QmpError(f"Bitmap '{name}' is not empty: its granularity can only grow "
                        f"(from {info.granularity}); clear it first to make it finer")
     enabled = info.recording if auto is None else auto
-    if rebuild:
-        if info.busy:
-            raise QmpError(f"Bitmap '{name}' is currently in use by another operation and "
-                           "cannot be used")
-        tmp = f"{name}.edit"
-        n = 0
-        while reg.find(tmp) is not None:
-            n += 1
-            tmp = f"{name}.edit{n}"
-        actions += [
-            reg.action_add(tmp, granularity or info.granularity,
-                           persistent=info.persistent if persistent is None else persistent,
-                           disabled=not enabled),
-            reg.action_merge(tmp, [name]),
-            reg.action_remove(name),
-            reg.action_rename(tmp, final),
-        ]
-    else:
+    if not rebuild:
+        actions: list[Action] = []
         if auto is not None and auto != info.recording:
             actions.append(reg.action_enable(name, auto))
         if final != name:
             actions.append(reg.action_rename(name, final))
-    if actions:
-        reg.transaction(actions)
+        if actions:
+            reg.transaction(actions)
+        return
+    if info.busy:
+        raise QmpError(f"Bitmap '{name}' is currently in use by another operation and cannot "
+                       "be used")
+    if final != name and reg.find(final) is not None:
+        raise QmpError(f"Bitmap already exists: {final}")
+    tmp, n = f"{name}.edit", 0
+    while reg.find(tmp) is not None:
+        n += 1
+        tmp = f"{name}.edit{n}"
+    reg.transaction([
+        reg.action_add(tmp, granularity or info.granularity,
+                       persistent=info.persistent if persistent is None else persistent,
+                       disabled=not enabled),
+        reg.action_merge(tmp, [name]),
+    ])
+    reg.remove(name)
+    reg.rename(tmp, final)
 
 
 __all__ = ["Commands", "edit_bitmap"]
