@@ -60,16 +60,14 @@ def steps(seed: int, count: int | None = None) -> list[Step]:
     out: list[Step] = [{"op": "add", "name": ADDED, "gran": 4 * KiB, "persistent": True}]
     names = sorted(enabled)
 
-    def action() -> Step:
+    def action(name: str) -> Step:
         r = rng.random()
         if r < 0.35:
-            return {"op": "clear", "name": rng.choice(names)}
+            return {"op": "clear", "name": name}
         if r < 0.7:
-            target = rng.choice(names)
-            others = [n for n in names if n != target]
-            return {"op": "merge", "target": target,
+            others = [n for n in names if n != name]
+            return {"op": "merge", "target": name,
                     "sources": rng.sample(others, rng.randrange(1, len(others) + 1))}
-        name = rng.choice(names)
         enabled[name] = not enabled[name]
         return {"op": "enable" if enabled[name] else "disable", "name": name}
 
@@ -89,13 +87,17 @@ def steps(seed: int, count: int | None = None) -> list[Step]:
                 out.append({"op": "zero", "off": offset, "len": length,
                             "unmap": rng.random() < 0.5})
         elif r < 0.8:
-            out.append(action())
+            out.append(action(rng.choice(names)))
         elif r < 0.87:
             out.append({"op": "checkpoint"})
         elif r < 0.92:
             out.append({"op": "flush"})
         else:
-            out.append({"op": "tx", "actions": [action() for _ in range(rng.randrange(2, 4))]})
+            # each bitmap changed by one action at most: a transaction is not atomic on disk
+            # (test_power_loss_daemon.py's xfail tests show how two actions on one bitmap
+            # can leave it in neither state)
+            out.append({"op": "tx", "actions": [action(n) for n in
+                                                rng.sample(names, rng.randrange(2, 4))]})
     return out
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,13 +83,17 @@ async def _drive(ctx: pl.Context, rec: pl.Recorder, todo: list[dc.Step]) -> None
     assert text.count("wrote ") == writes and "failed" not in text, text[-2000:]
 
 
-def _run(ctx: Any, rec: pl.Recorder) -> None:
-    todo = [*dc.steps(ctx.seed, STEPS), {"op": "close"}]
-    ctx.extra["steps"] = todo
-    asyncio.run(_drive(ctx, rec, todo))
+def workload(name: str, make: Callable[[int], list[dc.Step]]) -> pl.Workload:
+    """A traced run of the steps ``make(seed)``, then ``quit``."""
+    def run(ctx: Any, rec: pl.Recorder) -> None:
+        todo = [*make(ctx.seed), {"op": "close"}]
+        ctx.extra["steps"] = todo
+        asyncio.run(_drive(ctx, rec, todo))
+
+    return pl.Workload(name, dc.SPEC.name, run, "registry")
 
 
-WORKLOAD = pl.Workload("daemon", dc.SPEC.name, _run, "registry")
+WORKLOAD = workload("daemon", lambda seed: dc.steps(seed, STEPS))
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +105,8 @@ def templates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, harness.Tem
 
 def _explore(templates: dict[str, harness.Template], work: Path, *,
              drop: set[str] | None = None, drop_under: set[str] | None = None,
-             states: int = STATES) -> pl.Report:
-    ctx = pl.prepare(WORKLOAD, templates, work, SEED, STEPS)
+             states: int = STATES, w: pl.Workload = WORKLOAD) -> pl.Report:
+    ctx = pl.prepare(w, templates, work, SEED, STEPS)
     trace, error = pl.trace_run(ctx, drop=drop, drop_under=drop_under)
     assert error is None, error
     keep = pl.near_dropped(trace) if drop or drop_under else None
@@ -143,3 +148,49 @@ def test_power_loss_under_the_daemon_needs_each_durable_step(
         first = rep.failures[0] if rep.failures else None
         print(f"\ndaemon power loss without the {what}: {rep.line()}\n  {first}")
     assert rep.failures, f"removing the {what} went unnoticed"
+
+
+# ---------------------------------------------------------------------------- found bugs
+# A transaction is all or nothing in memory, but not on disk: enable and disable write the
+# bitmap's auto flag when they are prepared, and a clear or a merge of a clean persistent
+# bitmap each switches its stored copy when it commits, one after the other, each durable
+# and consistent. A power cut, or a kill -9 (the state "all": every write made so far),
+# between two of those writes of one bitmap leaves it neither as before the transaction
+# nor as after it. The workload above changes each bitmap once per transaction.
+def _write(off: int, length: int, pat: int) -> dc.Step:
+    return {"op": "write", "off": off, "len": length, "pat": pat, "data": bytes([pat]) * length}
+
+
+CLEAR_THEN_MERGE = workload("tx-clear-merge", lambda seed: [
+    _write(1 * dc.MiB, 64 * dc.KiB, 0x5A),
+    {"op": "tx", "actions": [{"op": "clear", "name": dc.FROZEN},
+                             {"op": "merge", "target": dc.FROZEN, "sources": ["g16k"]}]}])
+MERGE_AND_DISABLE = workload("tx-merge-disable", lambda seed: [
+    _write(1 * dc.MiB, 64 * dc.KiB, 0x5A),
+    {"op": "checkpoint"},  # g16k's stored copy clean: the merge stores it whole at commit
+    {"op": "tx", "actions": [{"op": "merge", "target": "g16k", "sources": [dc.FROZEN]},
+                             {"op": "disable", "name": "g16k"}]}])
+
+
+@pytest.mark.interop
+@pytest.mark.timeout(120)
+@pytest.mark.xfail(strict=True, reason="bug: transaction [block-dirty-bitmap-clear X, "
+                   "block-dirty-bitmap-merge X <- Y] commits the clear (an empty stored "
+                   "copy, in_use clear) before the merge's store: a crash between them leaves "
+                   "X consistent and empty: a silent miss against both outcomes")
+def test_transaction_clear_then_merge_of_one_bitmap_is_atomic_on_disk(
+        templates: dict[str, harness.Template], tmp_path: Path) -> None:
+    rep = _explore(templates, tmp_path / "cm", w=CLEAR_THEN_MERGE, states=60)
+    assert not rep.failures, rep.failures[0]
+
+
+@pytest.mark.interop
+@pytest.mark.timeout(120)
+@pytest.mark.xfail(strict=True, reason="bug: transaction [block-dirty-bitmap-merge X <- Y, "
+                   "block-dirty-bitmap-disable X] writes X's auto flag at prepare, before "
+                   "the merge's store at commit: a crash between them leaves X disabled "
+                   "without the merged bits (the transaction half done)")
+def test_transaction_merge_and_disable_of_one_bitmap_is_atomic_on_disk(
+        templates: dict[str, harness.Template], tmp_path: Path) -> None:
+    rep = _explore(templates, tmp_path / "md", w=MERGE_AND_DISABLE, states=60)
+    assert not rep.failures, rep.failures[0]
