@@ -174,11 +174,7 @@ MERGE_AND_DISABLE = workload("tx-merge-disable", lambda seed: [
 
 @pytest.mark.interop
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason="bug: transaction [block-dirty-bitmap-clear X, "
-                   "block-dirty-bitmap-merge X <- Y] commits the clear (an empty stored "
-                   "copy, in_use clear) before the merge's store: a crash between them leaves "
-                   "X consistent and empty: a silent miss against both outcomes")
-def test_transaction_clear_then_merge_of_one_bitmap_is_atomic_on_disk(
+def test_transaction_clear_then_merge_of_one_bitmap_never_reads_half_done(
         templates: dict[str, harness.Template], tmp_path: Path) -> None:
     rep = _explore(templates, tmp_path / "cm", w=CLEAR_THEN_MERGE, states=60)
     assert not rep.failures, rep.failures[0]
@@ -186,11 +182,7 @@ def test_transaction_clear_then_merge_of_one_bitmap_is_atomic_on_disk(
 
 @pytest.mark.interop
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason="bug: transaction [block-dirty-bitmap-merge X <- Y, "
-                   "block-dirty-bitmap-disable X] writes X's auto flag at prepare, before "
-                   "the merge's store at commit: a crash between them leaves X disabled "
-                   "without the merged bits (the transaction half done)")
-def test_transaction_merge_and_disable_of_one_bitmap_is_atomic_on_disk(
+def test_transaction_merge_and_disable_of_one_bitmap_never_reads_half_done(
         templates: dict[str, harness.Template], tmp_path: Path) -> None:
     rep = _explore(templates, tmp_path / "md", w=MERGE_AND_DISABLE, states=60)
     assert not rep.failures, rep.failures[0]

@@ -12,8 +12,7 @@ one send; two monitors sending batches at once. The properties:
 - every complete message gets exactly one reply, in order, with its ``id``: a ``return``
   or an ``error`` with a known class and a non-empty text, strict JSON (no ``NaN``); only a
   protocol break (bytes that are not UTF-8, a message past the size limit, nesting past the
-  depth limit) may close the connection instead, and then it must (but a message past the
-  size limit that arrives in one read is answered: an xfail test below);
+  depth limit) may close the connection instead, and then it must;
 - no reply says ``internal error`` (the server's text for an unexpected Python exception in
   a handler: a bug), no monitor task dies (the loop's exception handler is never called),
   the daemon's thread runs on;
@@ -27,9 +26,10 @@ granularity, persistence and recording, the dirty granules of each) and compares
 ``query-named-block-nodes`` (and one bitmap's ``x-debug-block-dirty-bitmap-sha256``) after
 every step.
 
-Found bugs are ``xfail(strict=True)`` tests at the end (the examples above steer clear of
-them, saying so). ``DIRTYBITS_FUZZ_EXAMPLES=N`` sets the examples; derandomized when ``CI``
-is set.
+The bugs it found (lone surrogate escapes, nesting near the limit, NaN, a message over the
+limit in one read, unchecked ``blockdev-add`` options, ``block-dirty-bitmap-edit`` under
+the same name) are fixed; each keeps a test of its own at the end.
+``DIRTYBITS_FUZZ_EXAMPLES=N`` sets the examples; derandomized when ``CI`` is set.
 """
 
 from __future__ import annotations
@@ -72,8 +72,9 @@ MiB = 1 << 20
 DISK = 8 * MiB
 NODE = "n0"
 CLASSES = {c.value for c in ErrorClass}
-# Known bugs (xfail tests below): the examples stay clear of them.
-RECURSION_FREE_DEPTH = 800  # nesting from ~975 to MAX_DEPTH drops the connection
+# Nesting up to MAX_DEPTH is answered (test_nesting_under_the_limit_gets_a_reply); the
+# examples stay below ~975 because this test's own json parser recurses per level.
+RECURSION_FREE_DEPTH = 800
 
 
 def fuzz_settings(default: int, **kw: Any) -> settings:
@@ -270,8 +271,8 @@ COMMANDS = ("query-commands", "query-version", "blockdev-del", "query-block",
             "x-debug-block-dirty-bitmap-sha256", "block-dirty-bitmap-copy",
             "block-dirty-bitmap-edit", "x-dirtybits-checkpoint", "transaction",
             "human-monitor-command", "qmp_capabilities")
-# not sent: quit (it stops the daemon) and blockdev-add (its options are not checked yet:
-# see the xfail tests; it would also open whatever file a random name finds)
+# not sent: quit (it stops the daemon) and blockdev-add (it would open whatever file a
+# random name finds; its bad options have a test of their own below)
 MEMBERS = ("node", "name", "target", "bitmaps", "granularity", "persistent", "disabled",
            "x-mode", "x-target", "new-name", "auto", "node-name", "flat", "actions",
            "properties", "command-line", "cpu-index", "type", "data", "completion-mode")
@@ -483,7 +484,7 @@ def encode(obj: Any, ascii_only: bool) -> bytes:
 
 
 def blocked(obj: Any) -> bool:
-    """A message the examples steer clear of (see the xfail tests)."""
+    """A message the examples steer clear of (quit, blockdev-add: see ``COMMANDS``)."""
     return isinstance(obj, dict) and (obj.get("execute") in ("quit", "blockdev-add")
                                       or obj.get("exec-oob") in ("quit", "blockdev-add"))
 
@@ -609,8 +610,8 @@ def test_every_message_gets_a_reply_or_a_protocol_close(served: tuple[Served, Co
             raw = encode({"execute": name, "arguments": {"node": NODE, arg: "x" * size}},
                          True) + b"\n"
             out = exchange(s, [raw], 1, negotiate=negotiate)
-            if len(raw) - 1 > MAX_MESSAGE:  # a close, or (see the xfail test) a reply
-                assert out.closed or len(out.replies) == 1, out
+            if len(raw) - 1 > MAX_MESSAGE:  # a protocol break: closed, however it arrives
+                assert out.closed and not out.replies, out
             else:
                 assert not out.closed and len(out.replies) == 1, out
             for reply in out.replies:
@@ -982,10 +983,6 @@ SURROGATES = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a \\uD800-\\uDFFF escape (valid UTF-8 on the "
-                   "wire) that a reply echoes kills the monitor (UnicodeEncodeError), or is "
-                   "an internal error; QEMU answers 'JSON parse error, \\ud800 is not a "
-                   "valid Unicode character'")
 @pytest.mark.parametrize("where", sorted(SURROGATES))
 def test_lone_surrogate_escapes_get_an_error_reply(where: str) -> None:
     with serve() as s:
@@ -996,27 +993,29 @@ def test_lone_surrogate_escapes_get_an_error_reply(where: str) -> None:
         s.check_alive()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: nesting from ~975 to MAX_DEPTH (1024) passes the "
-                   "splitter's limit but overflows json.loads (RecursionError): the monitor's "
-                   "task dies, the connection is dropped with no reply; QEMU answers")
 @pytest.mark.parametrize("where", ["top", "id"])
 def test_nesting_under_the_limit_gets_a_reply(where: str) -> None:
     inner = "[" * 1000 + "]" * 1000
     text = inner if where == "top" else f'{{"execute": "query-version", "id": {inner}}}'
     with serve() as s:
-        reply, alive = one_reply(s, text.encode() + b"\n")
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(limit + 3000)  # the test's own json.loads of the echoed id
+        try:
+            reply, alive = one_reply(s, text.encode() + b"\n")
+        finally:
+            sys.setrecursionlimit(limit)
         assert reply is not None and alive, (reply, alive, s.loop_errors)
         if where == "top":  # QEMU's answer
             assert reply == {"error": {"class": "GenericError",
                                        "desc": "QMP input must be a JSON object"}}
         else:
-            assert reply["id"] == json.loads(inner)
+            depth, ident = 0, reply["id"]
+            while isinstance(ident, list) and ident:
+                depth, ident = depth + 1, ident[0]
+            assert depth == 999 and ident == []  # the id echoed whole, 1000 levels
         s.check_alive()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: NaN, Infinity and -Infinity are taken as JSON "
-                   "(Python's json.loads) and echoed: the reply '{\"return\": ..., \"id\": "
-                   "NaN}' is not JSON; QEMU answers \"JSON parse error, stray 'N'\"")
 @pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
 def test_non_json_number_tokens_are_refused(token: str) -> None:
     with serve() as s:
@@ -1033,9 +1032,6 @@ def test_non_json_number_tokens_are_refused(token: str) -> None:
         assert "error" in reply, reply
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the size limit is checked only on the unfinished "
-                   "rest of the buffer: a message longer than max_message that arrives whole "
-                   "in one read is accepted (the same bytes in two reads close the connection)")
 def test_a_message_over_the_limit_is_refused_however_it_arrives() -> None:
     from dirtybits.proto.qmp.core import QmpProtocolError, ServerConnection
 
@@ -1068,9 +1064,6 @@ BLOCKDEV_ADD = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="bug: blockdev-add options of the wrong type or "
-                   "missing reach the graph unchecked: TypeError, KeyError, AttributeError, "
-                   "ValueError come back as 'internal error in blockdev-add'")
 @pytest.mark.parametrize("case", sorted(BLOCKDEV_ADD))
 def test_blockdev_add_with_bad_options_is_an_error_not_a_bug(case: str) -> None:
     with serve() as s:
@@ -1086,10 +1079,6 @@ def test_blockdev_add_with_bad_options_is_an_error_not_a_bug(case: str) -> None:
         assert "error" in reply, reply
 
 
-@pytest.mark.xfail(strict=True, reason="bug: block-dirty-bitmap-edit that changes persistence "
-                   "or granularity without a new name fails with 'Bitmap already exists: "
-                   "NAME': its rebuild renames the temporary copy onto NAME in the same "
-                   "transaction that removes NAME, which is only hidden until the commit")
 @pytest.mark.parametrize("change", [{"persistent": True}, {"granularity": 1 << 20},
                                     {"new-name": "a", "persistent": True}])
 def test_edit_that_rebuilds_keeps_the_name(change: dict[str, Any]) -> None:
