@@ -1,5 +1,6 @@
 """Helpers shared by the fuzz tests (imported after putting this folder on ``sys.path``,
-as pytest's ``--import-mode=importlib`` does not): a file digest and a time limit."""
+as pytest's ``--import-mode=importlib`` does not): their hypothesis settings, a file digest
+and a time limit."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
+
+from hypothesis import HealthCheck, settings
 
 
 class FuzzTimeoutError(BaseException):
@@ -55,3 +59,13 @@ def file_digest(path: Path) -> str:
                 start += len(chunk)
             pos = end
     return h.hexdigest()
+
+
+def fuzz_settings(default: int, divisor: int = 1, **kw: Any) -> settings:
+    """``default`` examples, or ``DIRTYBITS_FUZZ_EXAMPLES // divisor``; derandomized when CI
+    is set (a red run replays); no deadline (the time limit guards each example)."""
+    env = os.environ.get("DIRTYBITS_FUZZ_EXAMPLES")
+    return settings(max_examples=max(1, int(env) // divisor) if env else default,
+                    derandomize=bool(os.environ.get("CI")), deadline=None, print_blob=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                                           HealthCheck.data_too_large], **kw)

@@ -55,12 +55,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import event, given, note
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: peers, also in the --worker child
-from fuzzfiles import FuzzTimeoutError, file_digest, time_limit
+from fuzzfiles import FuzzTimeoutError, file_digest, fuzz_settings, time_limit
 
 import peers
 from dirtybits.block.children import open_qcow2
@@ -95,18 +95,6 @@ MEMORY_LIMIT = 1 << 30
 IMAGE = "image.qcow2"
 U64 = (1 << 64) - 1
 
-
-def fuzz_settings(default: int, divisor: int = 1) -> settings:
-    """``default`` examples, or ``DIRTYBITS_FUZZ_EXAMPLES // divisor``; derandomized in CI."""
-    env = os.environ.get("DIRTYBITS_FUZZ_EXAMPLES")
-    return settings(
-        max_examples=max(1, int(env) // divisor) if env else default,
-        derandomize=bool(os.environ.get("CI")),
-        deadline=None,
-        print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                               HealthCheck.data_too_large],
-    )
 
 
 # ============================================================================ base images

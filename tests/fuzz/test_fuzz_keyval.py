@@ -16,16 +16,15 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fuzzfiles import time_limit
+from fuzzfiles import fuzz_settings, time_limit
 
 from dirtybits.errors import UsageError
 from dirtybits.proto.keyval import from_json, parse, parse_blockdev
@@ -35,18 +34,6 @@ from dirtybits.services.serve_options import parse_dirty_bitmap, parse_drive, re
 
 TIME_LIMIT = 10.0  # seconds per example; each takes milliseconds
 
-
-def fuzz_settings(default: int) -> settings:
-    """``default`` examples, or ``DIRTYBITS_FUZZ_EXAMPLES``; derandomized when CI is set."""
-    env = os.environ.get("DIRTYBITS_FUZZ_EXAMPLES")
-    return settings(
-        max_examples=int(env) if env else default,
-        derandomize=bool(os.environ.get("CI")),
-        deadline=None,
-        print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                               HealthCheck.data_too_large],
-    )
 
 
 # ---------------------------------------------------------------------------- random text

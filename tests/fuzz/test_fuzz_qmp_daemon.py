@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, event, given, note, settings
+from hypothesis import assume, event, given, note
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -60,7 +60,7 @@ from hypothesis.stateful import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fuzzfiles import time_limit
+from fuzzfiles import fuzz_settings, time_limit
 
 from dirtybits.proto.qmp.core import MAX_DEPTH, ErrorClass
 
@@ -76,13 +76,6 @@ CLASSES = {c.value for c in ErrorClass}
 # examples stay below ~975 because this test's own json parser recurses per level.
 RECURSION_FREE_DEPTH = 800
 
-
-def fuzz_settings(default: int, **kw: Any) -> settings:
-    env = os.environ.get("DIRTYBITS_FUZZ_EXAMPLES")
-    return settings(max_examples=int(env) if env else default,
-                    derandomize=bool(os.environ.get("CI")), deadline=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.filter_too_much], **kw)
 
 
 # ============================================================================ the daemon

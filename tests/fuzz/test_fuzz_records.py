@@ -11,13 +11,17 @@ sized so this file takes a few seconds); with ``CI`` set the runs are derandomiz
 
 from __future__ import annotations
 
-import os
 import struct
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, given, note, settings
+from hypothesis import assume, given, note
 from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fuzzfiles import fuzz_settings
 
 from dirtybits.errors import FormatError
 from dirtybits.format.qcow2 import refcount as rc
@@ -72,20 +76,6 @@ from dirtybits.format.qcow2.tables import (
     compressed_offset_bits,
     encode_compressed,
 )
-
-
-def fuzz_settings(default: int) -> settings:
-    """``default`` examples, or ``DIRTYBITS_FUZZ_EXAMPLES``; derandomized when CI is set."""
-    env = os.environ.get("DIRTYBITS_FUZZ_EXAMPLES")
-    return settings(
-        max_examples=int(env) if env else default,
-        derandomize=bool(os.environ.get("CI")),
-        deadline=None,
-        print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                               HealthCheck.data_too_large],
-    )
-
 
 U64 = (1 << 64) - 1
 

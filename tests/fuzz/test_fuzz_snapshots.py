@@ -30,7 +30,6 @@ ours than in QEMU's copy.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import sys
 from collections.abc import Callable
@@ -39,11 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import event, given, note
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fuzzfiles import FuzzTimeoutError, file_digest, time_limit
+from fuzzfiles import FuzzTimeoutError, file_digest, fuzz_settings, time_limit
 
 from dirtybits.block.children import open_qcow2
 from dirtybits.errors import DirtybitsError
@@ -56,13 +55,6 @@ OFLAG_COPIED = 1 << 63
 OFLAG_COMPRESSED = 1 << 62
 pytestmark = pytest.mark.interop
 
-
-def fuzz_settings(default: int) -> settings:
-    env = os.environ.get("DIRTYBITS_FUZZ_EXAMPLES")
-    return settings(max_examples=int(env) if env else default,
-                    derandomize=bool(os.environ.get("CI")), deadline=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.filter_too_much])
 
 
 # ============================================================================ base images
