@@ -148,3 +148,43 @@ async def dirtybits_serve(*args: Arg, timeout: float = 10) -> AsyncIterator[Qemu
 def missing(binaries: Iterable[str] = (QEMU_SYSTEM, STORAGE_DAEMON)) -> list[str]:
     """Which of the QMP peers are not on PATH."""
     return [b for b in binaries if shutil.which(b) is None]
+
+
+@dataclass
+class InProcess:
+    """Our daemon running in this process (``services.daemon.Daemon``) and a connected
+    ``qemu.qmp`` client; ``hmp`` collects what HMP ``qemu-io`` printed (stdout and stderr)."""
+
+    daemon: Any
+    qmp: QMPClient
+    sock: str
+    hmp: list[str]
+    waiter: asyncio.Future[None]
+
+    async def client(self, name: str = "extra") -> QMPClient:
+        c = QMPClient(name)
+        await c.connect(self.sock)
+        return c
+
+
+@asynccontextmanager
+async def in_process(config: Any, timeout: float = 20) -> AsyncIterator[InProcess]:
+    """Start ``Daemon(config)`` on the running loop (its first ``--qmp`` monitor is the one
+    connected), yield it; afterwards disconnect and stop it (it may have quit already), and
+    wait for it to close every node."""
+    from dirtybits.services.daemon import Daemon
+
+    hmp: list[str] = []
+    d = Daemon(config, hmp_out=hmp.append, hmp_err=hmp.append)
+    await d.start()
+    waiter = asyncio.ensure_future(d.wait())
+    sock = config.monitors[0].path
+    c = QMPClient("in-process")
+    try:
+        await c.connect(sock)
+        yield InProcess(d, c, sock, hmp, waiter)
+    finally:
+        with contextlib.suppress(EOFError, ConnectionError):
+            await c.disconnect()
+        d.stop()
+        await asyncio.wait_for(waiter, timeout)

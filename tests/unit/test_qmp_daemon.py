@@ -18,6 +18,7 @@ import pytest_asyncio
 from qemu.qmp import ExecuteError, QMPClient
 
 import dirtybits
+import peers.qmp
 from dirtybits.qcow2.image import Qcow2Image
 from dirtybits.services.daemon import Daemon, DaemonConfig, Monitor
 
@@ -51,22 +52,17 @@ class Running:
 
 @pytest_asyncio.fixture
 async def served(tmp_path: Path) -> AsyncIterator[Running]:
-    sock = str(tmp_path / "qmp.sock")
     img = qcow2(tmp_path / "a.qcow2")
-    hmp: list[str] = []
-    d = Daemon(DaemonConfig(blockdevs=[blockdev("n0", img)], monitors=[Monitor(sock)]),
-               hmp_out=hmp.append, hmp_err=hmp.append)
-    await d.start()
-    run = Running(d, sock, hmp)
-    waiter = asyncio.ensure_future(d.wait())
-    try:
-        yield run
-    finally:
-        for c in run.clients:
-            with contextlib.suppress(EOFError, ConnectionError):
-                await c.disconnect()
-        d.stop()
-        await asyncio.wait_for(waiter, 20)
+    config = DaemonConfig(blockdevs=[blockdev("n0", img)],
+                          monitors=[Monitor(str(tmp_path / "qmp.sock"))])
+    async with peers.qmp.in_process(config) as d:
+        run = Running(d.daemon, d.sock, d.hmp)
+        try:
+            yield run
+        finally:
+            for c in run.clients:
+                with contextlib.suppress(EOFError, ConnectionError):
+                    await c.disconnect()
 
 
 async def error_of(c: QMPClient, cmd: str, args: dict[str, Any] | None = None) -> tuple[str, str]:
@@ -248,23 +244,19 @@ async def test_monitors_are_independent(served: Running) -> None:
 
 
 async def test_quit_stops_and_leaves_bitmaps_clean(tmp_path: Path) -> None:
-    sock = str(tmp_path / "q.sock")
     img = qcow2(tmp_path / "a.qcow2")
-    d = Daemon(DaemonConfig(blockdevs=[blockdev("n0", img)], monitors=[Monitor(sock)]),
-               hmp_out=lambda text: None)
-    await d.start()
-    waiter = asyncio.ensure_future(d.wait())
-    c = QMPClient("q")
-    await c.connect(sock)
-    await c.execute("block-dirty-bitmap-add", {"node": "n0", "name": "a", "persistent": True})
-    await io(c, "n0", "write 0 64k")
-    events = c.events
-    await c.execute("quit")
-    ev = await asyncio.wait_for(events.get(), 5)
-    assert ev["event"] == "SHUTDOWN" and ev["data"]["reason"] == "host-qmp-quit"
-    await asyncio.wait_for(waiter, 20)
-    with contextlib.suppress(EOFError):
-        await c.disconnect()
+    config = DaemonConfig(blockdevs=[blockdev("n0", img)],
+                          monitors=[Monitor(str(tmp_path / "q.sock"))])
+    async with peers.qmp.in_process(config) as d:
+        c = d.qmp
+        await c.execute("block-dirty-bitmap-add", {"node": "n0", "name": "a",
+                                                   "persistent": True})
+        await io(c, "n0", "write 0 64k")
+        events = c.events
+        await c.execute("quit")
+        ev = await asyncio.wait_for(events.get(), 5)
+        assert ev["event"] == "SHUTDOWN" and ev["data"]["reason"] == "host-qmp-quit"
+        await asyncio.wait_for(asyncio.shield(d.waiter), 20)
     with dirtybits.open(img, readonly=True) as node:
         info = node.bitmaps.info("a")
         assert info.disk_state.value == "clean" and info.count == 64 * 1024
@@ -285,25 +277,15 @@ async def test_corruption_is_a_block_image_corrupted_event(tmp_path: Path) -> No
         l2 = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
         f.seek(l2)
         f.write(struct.pack(">Q", (1 << 63) | l1))
-    sock = str(tmp_path / "q.sock")
-    d = Daemon(DaemonConfig(blockdevs=[blockdev("n0", img)], monitors=[Monitor(sock)]),
-               hmp_out=lambda text: None)
-    await d.start()
-    waiter = asyncio.ensure_future(d.wait())
-    c = QMPClient("c")
-    await c.connect(sock)
-    try:
-        await io(c, "n0", "write 0 512")
-        ev = await asyncio.wait_for(c.events.get(), 5)
+    config = DaemonConfig(blockdevs=[blockdev("n0", img)],
+                          monitors=[Monitor(str(tmp_path / "q.sock"))])
+    async with peers.qmp.in_process(config) as d:
+        await io(d.qmp, "n0", "write 0 512")
+        ev = await asyncio.wait_for(d.qmp.events.get(), 5)
         assert ev["event"] == "BLOCK_IMAGE_CORRUPTED"
         assert ev["data"] == {"device": "", "node-name": "n0", "fatal": True, "offset": l1,
                               "size": 512, "msg": "Preventing invalid write on metadata "
                                                   "(overlaps with active L1 table)"}
-    finally:
-        with contextlib.suppress(EOFError, ConnectionError):
-            await c.disconnect()
-        d.stop()
-        await asyncio.wait_for(waiter, 20)
 
 
 async def test_query_reports_the_image_as_it_is_on_disk(served: Running) -> None:

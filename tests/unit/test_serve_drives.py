@@ -6,7 +6,6 @@ the same command line. Each daemon runs in process, driven over QMP by ``qemu.qm
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from qemu.qmp import QMPClient
 
 import dirtybits
+import peers.qmp
 from dirtybits.errors import DirtybitsError, UsageError
 from dirtybits.qcow2.image import Qcow2Image
 from dirtybits.services.daemon import Daemon, configure
@@ -35,20 +35,9 @@ def raw(path: Path, size: int = 8 * MiB) -> str:
 @contextlib.asynccontextmanager
 async def serve(tmp: Path, drives: Sequence[str], bitmaps: Sequence[str] = ()
                 ) -> AsyncIterator[QMPClient]:
-    sock = str(tmp / "q.sock")
-    d = Daemon(configure(drives=drives, bitmaps=bitmaps, qmp=[f"unix:{sock}"]),
-               hmp_out=lambda text: None)
-    await d.start()
-    waiter = asyncio.ensure_future(d.wait())
-    c = QMPClient("t")
-    await c.connect(sock)
-    try:
-        yield c
-    finally:
-        with contextlib.suppress(EOFError, ConnectionError):
-            await c.disconnect()
-        d.stop()
-        await asyncio.wait_for(waiter, 20)
+    config = configure(drives=drives, bitmaps=bitmaps, qmp=[f"unix:{tmp / 'q.sock'}"])
+    async with peers.qmp.in_process(config) as d:
+        yield d.qmp
 
 
 async def start_fails(tmp: Path, drives: Sequence[str], bitmaps: Sequence[str] = ()) -> str:
