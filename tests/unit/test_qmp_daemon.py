@@ -329,3 +329,27 @@ async def test_our_blocking_client(served: Running) -> None:
     nodes, err = await asyncio.to_thread(session)
     assert [b["name"] for b in nodes[0]["dirty-bitmaps"]] == ["x"]
     assert (err.cls, err.desc) == ("GenericError", "Bitmap already exists: x")
+
+
+async def test_a_metadata_image_over_a_raw_data_file(served: Running, tmp_path: Path) -> None:
+    """A raw drive's metadata image (qcow2, ``data_file_raw=on``): by the data file its
+    header names, and with ``data-file`` naming a node; writes land in the raw file and
+    are recorded in the image's persistent bitmap."""
+    raw = tmp_path / "d.raw"
+    meta = str(tmp_path / "d.qcow2")
+    Qcow2Image.create(meta, 8 * MiB, data_file=str(raw), data_file_raw=True)
+    c = await served.client()
+    await c.execute("blockdev-add", blockdev("m0", meta))
+    await c.execute("block-dirty-bitmap-add", {"node": "m0", "name": "b", "persistent": True})
+    await io(c, "m0", "write -P 0x5a 1M 64k")
+    await c.execute("blockdev-del", {"node-name": "m0"})
+    assert raw.read_bytes()[MiB:MiB + 65536] == b"\x5a" * 65536
+    await c.execute("blockdev-add", {"driver": "file", "node-name": "d", "filename": str(raw)})
+    await c.execute("blockdev-add", {**blockdev("m1", meta), "data-file": "d"})
+    bm = {b["name"]: b for n in await c.execute("query-named-block-nodes")
+          if n["node-name"] == "m1" for b in n["dirty-bitmaps"]}
+    assert bm["b"]["count"] == 65536 and bm["b"]["x-dirtybits"]["disk-state"] == "clean"
+    await io(c, "m1", "read -P 0x5a 1M 64k")
+    assert "read 65536/65536 bytes at offset 1048576" in served.hmp[-1]
+    assert await error_of(c, "blockdev-del", {"node-name": "d"}) == \
+        ("GenericError", "Block device d is in use")
