@@ -77,9 +77,11 @@ DISK_SIZES = (8 * MiB, 8 * MiB - 3 * 512, 6 * MiB + 5 * 4 * KiB + 512)
 _STRICT = os.environ.get("DIRTYBITS_REQUIRE_INTEROP") == "1" or os.environ.get("CI") == "true"
 
 # CI: derandomized, so a red run is reproducible. test_machine_finds_planted_bug fails if the
-# budget drops below what finds the planted bugs.
+# budget drops below what finds the planted bugs. 100 examples: alone, 10 find every plant,
+# but after some other test files in the same process (tests/unit's first nine) 60 did not
+# find the dense merge (why the draws differ there is not understood yet).
 MODEL_SETTINGS = settings(
-    max_examples=int(os.environ.get("DIRTYBITS_REGISTRY_MODEL_EXAMPLES", "30")),
+    max_examples=int(os.environ.get("DIRTYBITS_REGISTRY_MODEL_EXAMPLES", "100")),
     stateful_step_count=50,
     deadline=None,
     derandomize=_STRICT,
