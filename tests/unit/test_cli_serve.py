@@ -129,6 +129,9 @@ def test_start_up_failure_says_why_and_leaves_nothing(tmp_path: Path, daemonize:
                            "No such file or directory\n")
     assert not sock.exists() and not pidfile.exists()
     peers.qemu_img("check", img)  # closed again, not left locked or dirty
+    done = peers.db("serve", "--qmp", f"unix:{tmp_path}/no/such/dir/q.sock", ok=(1,))
+    assert done.stderr == (f"dirtybits serve: cannot listen on '{tmp_path}/no/such/dir/"
+                           "q.sock': No such file or directory\n")
     done = peers.db("serve", "--qmp", "tcp:1234", ok=(1,))
     assert "only unix:PATH" in done.stderr
     done = peers.db("serve", "--blockdev", "{bad", ok=(1,))

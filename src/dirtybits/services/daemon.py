@@ -158,6 +158,9 @@ async def _serve(config: DaemonConfig, ready: Callable[[str | None], None]) -> i
     except DirtybitsError as exc:
         ready(str(exc))
         return 1
+    except OSError as exc:  # anything the layers below did not put in words of their own
+        ready(f"{exc.strerror or exc}" + (f": '{exc.filename}'" if exc.filename else ""))
+        return 1
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop)

@@ -26,7 +26,7 @@ import os
 from typing import TYPE_CHECKING
 
 from dirtybits.block.graph import BlockGraph, GraphError
-from dirtybits.errors import UsageError
+from dirtybits.errors import DirtybitsError, UsageError
 
 if TYPE_CHECKING:
     from dirtybits.services.serve_options import DirtyBitmapOption, DriveOption, ServeOptions
@@ -44,12 +44,15 @@ def open_drives(graph: BlockGraph, options: ServeOptions) -> None:
         for b in options.bitmaps:
             _bind(graph, b, options.container_path(b))
     except BaseException:
-        for name in reversed(opened):
+        for name in reversed(opened):  # the first error is the one to report
             graph.devices.pop(name, None)
             gn = graph.nodes.get(name)
             if gn is not None:
                 gn.parents.pop(f"device {name}", None)
-                graph.delete(name)
+                try:
+                    graph.delete(name)
+                except DirtybitsError as exc:
+                    log.error("closing drive %s after a failed start: %s", name, exc)
         raise
 
 

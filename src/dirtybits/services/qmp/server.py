@@ -121,10 +121,16 @@ class QmpServer:
 
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise DirtybitsError(f"'{path}' exists and is not a socket")
-            os.unlink(path)
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                raise DirtybitsError(f"cannot replace the socket '{path}': "
+                                     f"{exc.strerror or exc}") from exc
         old = os.umask(0o777 & ~mode)
         try:
             server = await asyncio.start_unix_server(self._accept, path)
+        except OSError as exc:
+            raise DirtybitsError(f"cannot listen on '{path}': {exc.strerror or exc}") from exc
         finally:
             os.umask(old)
         os.chmod(path, mode)
