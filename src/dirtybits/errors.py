@@ -67,7 +67,13 @@ class ImageIOError(ImageError):
 
 
 class LockError(ImageError):
-    """Another process holds a conflicting lock on the image."""
+    """Another process holds a conflicting lock on the image. ``hint`` is the line a
+    command line adds (QEMU keeps hints out of QMP errors); ``reason`` the text without it."""
+
+    def __init__(self, reason: str, hint: str = "") -> None:
+        super().__init__(f"{reason}\n{hint}" if hint else reason)
+        self.reason = reason
+        self.hint = hint
 
 
 class UsageError(DirtybitsError):

@@ -213,12 +213,12 @@ class FileLock:
         except LockError as exc:
             with contextlib.suppress(LockError):  # only unlocks; report the first error
                 self._set_bytes(self._wanted(old), unlock=True)
-            msg = str(exc)
-            if msg.startswith("Failed to get"):
-                msg += f"\nIs another process using the image [{self.path}]?"
+            msg = exc.reason
+            hint = (f"Is another process using the image [{self.path}]?"
+                    if msg.startswith("Failed to get") else "")
             log.debug("%s: lock conflict for perm=%#x shared=%#x: %s", self.path, p.perm,
                       p.shared, exc)
-            raise LockError(msg) from None
+            raise LockError(msg, hint) from None
         self._set_bytes(self._wanted(p), unlock=True)
         self.perms = p
         log.debug("%s: locked perm=%#x shared=%#x (bytes %s)", self.path, p.perm, p.shared,
@@ -272,7 +272,7 @@ class ImageLock:
         except LockError as exc:
             os.close(self._fd)
             self._fd = -1
-            raise LockError(f"{self.prefix}{exc}") from None
+            raise LockError(f"{self.prefix}{exc.reason}", exc.hint) from None
         except BaseException:
             os.close(self._fd)
             self._fd = -1

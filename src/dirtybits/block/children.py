@@ -73,7 +73,7 @@ def open_backing_file(path: str, fmt: str | None, *, force_share: bool = False,
             return RawImage(path, readonly=True, force_share=force_share)
         raise UnsupportedFeatureError(f"backing file format '{fmt}' is not supported")
     except LockError as exc:
-        raise LockError(f"Could not open backing file: {exc}") from None
+        raise LockError(f"Could not open backing file: {exc.reason}", exc.hint) from None
 
 
 class HeaderChildren:

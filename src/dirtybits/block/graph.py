@@ -169,7 +169,7 @@ class BlockGraph:
             return name
         made: list[str] = []  # implicit children made here, removed if the open fails
         try:
-            file_name = self._child(opts["file"], made, "file", readonly,
+            file_name = self._child(opts["file"], made, readonly,
                                     {"direct": direct, "no-flush": no_flush})
             fgn = self.nodes[file_name]
             if fgn.driver != "file":
@@ -182,11 +182,10 @@ class BlockGraph:
         except BaseException:
             for child in reversed(made):
                 self._drop(child)
-            for role, child in gn.children.items():
+            for child in gn.children.values():
                 cg = self.nodes.get(child)
                 if cg is not None:
                     cg.parents.pop(name, None)
-                del role
             if gn.data_file is not None:
                 gn.data_file.close()
             raise
@@ -208,8 +207,8 @@ class BlockGraph:
         if os.path.isdir(path):
             raise GraphError(f"'{path}' is not a regular file or block device")
 
-    def _child(self, ref: str | dict[str, Any], made: list[str], role: str,
-               readonly: bool, inherit: dict[str, Any] | None = None) -> str:
+    def _child(self, ref: str | dict[str, Any], made: list[str], readonly: bool,
+               inherit: dict[str, Any] | None = None) -> str:
         """A child reference (a node name, or inline options added as an implicit node)."""
         if isinstance(ref, str):
             self.lookup(ref)
@@ -270,12 +269,12 @@ class BlockGraph:
             if "backing" in opts:
                 open_backing = False
                 if opts["backing"] is not None:
-                    bname = self._child(opts["backing"], made, "backing", True)
+                    bname = self._child(opts["backing"], made, True)
                     bgn = self.nodes[bname]
                     backing = self.open_node(bgn)
                     gn.children["backing"] = bname
             if "data-file" in opts:
-                dname = self._child(opts["data-file"], made, "data-file", ro)
+                dname = self._child(opts["data-file"], made, ro)
                 dgn = self.nodes[dname]
                 if dgn.driver != "file":
                     raise GraphError(f"the data-file of '{gn.name}' must be a 'file' node")

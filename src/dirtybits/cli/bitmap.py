@@ -150,7 +150,7 @@ def _merge(node: BlockNode, target: str, source: str, args: argparse.Namespace) 
     try:
         src = open_for_bitmaps(args.source_file, readonly=True, open_backing=False)
     except LockError as exc:  # e.g. the source is the image being changed: qemu-img's words
-        raise LockError(f"Could not open '{args.source_file}': {exc}") from None
+        raise LockError(f"Could not open '{args.source_file}': {exc.reason}", exc.hint) from None
     with src:
         node.bitmaps.merge(target, [(src.bitmaps, source)])
 

@@ -418,10 +418,7 @@ def qmp_text(exc: DirtybitsError) -> str:
     conflict (QEMU keeps hints out of QMP errors)."""
     from dirtybits.errors import LockError
 
-    text = str(exc)
-    if isinstance(exc, LockError):
-        text = text.split("\nIs another process using the image", 1)[0]
-    return text
+    return exc.reason if isinstance(exc, LockError) else str(exc)
 
 
 def _monitor_text(text: str) -> str:
