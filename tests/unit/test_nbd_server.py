@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 import dirtybits
+import peers
 from dirtybits.block.aio import AsyncBlockLayer
 from dirtybits.block.owner import BlockOwner
 from dirtybits.errors import DirtybitsError
@@ -32,11 +33,9 @@ from dirtybits.proto.nbd.constants import (
     Rep,
     ReplyType,
 )
-from dirtybits.services.nbd.export import ExportError, ExportSpec, create_export
 from dirtybits.qcow2.image import Qcow2Image
+from dirtybits.services.nbd.export import ExportError, ExportSpec, create_export
 from dirtybits.services.nbd.server import NbdServer
-
-import peers
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 MiB = 1 << 20
@@ -215,7 +214,7 @@ async def test_writes_land_are_tracked_and_read_back(image: Path, inline: bool) 
 
 
 async def test_exported_bitmaps_are_busy_until_the_server_closes(image: Path) -> None:
-    server, node, path, rest = await _serve(
+    server, node, _, rest = await _serve(
         image, ExportSpec("e0", "", writable=True, bitmaps=["b0", "off"]))
     layer = server.layer
     try:
