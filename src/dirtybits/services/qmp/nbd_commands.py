@@ -263,7 +263,7 @@ class NbdCommands:
             if name in server.exports:
                 raise QmpError(f"NBD server already has export named '{name}'")
             if writable and node.readonly and not legacy:  # nbd-server-add downgrades
-                raise QmpError("Block node is read-only")
+                raise QmpError("Cannot export read-only node as writable")
             spec = ExportSpec(id=eid, name=name, description=opts.get("description", ""),
                               writable=writable and not node.readonly, bitmaps=bitmaps,
                               allocation_depth=bool(opts.get("allocation-depth", False)),
@@ -319,8 +319,10 @@ class NbdCommands:
         return {}
 
     async def query_block_exports(self, args: dict[str, Any]) -> Any:
+        # newest first, as QEMU's list (QLIST_INSERT_HEAD)
         return [{"type": "nbd", "id": eid, "node-name": e.node_name,
-                 "shutting-down": e.shutting_down} for eid, e in self.exports.items()]
+                 "shutting-down": e.shutting_down}
+                for eid, e in reversed(self.exports.items())]
 
     async def nbd_server_add(self, args: dict[str, Any]) -> Any:
         device = args["device"]
