@@ -76,7 +76,9 @@ class NbdExport:
         self.id = spec.id
         self.name = spec.name
         self.owner = f"nbd export '{spec.id}'"
-        self.size = node.size // SECTOR * SECTOR  # QEMU exports whole sectors
+        # QEMU sees whole sectors: a raw file of 1000 bytes is a 1024-byte disk whose tail
+        # reads as zeroes
+        self.size = -(-node.size // SECTOR) * SECTOR
         self.writable = spec.writable
         self.closed = False
         flags = (TF.NBD_FLAG_HAS_FLAGS | TF.NBD_FLAG_SEND_FLUSH | TF.NBD_FLAG_SEND_FUA
@@ -116,10 +118,11 @@ class NbdExport:
         or (``zero_copy``, a read-only node only: its mapping never changes) a run of the
         image file to send from the page cache with ``os.sendfile``."""
         node = self.node
+        real = max(0, min(length, node.size - offset))  # the rest: the sector's zero tail
         if not sparse or not length:
             buf = bytearray(header + length)
-            if length:
-                node.read_into(offset, memoryview(buf)[header:])
+            if real:
+                node.read_into(offset, memoryview(buf)[header:header + real])
             return [Piece(offset, length, buf)]
         zero_copy = zero_copy and node.readonly and hasattr(node.driver, "host_extent")
         out: list[Piece] = []
@@ -133,8 +136,8 @@ class NbdExport:
                 out.append(Piece(start, end - start, buf))
                 pending.clear()
 
-        pos, end = offset, offset + length
-        for ext in node.block_status(offset, length):
+        pos, end = offset, offset + real
+        for ext in node.block_status(offset, real) if real else ():
             stop = min(ext.start + ext.length, end)
             if stop <= pos:
                 continue
@@ -155,6 +158,8 @@ class NbdExport:
         if pos < end:  # past what block status covered
             pending[:] = [pending[0] if pending else pos, end]
         flush_data()
+        if real < length:
+            out.append(Piece(offset + real, length - real, None))
         return out
 
     def status_extents(self, contexts: tuple[tuple[int, str], ...], offset: int, length: int,
