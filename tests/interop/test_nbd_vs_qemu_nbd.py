@@ -10,6 +10,7 @@ only where they must: socket paths and ports (``Served.scrub``).
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import shutil
@@ -116,8 +117,30 @@ def pair(kind: str, source: Path, tmp_path: Path) -> Pair:
     return Pair(kind, source, tmp_path)
 
 
+def diff(ref: object, got: object, where: str = "") -> list[str]:
+    """Where ``got`` differs from ``ref``: a unified diff of each differing text (in dicts,
+    lists and tuples, by key or index), else the two values."""
+    if isinstance(ref, dict) and isinstance(got, dict) and ref.keys() == got.keys():
+        return [d for k in ref for d in diff(ref[k], got[k], f"{where}[{k!r}]")]
+    if isinstance(ref, (list, tuple)) and isinstance(got, (list, tuple)) \
+            and len(ref) == len(got) and not all(isinstance(x, int) for x in ref):
+        return [d for i, (r, g) in enumerate(zip(ref, got, strict=True))
+                for d in diff(r, g, f"{where}[{i}]")]
+    if ref == got:
+        return []
+    if isinstance(ref, str) and isinstance(got, str):
+        lines = difflib.unified_diff(ref.splitlines(), got.splitlines(), "qemu-nbd", "ours",
+                                     lineterm="", n=2)
+        return [f"{where}:", *lines]
+    return [f"{where}: qemu-nbd {ref!r:.2000}", f"{where}:     ours {got!r:.2000}"]
+
+
 def same(ref: T, got: T, what: str = "") -> None:
-    assert got == ref, f"{what}: the server under test differs from qemu-nbd"
+    """``got`` (the server under test) equals ``ref`` (qemu-nbd), or a failure that shows
+    where they differ."""
+    if got != ref:
+        pytest.fail(f"{what}: the server under test differs from qemu-nbd\n"
+                    + "\n".join(diff(ref, got)), pytrace=False)
 
 
 def scrubbed(done: peers.Done, srv: Served) -> tuple[int, str, str]:
@@ -423,7 +446,7 @@ for off in range(0, size, 1 << 20):
 out["chunks"] = chunks
 h.shutdown()
 
-out["replies"] = {}
+out["replies"], out["req_one"] = {}, {}
 for c in contexts:
     h = handle(c)
     replies, off = [], 0
@@ -437,6 +460,18 @@ for c in contexts:
         h.block_status(size - off, off, extents)
         off += sum(e for r in replies[n:] if r[0] == c for e in r[2][::2])
     out["replies"][c] = replies
+    # REQ_ONE (QEMU's own client asks so): from each extent's start, and from odd offsets
+    starts = sorted({r[1] + sum(r[2][:i:2]) for r in replies if r[0] == c
+                     for i in range(0, len(r[2]), 2)} | {100, 70000, size - 1})
+    one = []
+    for start in starts:
+        for n in (size - start, 1000):
+            got = []
+            res = maybe(h.block_status, min(n, size - start), start,
+                        lambda m, o, e, err: got.append([m, o, list(e)]) or 0,
+                        nbd.CMD_FLAG_REQ_ONE)
+            one.append([start, n, got if res is None else res])
+    out["req_one"][c] = one
     h.shutdown()
 print(json.dumps(out))
 '''
@@ -467,13 +502,28 @@ def probe(srv: Served, contexts: list[str], ranges: list[tuple[int, int]],
 def compare_probes(ref: dict[str, Any], got: dict[str, Any]) -> None:
     """What the replies say first (a clearer failure), then exactly how they were cut."""
     for key in ref:
-        if key in ("replies", "chunks"):
+        if key in ("replies", "req_one", "chunks"):
             continue
         same(ref[key], got[key], f"libnbd {key}")
     for c in ref["replies"]:
         same(merged(ref["replies"][c]), merged(got["replies"][c]), f"extents of {c}")
     same(ref["replies"], got["replies"], "block-status replies, as cut by the server")
-    same(ref["chunks"], got["chunks"], "structured read chunks (data/hole)")
+    same(ref["req_one"], got["req_one"], "block-status replies to REQ_ONE ([offset, "
+         "count, replies or error])")
+    same(joined(ref["chunks"]), joined(got["chunks"]), "structured read: data and holes")
+    same(ref["chunks"], got["chunks"], "structured read chunks, as cut by the server")
+
+
+def joined(chunks: list[list[int]]) -> list[tuple[int, int, int]]:
+    """Structured-read chunks ``[offset, length, status]``, adjacent ones of the same status
+    joined: where the server says data and where holes, whatever its chunking."""
+    out: list[tuple[int, int, int]] = []
+    for off, n, st in chunks:
+        if out and out[-1][2] == st and out[-1][0] + out[-1][1] == off:
+            out[-1] = (out[-1][0], out[-1][1] + n, st)
+        else:
+            out.append((off, n, st))
+    return out
 
 
 RANGES = [(0, 1), (65535, 3), (524287, 2), (SIZE - 4, 4), (SIZE - 1, 1), (SIZE, 1),
