@@ -286,7 +286,8 @@ class NbdConnection(asyncio.Protocol):
     # ---------------------------------------------------------------- the core's events
     def _send(self, data: bytes | bytearray) -> None:
         if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+            # a view: what the socket does not take at once is copied once, not sliced first
+            self.transport.write(memoryview(data))
 
     def _pump(self) -> None:
         core = self.core
