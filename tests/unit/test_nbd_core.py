@@ -320,6 +320,11 @@ def test_requests_are_parsed_whole_whatever_the_segmentation() -> None:
      "len (34603008) is larger than max len (33554432)"),
     (Cmd.NBD_CMD_FLUSH, 0, 0, CmdFlag.NBD_CMD_FLAG_REQ_ONE, Errno.NBD_EINVAL,
      "unsupported flags for command flush (got 0x8)"),
+    # bits the protocol does not define at all (IntFlag's ~ alone would let them through)
+    (Cmd.NBD_CMD_READ, 0, 512, 0x20, Errno.NBD_EINVAL,
+     "unsupported flags for command read (got 0x20)"),
+    (Cmd.NBD_CMD_WRITE_ZEROES, 0, 512, 0x8001, Errno.NBD_EINVAL,
+     "unsupported flags for command write zeroes (got 0x8001)"),
     (Cmd.NBD_CMD_BLOCK_STATUS, 0, 0, 0, Errno.NBD_EINVAL, "need non-zero length"),
     (Cmd.NBD_CMD_BLOCK_STATUS, 0, 512, 0, Errno.NBD_EINVAL, "CMD_BLOCK_STATUS not negotiated"),
     (42, 0, 0, 0, Errno.NBD_EINVAL, "invalid request type (42) received"),

@@ -571,7 +571,7 @@ class ServerConnection:
             valid |= CmdFlag.NBD_CMD_FLAG_NO_HOLE | CmdFlag.NBD_CMD_FLAG_FAST_ZERO
         elif cmd == Cmd.NBD_CMD_BLOCK_STATUS:
             valid |= CmdFlag.NBD_CMD_FLAG_REQ_ONE
-        if req.flags & ~valid:
+        if req.flags & ~int(valid):  # every bit: ~ of an IntFlag keeps only known flags
             return bad(Errno.NBD_EINVAL, f"unsupported flags for command {cmd_name(cmd)} "
                        f"(got 0x{req.flags:x})")
         try:
