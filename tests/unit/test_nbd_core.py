@@ -283,6 +283,19 @@ def test_unknown_and_oversized_options_get_errors_and_negotiation_goes_on() -> N
     assert p.option(Option.NBD_OPT_LIST)[-1].rep == Rep.NBD_REP_ACK
 
 
+def test_oversized_options_without_an_option_reply_close() -> None:
+    """EXPORT_NAME has no option reply, nor has any option of a client that is not fixed
+    newstyle: an oversized one closes instead of being drained and answered."""
+    p = Pair()
+    (ev,) = p.send(p.client.option(Option.NBD_OPT_EXPORT_NAME, bytes(70_000)))
+    assert ev == Close("Bad length received")
+    assert p.client_events() == []
+    q = Pair(flags=NBD_FLAG_C_NO_ZEROES)
+    (ev,) = q.send(q.client.option(Option.NBD_OPT_LIST, bytes(70_000)))
+    assert ev == Close("Unsupported option 3 (not fixed newstyle)")
+    assert q.client_events() == []
+
+
 def test_abort_acknowledges_and_closes() -> None:
     p = Pair()
     events = p.send(p.client.option(Option.NBD_OPT_ABORT))
