@@ -560,7 +560,7 @@ class BitmapRegistry:
         end = self._size if length is None else min(self._size, offset + length)
         if lb.inconsistent:
             return []
-        return list(self._view_bits(lb).dirty_extents(offset, end))
+        return list(self._view_bits(lb).dirty_extents(offset, end - offset))
 
     @_owned
     def runs(self, name: str, end: int) -> list[tuple[int, int, bool]]:
