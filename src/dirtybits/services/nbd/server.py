@@ -68,6 +68,36 @@ def nbd_errno(exc: BaseException) -> Errno:
     return Errno.NBD_EIO
 
 
+MMAP_THRESHOLD = 4 << 20  # buffers above this are mmapped and given back when freed
+
+
+def tame_malloc() -> None:
+    """Fix glibc's mmap threshold (``mallopt(M_MMAP_THRESHOLD)``). By default it grows to
+    the largest buffer freed so far, so after a few 32 MiB requests every such buffer comes
+    from the heap, and the heap, fragmented by clients that come and go, never shrinks:
+    rounds of large requests grew a server by ~64 MiB each. With a fixed threshold a large
+    buffer is its own mapping, returned to the system when freed; 1 MiB requests still
+    reuse heap memory. Nothing happens where there is no glibc."""
+    global _tamed
+    if _tamed:
+        return
+    _tamed = True
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_mmap_threshold = -3
+    if not mallopt(m_mmap_threshold, MMAP_THRESHOLD):
+        log.debug("mallopt(M_MMAP_THRESHOLD) refused")
+
+
+_tamed = False
+
+
 class NbdListenError(DirtybitsError):
     """A socket could not be made (QEMU's text)."""
 
@@ -80,6 +110,7 @@ class NbdServer:
                  shared: int = 0, persistent: bool = True, zero_copy: bool = True,
                  on_idle: Callable[[], None] | None = None) -> None:
         self.layer = layer if layer is not None else AsyncBlockLayer()
+        tame_malloc()
         self.inline = inline
         self.zero_copy = zero_copy  # data chunks of read-only images by os.sendfile
         self.tls = tls
