@@ -35,6 +35,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "snapshot": ("dirtybits.cli.snapshot", "list, create, apply or delete internal snapshots"),
     "amend": ("dirtybits.cli.amend", "change dirtybits options of an image (resilient mode)"),
     "container": ("dirtybits.cli.container", "bitmaps for many raw drives in one qcow2 file"),
+    "nbd": ("dirtybits.cli.nbd", "serve a disk image over NBD (qemu-nbd's options)"),
     "serve": ("dirtybits.cli.serve", "keep drives open and serve them over QMP (a daemon)"),
     "demo": ("dirtybits.cli.demo", "run the built-in demonstration"),
 }

@@ -18,7 +18,6 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,51 +173,10 @@ def run(config: DaemonConfig, *, daemonize: bool = False,
     """Run the daemon until it is stopped; its exit status. ``report`` gets a start-up
     failure's text (default: stderr). With ``daemonize`` the caller's process returns once
     the daemon is ready (0) or failed (1), and the daemon runs on in a child."""
-    say = report or (lambda text: print(text, file=sys.stderr))
-    if not daemonize:
-        def ready(err: str | None) -> None:
-            if err is not None:
-                say(err)
+    from dirtybits.services.background import run_service
 
-        return asyncio.run(_serve(config, ready))
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(wfd)
-        with os.fdopen(rfd, "rb") as r:
-            msg = r.read()
-        if msg == b"ok":
-            return 0
-        say(msg.decode(errors="replace") or "the daemon died during start-up")
-        os.waitpid(pid, 0)
-        return 1
-    os.close(rfd)
-    os.setsid()
-    _detach_stdio()
-
-    def tell(err: str | None) -> None:
-        with contextlib.suppress(OSError):
-            os.write(wfd, b"ok" if err is None else err.encode())
-            os.close(wfd)
-        if err is None:  # started: let go of the caller's stderr too, as QEMU does
-            null = os.open(os.devnull, os.O_RDWR)
-            os.dup2(null, 2)
-            os.close(null)
-
-    code = 1
-    try:
-        code = asyncio.run(_serve(config, tell))
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(wfd)
-        os._exit(code)
-
-
-def _detach_stdio() -> None:
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1):
-        os.dup2(null, fd)
-    os.close(null)
+    return run_service(lambda ready: _serve(config, ready), daemonize=daemonize,
+                       report=report)
 
 
 def configure(*, blockdevs: Sequence[str] = (), drives: Sequence[str] = (),

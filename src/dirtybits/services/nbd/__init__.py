@@ -1,0 +1,1 @@
+"""The NBD server (asyncio) over the sans-I/O core in ``dirtybits.proto.nbd``."""

@@ -1,0 +1,200 @@
+"""An NBD export: a block node shared under a name, and the block-thread work of its requests.
+
+An export is made on the block thread (``create_export``): the bitmaps it shares are checked
+as QEMU checks them (found on the node, not busy, not inconsistent, not an enabled bitmap
+under a read-only export of a writable node) and marked busy with the export as owner until
+it is closed, so nothing merges into or clears a bitmap a client is reading. The functions
+here (``read_pieces``, ``status_extents``) each run as one call on the block thread: they
+return plain data for the event loop to send.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from dirtybits.block.node import BlockNode
+from dirtybits.errors import DirtybitsError
+from dirtybits.proto.nbd import status
+from dirtybits.proto.nbd.constants import (
+    CONTEXT_ALLOCATION_DEPTH,
+    CONTEXT_BASE_ALLOCATION,
+    CONTEXT_DIRTY_BITMAP,
+    NBD_MAX_BUFFER_SIZE,
+    NBD_STATE_HOLE,
+    NBD_STATE_ZERO,
+    TransmissionFlag,
+)
+from dirtybits.proto.nbd.server import ExportView
+
+log = logging.getLogger(__name__)
+
+TF = TransmissionFlag
+SECTOR = 512
+
+
+class ExportError(DirtybitsError):
+    """An export cannot be made or changed (QEMU's text)."""
+
+
+@dataclass
+class ExportSpec:
+    """What ``block-export-add`` / ``qemu-nbd`` ask for."""
+
+    id: str
+    name: str
+    description: str = ""
+    writable: bool = False
+    bitmaps: list[str] = field(default_factory=list)
+    allocation_depth: bool = False
+    multi_conn: bool | None = None  # None: QEMU's auto (on for read-only exports)
+    writethrough: bool = False  # flush after every write (block-export-add's writethrough)
+    detect_zeroes: str = "off"  # off | on | unmap: a write of zeroes becomes write-zeroes
+
+
+class NbdExport:
+    """One export. ``view`` is what negotiation shows; ``owner`` marks its bitmaps busy."""
+
+    def __init__(self, spec: ExportSpec, node: BlockNode) -> None:
+        self.spec = spec
+        self.node = node
+        self.id = spec.id
+        self.name = spec.name
+        self.owner = f"nbd export '{spec.id}'"
+        self.size = node.size // SECTOR * SECTOR  # QEMU exports whole sectors
+        self.writable = spec.writable
+        self.closed = False
+        flags = (TF.NBD_FLAG_HAS_FLAGS | TF.NBD_FLAG_SEND_FLUSH | TF.NBD_FLAG_SEND_FUA
+                 | TF.NBD_FLAG_SEND_CACHE)
+        if spec.writable:
+            flags |= (TF.NBD_FLAG_SEND_TRIM | TF.NBD_FLAG_SEND_WRITE_ZEROES
+                      | TF.NBD_FLAG_SEND_FAST_ZERO)
+        else:
+            flags |= TF.NBD_FLAG_READ_ONLY
+        multi = spec.multi_conn if spec.multi_conn is not None else not spec.writable
+        if multi:
+            flags |= TF.NBD_FLAG_CAN_MULTI_CONN
+        self.view = ExportView(
+            name=spec.name, size=self.size, flags=flags, description=spec.description,
+            allocation_depth=spec.allocation_depth, bitmaps=tuple(spec.bitmaps),
+            max_block=NBD_MAX_BUFFER_SIZE)
+
+    # ---------------------------------------------------------------- life (block thread)
+    def close(self) -> None:
+        """Give the bitmaps back (block thread); idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for name in self.spec.bitmaps:
+            try:
+                if self.node.bitmaps.find(name) is not None:
+                    self.node.bitmaps.set_busy(name, None)
+            except DirtybitsError as exc:  # the node went away under us: nothing to give back
+                log.debug("export %s: freeing bitmap %s: %s", self.id, name, exc)
+
+    # ---------------------------------------------------------------- requests (block thread)
+    def read_pieces(self, offset: int, length: int, header: int, sparse: bool
+                    ) -> list[tuple[int, int, bytearray | None]]:
+        """The READ of ``[offset, offset+length)`` as ``(offset, length, buffer)`` pieces:
+        ``buffer`` has ``header`` bytes free in front of the data (the reply is sent as one
+        buffer), or is None for a hole (``sparse``: zero ranges become hole chunks, as
+        QEMU's ``nbd_co_send_sparse_read``)."""
+        node = self.node
+        if not sparse or not length:
+            buf = bytearray(header + length)
+            if length:
+                node.read_into(offset, memoryview(buf)[header:])
+            return [(offset, length, buf)]
+        runs: list[tuple[int, int, bool]] = []
+        for ext in node.block_status(offset, length):
+            zero = ext.zero
+            if runs and runs[-1][2] == zero:
+                start, n, _ = runs[-1]
+                runs[-1] = (start, n + ext.length, zero)
+            else:
+                runs.append((ext.start, ext.length, zero))
+        out: list[tuple[int, int, bytearray | None]] = []
+        pos = offset
+        end = offset + length
+        for start, n, zero in runs:
+            stop = min(start + n, end)
+            if stop <= pos:
+                continue
+            if zero:
+                out.append((pos, stop - pos, None))
+            else:
+                buf = bytearray(header + stop - pos)
+                node.read_into(pos, memoryview(buf)[header:])
+                out.append((pos, stop - pos, buf))
+            pos = stop
+        if pos < end:  # past what block status covered (the sector-aligned tail)
+            buf = bytearray(header + end - pos)
+            node.read_into(pos, memoryview(buf)[header:])
+            out.append((pos, end - pos, buf))
+        return out
+
+    def status_extents(self, contexts: tuple[tuple[int, str], ...], offset: int, length: int,
+                       req_one: bool) -> list[tuple[int, list[tuple[int, int]]]]:
+        """The BLOCK_STATUS reply's extents for each negotiated context, in order."""
+        out: list[tuple[int, list[tuple[int, int]]]] = []
+        entries = None
+        for cid, name in contexts:
+            if name in (CONTEXT_BASE_ALLOCATION, CONTEXT_ALLOCATION_DEPTH):
+                if entries is None:
+                    entries = self.node.allocation(offset, length)
+                if name == CONTEXT_BASE_ALLOCATION:
+                    runs = [(e.start, e.length, (0 if e.data else NBD_STATE_HOLE)
+                             | (NBD_STATE_ZERO if e.zero else 0)) for e in entries]
+                else:
+                    runs = [(e.start, e.length, e.depth + 1 if e.present else 0)
+                            for e in entries]
+                out.append((cid, status.from_runs(runs, offset, length, req_one=req_one)))
+            else:
+                bitmap = name[len(CONTEXT_DIRTY_BITMAP):]
+                dirty = self.node.bitmaps.extents(bitmap, offset, length)
+                out.append((cid, status.from_dirty(dirty, offset, length, req_one=req_one)))
+        return out
+
+
+def create_export(spec: ExportSpec, node: BlockNode) -> NbdExport:
+    """Make an export of ``node`` (block thread): QEMU's checks and texts; the bitmaps are
+    marked busy. Raises ``ExportError`` (or the registry's ``BitmapOperationError``)."""
+    if spec.writable and node.readonly:
+        raise ExportError("Cannot export read-only node as writable")
+    if len(spec.name) > 4096:
+        raise ExportError(f"export name '{spec.name[:64]}...' too long")
+    if len(spec.description) > 4096:
+        raise ExportError("description '...' too long")
+    reg = node.bitmaps
+    seen: set[str] = set()
+    for name in spec.bitmaps:
+        if name in seen:
+            raise ExportError(f"Bitmap '{name}' is listed twice")  # QEMU: busy on the 2nd
+        seen.add(name)
+        lb = reg.find(name)
+        if lb is None:
+            raise ExportError(f"Bitmap '{name}' is not found")
+        info = reg.info(name)
+        if info.busy:
+            raise ExportError(f"Bitmap '{name}' is currently in use by another operation "
+                              "and cannot be used")
+        if info.inconsistent:
+            raise ExportError(f"Bitmap '{name}' is inconsistent and cannot be used")
+        if not spec.writable and not node.readonly and info.recording:
+            raise ExportError(f"Enabled bitmap '{name}' incompatible with readonly export")
+    exp = NbdExport(spec, node)
+    marked: list[str] = []
+    try:
+        for name in spec.bitmaps:
+            reg.set_busy(name, exp.owner)
+            marked.append(name)
+    except BaseException:
+        for name in marked:
+            reg.set_busy(name, None)
+        raise
+    log.info("export '%s' (%s) of %s: %s, bitmaps %s", spec.id, spec.name, node.node_name,
+             "writable" if spec.writable else "read-only", spec.bitmaps or "none")
+    return exp
+
+
+__all__ = ["ExportError", "ExportSpec", "NbdExport", "create_export"]
