@@ -114,6 +114,19 @@ def test_a_loaded_bitmap_is_not_read_again(image: str, monkeypatch: pytest.Monke
 
 
 # ---------------------------------------------------------------------- QEMU's rules
+def test_extents_of_a_window(image: str) -> None:
+    """The dirty runs within [offset, offset+length): a window in the disk's second half
+    (was: the end passed as a length, out of range there: the NBD server's block status
+    failed with EIO past half the disk, and returned runs past the window before it)."""
+    with dirtybits.open(image, checkpoint=NO_TIMERS) as d:
+        for off in (MiB, 40 * MiB, 50 * MiB):
+            d.write(off, b"x" * 4096)
+        assert d.bitmaps.extents("a", 40 * MiB, 8 * MiB) == [(40 * MiB, 65536)]
+        assert d.bitmaps.extents("a", 0, 2 * MiB) == [(MiB, 65536)]
+        assert d.bitmaps.extents("a", 45 * MiB) == [(50 * MiB, 65536)]
+        assert d.bitmaps.extents("a", 64 * MiB, MiB) == []
+
+
 def test_transient_bitmaps_are_not_stored(image: str) -> None:
     with dirtybits.open(image, checkpoint=NO_TIMERS) as d:
         d.bitmaps.add("t", 4096)

@@ -558,9 +558,9 @@ class BitmapRegistry:
         (nothing lazy leaves the registry)."""
         lb = self.get(name)
         end = self._size if length is None else min(self._size, offset + length)
-        if lb.inconsistent:
+        if lb.inconsistent or offset >= end:
             return []
-        return list(self._view_bits(lb).dirty_extents(offset, end))
+        return list(self._view_bits(lb).dirty_extents(offset, end - offset))
 
     @_owned
     def runs(self, name: str, end: int) -> list[tuple[int, int, bool]]:
