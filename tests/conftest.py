@@ -11,7 +11,10 @@
 Running the QEMU peers: the ``peers`` package (``tests/peers``), importable from every test
 directory and from ``bench/`` (pyproject's pytest config puts ``tests/`` on ``sys.path``):
 ``peers.sh/qemu_img/qemu_io/db`` run a command and check its exit status, ``peers.qemu_nbd``
-serves an image on a unix socket, ``peers.nbd_map`` is ``nbdinfo --map`` through it, and
+serves an image on a unix socket, ``peers.nbd_map`` is ``nbdinfo --map`` through it,
+``peers.nbd`` serves an image with ``qemu-nbd`` or ``dirtybits nbd`` (unix socket or TCP,
+TLS certificates from ``make_x509``) and runs nbdinfo, nbdcopy and libnbd Python scripts
+(under Debian's ``/usr/bin/python3``, which python3-libnbd is built for) against it, and
 ``peers.qmp`` starts ``qemu-system-x86_64 -M none`` or ``qemu-storage-daemon`` with a
 connected ``qemu.qmp`` client.
 

@@ -605,6 +605,77 @@ async def test_same_script_same_replies_same_images(images: Path, tmp_path: Path
     assert peers.nbd_dirty_runs(od / "a.qcow2", "d0") == [(30 * MiB, MiB)]
 
 
+def unix(path: str) -> dict[str, Any]:
+    return {"type": "unix", "data": {"path": path}}
+
+
+def export(eid: str, node: str, **kw: Any) -> Step:
+    return ("block-export-add", {"type": "nbd", "id": eid, "node-name": node,
+                                 **{k.replace("_", "-"): v for k, v in kw.items()}})
+
+
+QBE: Step = ("query-block-exports", None)
+
+#: The NBD server's commands (issue 14): exports, their bitmaps busy, QEMU's texts.
+NBD_SCRIPT: list[Step] = [
+    blockdev("qcow2", "n0", file("a.qcow2")),
+    blockdev("qcow2", "n1", file("b.qcow2")),
+    blockdev("qcow2", "ro", file("d.qcow2"), **{"read-only": True}),
+    add("n0", "b0"),
+    export("e0", "n0"),  # no server yet
+    ("nbd-server-stop", None),
+    ("nbd-server-start", {"addr": unix("@D/nbd.sock")}),
+    ("nbd-server-start", {"addr": unix("@D/nbd2.sock")}),  # already running
+    export("e0", "nope"),
+    export("e0", "n0", bitmaps=["b0"]),  # enabled bitmap, read-only export
+    export("e0", "n0", bitmaps=["zz"]),
+    bm("disable", "n0", "b0"),
+    export("e0", "n0", bitmaps=["b0"], description="the first"),
+    export("e0", "n1"),  # id in use
+    export("e1", "n1", name="n0"),  # name in use
+    export("e1", "n1", name="b", bitmaps=["pb0"], writable=True, allocation_depth=True),
+    export("e2", "ro", writable=True),  # read-only node
+    export("e2", "ro", bitmaps=["pb2"]),
+    QBE,
+    bm("clear", "n0", "b0"),  # busy: exported
+    bm("enable", "n0", "b0"),
+    bm("remove", "n0", "b0"),
+    merge("n0", "b0", "b0"),
+    bm("clear", "n1", "pb0"),  # busy, though writable
+    ("blockdev-del", {"node-name": "n0"}),  # in use by the export
+    ("block-export-del", {"id": "nope"}),
+    ("block-export-del", {"id": "e0", "mode": "bogus"}),
+    ("block-export-del", {"id": "e0"}),
+    bm("clear", "n0", "b0"),  # free again
+    ("block-export-del", {"id": "e2", "mode": "hard"}),
+    ("nbd-server-add", {"device": "n0", "name": "legacy", "bitmap": "b0"}),
+    ("nbd-server-add", {"device": "nope"}),
+    ("nbd-server-add", {"device": "ro", "writable": True}),  # downgraded to read-only
+    QBE,
+    ("nbd-server-remove", {"name": "nope"}),
+    ("nbd-server-remove", {"name": "legacy"}),
+    ("nbd-server-remove", {"name": "ro", "mode": "hard"}),
+    ("nbd-server-stop", None),
+    QBE,
+    ("nbd-server-stop", None),
+    ("nbd-server-start", {"addr": {"type": "inet", "data": {"host": "127.0.0.1",
+                                                              "port": "0"}}}),
+    export("e3", "n1"),
+    ("nbd-server-stop", None),
+    QBE,
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_nbd_server_commands_same_replies(images: Path, tmp_path: Path) -> None:
+    qemu, ours, _, _ = await both(images, tmp_path, NBD_SCRIPT)
+    diffs = differences(NBD_SCRIPT, qemu, ours)
+    assert not diffs, report(diffs)
+    assert sum(r[0] == "return" for r in qemu.replies) > 15
+    assert sum(r[0] == "error" for r in qemu.replies) > 15
+
+
 @pytest.mark.asyncio
 @pytest.mark.timeout(60)
 async def test_version_and_commands(tmp_path: Path) -> None:

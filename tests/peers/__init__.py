@@ -6,7 +6,9 @@ there themselves: ``bench/common.py`` (the benches use ``from common import peer
 ``tests/crash/harness.py`` (its workers, ``powerloss.py``, ``bench/torture``) and
 ``tests/fuzz/test_fuzz_images.py`` (its ``--worker`` child). ``peers.qmp`` starts
 ``qemu-system-x86_64 -M none`` and ``qemu-storage-daemon`` with a QMP socket (it needs
-``qemu.qmp``, from the test extras).
+``qemu.qmp``, from the test extras). ``peers.nbd`` serves an image with ``qemu-nbd`` or
+``dirtybits nbd`` (``peers.qemu_nbd`` is its qemu-nbd case) and runs the NBD clients:
+nbdinfo, nbdcopy, libnbd's Python bindings (under Debian's python3), x509 certificates.
 
 Every command runs with a timeout, its output captured as UTF-8 text (bad bytes replaced);
 the functions that check the exit status take ``ok`` (the statuses allowed, ``None`` for any)
@@ -29,11 +31,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from peers.nbd import Served
 
 Arg = str | os.PathLike[str]
 Done = subprocess.CompletedProcess[str]
@@ -185,44 +189,18 @@ def socket_dir(prefix: str) -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-@dataclass
-class NbdServer:
-    """A running ``qemu-nbd``: ``uri`` is what nbdinfo and other clients take."""
-
-    proc: subprocess.Popen[str]
-    sock: Path
-
-    @property
-    def uri(self) -> str:
-        return f"nbd+unix:///?socket={self.sock}"
-
-
 @contextmanager
 def qemu_nbd(image: Arg, *, fmt: str | None = "qcow2", bitmaps: Iterable[str] = (),
              readonly: bool = True, options: Iterable[Arg] = (), cwd: Arg | None = None,
-             timeout: float = 10) -> Iterator[NbdServer]:
-    """Serve ``image`` with ``qemu-nbd`` (persistent, ``-t``) on a fresh unix socket, each of
-    ``bitmaps`` exported (``-B``); yields once it listens (within ``timeout`` seconds, or
+             timeout: float = 10) -> Iterator[Served]:
+    """``nbd.serve("qemu-nbd", ...)`` on a unix socket, default export: ``qemu-nbd -t``, each
+    of ``bitmaps`` exported (``-B``); yields once it listens (within ``timeout`` seconds, or
     fails with its stderr). Stopped (SIGTERM, then SIGKILL) and its socket removed after."""
-    with socket_dir("dirtybits-nbd-") as d, open(d / "stderr", "w+") as err:
-        sock = d / "s"
-        cmd = argv("qemu-nbd", "-t", "-k", sock, *(["-f", fmt] if fmt else []),
-                   *(["-r"] if readonly else []), *[a for b in bitmaps for a in ("-B", b)],
-                   *options, image)
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=err, text=True, cwd=cwd)
-        try:
-            deadline = time.monotonic() + timeout
-            while not listening(sock):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    stop(proc)
-                    err.seek(0)
-                    raise AssertionError(f"{' '.join(cmd)} did not come up (exit "
-                                         f"{proc.returncode}): {err.read().strip()}")
-                time.sleep(0.01)
-            yield NbdServer(proc, sock)
-        finally:
-            stop(proc)
+    from peers import nbd  # imports this package: not at the top
+
+    with nbd.serve("qemu-nbd", image, fmt=fmt, bitmaps=bitmaps, readonly=readonly,
+                   options=options, cwd=cwd, timeout=timeout) as served:
+        yield served
 
 
 def nbdinfo_map(uri: str, context: str = "base:allocation", *extra: str,

@@ -300,7 +300,7 @@ class BlockGraph:
             raise GraphError(f"Failed to find node with node-name='{name}'")
         if gn.implicit:
             raise GraphError(f"Node {name} is not owned by the monitor")
-        if any(p.startswith("device ") for p in gn.parents):
+        if any(p.startswith("device ") for p in gn.parents) or gn.extra.get("exports"):
             raise GraphError(f"Node {name} is in use")
         if gn.parents:
             raise GraphError(f"Block device {name} is in use")

@@ -245,6 +245,14 @@ class RawImage:
             yield MapExtent(pos, hole - pos, 0, True, False, True, pos, self.path)
             pos = hole
 
+    def host_extent(self, offset: int, length: int) -> tuple[int, int, int] | None:
+        """``(fd, offset, length)``: a raw image's guest bytes are its file's (zero-copy
+        sends, as ``Qcow2Image.host_extent``)."""
+        if length <= 0:
+            return None
+        self._check_range(offset, length)
+        return self._fd, offset, length
+
     def locks(self) -> list[FileLock]:
         """The lock description held on the file (for inactivation)."""
         return [self._lock] if self._lock is not None else []

@@ -38,6 +38,14 @@ def add_parser(sub: Any) -> None:
                         "[,enabled=on|off][,create=on][,auto=on|off]")
     p.add_argument("--qmp", action="append", default=[], metavar="unix:PATH[,mode=0600]",
                    help="a QMP monitor socket (repeatable; mode 0600 unless told)")
+    p.add_argument("--nbd-server", metavar="addr.type=unix,addr.path=PATH",
+                   help="start the NBD server (addr.type=inet,addr.host=H,addr.port=P for TCP; "
+                        "tls-creds=ID, max-connections=N)")
+    p.add_argument("--export", action="append", default=[], metavar="OPTIONS",
+                   help="type=nbd,id=ID,node-name=NODE[,name=NAME][,writable=on]"
+                        "[,bitmaps.0=NAME][,allocation-depth=on][,description=TEXT]")
+    p.add_argument("--object", action="append", default=[], metavar="OPTIONS",
+                   help="tls-creds-x509,id=ID,endpoint=server,dir=DIR[,verify-peer=off]")
     p.add_argument("--pidfile", help="write the daemon's pid here (removed at exit)")
     p.add_argument("--daemonize", action="store_true",
                    help="run in the background; return once the sockets accept")
@@ -49,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = daemon.configure(blockdevs=args.blockdev, drives=args.drive,
                                   bitmaps=args.dirty_bitmap, qmp=args.qmp,
-                                  pidfile=args.pidfile)
+                                  pidfile=args.pidfile, objects=args.object,
+                                  nbd_server=args.nbd_server, exports=args.export)
     except DirtybitsError as exc:
         print(f"dirtybits serve: {exc}", file=sys.stderr)
         return 1

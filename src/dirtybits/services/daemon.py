@@ -55,6 +55,9 @@ class DaemonConfig:
     drives: ServeOptions = field(default_factory=lambda: ServeOptions((), ()))
     monitors: list[Monitor] = field(default_factory=list)
     pidfile: str | None = None
+    objects: list[dict[str, Any]] = field(default_factory=list)  # --object (tls-creds-x509)
+    nbd_server: dict[str, Any] | None = None  # --nbd-server (NbdServerOptions)
+    exports: list[dict[str, Any]] = field(default_factory=list)  # --export (BlockExportOptions)
 
 
 class Daemon:
@@ -72,6 +75,7 @@ class Daemon:
                                  package=package(), quit=self._quit, hmp_out=hmp_out,
                                  hmp_err=hmp_err)
         self.server = QmpServer(self.commands)
+        self.commands.emit = self.server.broadcast
         self._stopped = asyncio.Event()
         self._pidfile_written = False
 
@@ -81,6 +85,7 @@ class Daemon:
         self._loop = asyncio.get_running_loop()
         try:
             await self.layer.call(self._build)
+            await self._start_nbd()
             for mon in self.config.monitors:
                 await self.server.listen_unix(mon.path, mon.mode)
             if self.config.pidfile is not None:
@@ -100,6 +105,23 @@ class Daemon:
 
             open_drives(self.graph, self.config.drives)
 
+    async def _start_nbd(self) -> None:
+        """``--object``, ``--nbd-server``, ``--export``, in qemu-storage-daemon's order."""
+        from dirtybits.proto.qmp.core import QmpError
+
+        nbd = self.commands.nbd
+        try:
+            for props in self.config.objects:
+                nbd.add_object(props)
+            opts = self.config.nbd_server
+            if opts is not None:
+                await nbd.start_server(opts["addr"], opts.get("tls-creds"),
+                                       opts.get("max-connections"))
+            for exp in self.config.exports:
+                await nbd.add_export(exp)
+        except QmpError as exc:
+            raise DirtybitsError(exc.desc) from exc
+
     def stop(self) -> None:
         """Ask the daemon to stop (idempotent)."""
         self._stopped.set()
@@ -115,6 +137,10 @@ class Daemon:
         await self._teardown()
 
     async def _teardown(self) -> None:
+        try:
+            await self.commands.nbd.close()
+        except Exception:  # the graph still closes: bitmaps checkpointed
+            log.exception("closing the NBD server failed")
         await self.server.close()
         try:
             await self.layer.call(self.graph.close)
@@ -181,7 +207,8 @@ def run(config: DaemonConfig, *, daemonize: bool = False,
 
 def configure(*, blockdevs: Sequence[str] = (), drives: Sequence[str] = (),
               bitmaps: Sequence[str] = (), qmp: Sequence[str] = (),
-              pidfile: str | None = None) -> DaemonConfig:
+              pidfile: str | None = None, objects: Sequence[str] = (),
+              nbd_server: str | None = None, exports: Sequence[str] = ()) -> DaemonConfig:
     """A daemon's configuration from its command-line option values (parsed and checked,
     nothing opened). Raises ``UsageError`` (``QmpError`` for a bad ``--blockdev``, with
     QEMU's text)."""
@@ -203,6 +230,25 @@ def configure(*, blockdevs: Sequence[str] = (), drives: Sequence[str] = (),
 
         config.drives = resolve([*(parse_drive(t) for t in drives),
                                  *(parse_dirty_bitmap(t) for t in bitmaps)])
+    from dirtybits.services.qmp import nbd_commands
+
+    for option, texts, parse in (("--object", objects, nbd_commands.object_options),
+                                 ("--nbd-server", [nbd_server] if nbd_server else [],
+                                  nbd_commands.nbd_server_options),
+                                 ("--export", exports, nbd_commands.export_options)):
+        for text in texts:
+            try:
+                value = parse(text)
+            except QmpError as exc:
+                raise UsageError(f"{option} {text}: {exc.desc}") from exc
+            if option == "--object":
+                config.objects.append(value)
+            elif option == "--nbd-server":
+                config.nbd_server = value
+            else:
+                config.exports.append(value)
+    if config.exports and config.nbd_server is None:
+        raise UsageError("--export type=nbd needs --nbd-server")
     if not config.monitors:
         log.warning("no --qmp monitor: the daemon can only be stopped by a signal")
     return config

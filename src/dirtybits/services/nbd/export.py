@@ -33,6 +33,21 @@ TF = TransmissionFlag
 SECTOR = 512
 
 
+ZERO_COPY_MIN = 64 << 10  # shorter runs are read and sent from a buffer: one chunk, not many
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """One chunk of a READ reply: ``buf`` (header space, then the data), a hole (no
+    ``buf``, no ``fd``), or ``length`` bytes at ``host`` in the file ``fd`` (zero copy)."""
+
+    offset: int
+    length: int
+    buf: bytearray | None
+    fd: int | None = None
+    host: int = 0
+
+
 class ExportError(DirtybitsError):
     """An export cannot be made or changed (QEMU's text)."""
 
@@ -61,7 +76,9 @@ class NbdExport:
         self.id = spec.id
         self.name = spec.name
         self.owner = f"nbd export '{spec.id}'"
-        self.size = node.size // SECTOR * SECTOR  # QEMU exports whole sectors
+        # QEMU sees whole sectors: a raw file of 1000 bytes is a 1024-byte disk whose tail
+        # reads as zeroes
+        self.size = -(-node.size // SECTOR) * SECTOR
         self.writable = spec.writable
         self.closed = False
         flags = (TF.NBD_FLAG_HAS_FLAGS | TF.NBD_FLAG_SEND_FLUSH | TF.NBD_FLAG_SEND_FUA
@@ -93,44 +110,56 @@ class NbdExport:
                 log.debug("export %s: freeing bitmap %s: %s", self.id, name, exc)
 
     # ---------------------------------------------------------------- requests (block thread)
-    def read_pieces(self, offset: int, length: int, header: int, sparse: bool
-                    ) -> list[tuple[int, int, bytearray | None]]:
-        """The READ of ``[offset, offset+length)`` as ``(offset, length, buffer)`` pieces:
-        ``buffer`` has ``header`` bytes free in front of the data (the reply is sent as one
-        buffer), or is None for a hole (``sparse``: zero ranges become hole chunks, as
-        QEMU's ``nbd_co_send_sparse_read``)."""
+    def read_pieces(self, offset: int, length: int, header: int, sparse: bool,
+                    zero_copy: bool = False) -> list[Piece]:
+        """The READ of ``[offset, offset+length)`` as pieces, each one reply chunk: data in a
+        buffer with ``header`` bytes free in front (the chunk is sent as one buffer), a hole
+        (``sparse``: zero ranges become hole chunks, as QEMU's ``nbd_co_send_sparse_read``),
+        or (``zero_copy``, a read-only node only: its mapping never changes) a run of the
+        image file to send from the page cache with ``os.sendfile``."""
         node = self.node
+        real = max(0, min(length, node.size - offset))  # the rest: the sector's zero tail
         if not sparse or not length:
             buf = bytearray(header + length)
-            if length:
-                node.read_into(offset, memoryview(buf)[header:])
-            return [(offset, length, buf)]
-        runs: list[tuple[int, int, bool]] = []
-        for ext in node.block_status(offset, length):
-            zero = ext.zero
-            if runs and runs[-1][2] == zero:
-                start, n, _ = runs[-1]
-                runs[-1] = (start, n + ext.length, zero)
-            else:
-                runs.append((ext.start, ext.length, zero))
-        out: list[tuple[int, int, bytearray | None]] = []
-        pos = offset
-        end = offset + length
-        for start, n, zero in runs:
-            stop = min(start + n, end)
+            if real:
+                node.read_into(offset, memoryview(buf)[header:header + real])
+            return [Piece(offset, length, buf)]
+        zero_copy = zero_copy and node.readonly and hasattr(node.driver, "host_extent")
+        out: list[Piece] = []
+        pending: list[int] = []  # [start, end) of data still to read into one buffer
+
+        def flush_data() -> None:
+            if pending:
+                start, end = pending
+                buf = bytearray(header + end - start)
+                node.read_into(start, memoryview(buf)[header:])
+                out.append(Piece(start, end - start, buf))
+                pending.clear()
+
+        pos, end = offset, offset + real
+        for ext in node.block_status(offset, real) if real else ():
+            stop = min(ext.start + ext.length, end)
             if stop <= pos:
                 continue
-            if zero:
-                out.append((pos, stop - pos, None))
+            if ext.zero:
+                flush_data()
+                out.append(Piece(pos, stop - pos, None))
+            elif (zero_copy and ext.offset is not None and not ext.depth and not ext.compressed
+                    and stop - pos >= ZERO_COPY_MIN):
+                host = node.driver.host_extent(pos, stop - pos)  # type: ignore[attr-defined]
+                if host is not None and host[2] == stop - pos:
+                    flush_data()
+                    out.append(Piece(pos, stop - pos, None, host[0], host[1]))
+                else:
+                    pending[:] = [pending[0] if pending else pos, stop]
             else:
-                buf = bytearray(header + stop - pos)
-                node.read_into(pos, memoryview(buf)[header:])
-                out.append((pos, stop - pos, buf))
+                pending[:] = [pending[0] if pending else pos, stop]
             pos = stop
-        if pos < end:  # past what block status covered (the sector-aligned tail)
-            buf = bytearray(header + end - pos)
-            node.read_into(pos, memoryview(buf)[header:])
-            out.append((pos, end - pos, buf))
+        if pos < end:  # past what block status covered
+            pending[:] = [pending[0] if pending else pos, end]
+        flush_data()
+        if real < length:
+            out.append(Piece(offset + real, length - real, None))
         return out
 
     def status_extents(self, contexts: tuple[tuple[int, str], ...], offset: int, length: int,
@@ -197,4 +226,4 @@ def create_export(spec: ExportSpec, node: BlockNode) -> NbdExport:
     return exp
 
 
-__all__ = ["ExportError", "ExportSpec", "NbdExport", "create_export"]
+__all__ = ["ExportError", "ExportSpec", "NbdExport", "Piece", "create_export"]

@@ -91,7 +91,7 @@ TRANSACTION = command(
 
 @dataclass(frozen=True)
 class Spec:
-    args: Struct
+    args: Struct | Union
     handler: Handler
 
 
@@ -119,6 +119,10 @@ class Commands:
         self._hmp_err = hmp_err or (lambda text: (sys.stderr.write(text), sys.stderr.flush()))
         self._executors: dict[str, Executor] = {}
         self.table: dict[str, Spec] = {}
+        self.emit: Callable[[str, dict[str, Any]], None] = lambda name, data: None
+        from dirtybits.services.qmp.nbd_commands import NbdCommands
+
+        self.nbd = NbdCommands(layer, graph, lambda name, data: self.emit(name, data))
         no_args = Struct("none", ())
         for name, args, fn in (
             ("query-commands", no_args, self.query_commands),
@@ -148,6 +152,7 @@ class Commands:
                      Member("cpu-index", INT, True)), self.human_monitor_command),
         ):
             self.table[name] = Spec(args, fn)
+        self.nbd.register(self.table, Spec)
 
     # ------------------------------------------------------------------ dispatch
     async def run(self, name: str, arguments: dict[str, Any]) -> Any:
