@@ -64,7 +64,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +74,6 @@ from common import (
     KiB,
     MiB,
     Table,
-    dirtybits_argv,
     dirtybits_has,
     environment,
     fail,
@@ -89,6 +87,9 @@ from common import (
     warm_bytecode,
     write_json,
 )
+
+from peers import nbd as nbd_peers
+from peers.nbd import Served
 
 CLIENT = Path(__file__).resolve().parent / "nbd_client.py"
 GRAN = 64 * KiB
@@ -119,7 +120,6 @@ class Row:
 class Bench:
     args: argparse.Namespace
     scratch: Path
-    socks: Path
     labels: list[str]  # the sides' names in the table (the server tool, made unique)
     tools: dict[str, str]  # label -> "dirtybits" | "qemu-nbd"
     data: Path = Path()  # the exported data image
@@ -138,55 +138,27 @@ class Bench:
 
 
 # ---------------------------------------------------------------- servers and clients
-def server_argv(tool: str, sock: Path, image: Path, fmt: str, cache: str, readonly: bool,
-                bitmap: str | None) -> list[str]:
-    head = ["qemu-nbd"] if tool == "qemu-nbd" else [*dirtybits_argv(), "nbd"]
-    return [*head, "-t", "-e", "8", "-k", str(sock), "-f", fmt, "--cache", cache,
-            *(["-r"] if readonly else []), *(["-B", bitmap] if bitmap else []), str(image)]
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    sock: Path
-    errpath: Path
-    returncode: int | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"nbd+unix:///?socket={self.sock}"
-
-    def stderr(self) -> str:
-        return self.errpath.read_text(errors="replace").strip()[-600:]
-
-
 @contextlib.contextmanager
 def serving(b: Bench, label: str, image: Path, fmt: str, *, readonly: bool = True,
-            bitmap: str | None = None) -> Iterator[Server]:
-    """A fresh server of ``label``'s tool on ``image``; yields once it listens; stopped with
-    SIGTERM afterwards (its exit status in ``returncode``)."""
-    sock, errpath = b.socks / "s", b.scratch / "server.stderr"
-    sock.unlink(missing_ok=True)
-    argv = server_argv(b.tools[label], sock, image, fmt, b.args.cache, readonly, bitmap)
-    with open(errpath, "w") as err:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=err)
-    server = Server(proc, sock, errpath)
-    try:
-        deadline = time.monotonic() + 120
-        while not peers.listening(sock):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{label}: {' '.join(argv)} did not come up (exit "
-                                   f"{proc.poll()}): {server.stderr()}")
-            time.sleep(0.002)
-        yield server
-    finally:
-        peers.stop(proc, timeout=60)
-        server.returncode = proc.returncode
-        sock.unlink(missing_ok=True)
+            bitmap: str | None = None) -> Iterator[Served]:
+    """A fresh server of ``label``'s tool on ``image`` (``peers.nbd.serve``: ``-t``, a fresh
+    unix socket), with the options both get here; yields once it listens; stopped with
+    SIGTERM afterwards (its exit status in ``proc.returncode``)."""
+    with nbd_peers.serve(b.tools[label], image, fmt=fmt, readonly=readonly,
+                         bitmaps=[bitmap] if bitmap else [],
+                         options=["-e", "8", "--cache", b.args.cache], timeout=120) as srv:
+        yield srv
 
 
-def client(b: Bench, server: Server, spec: dict[str, Any], timeout: float = 3600
+def server_stderr(srv: Served) -> str:
+    """What the server wrote to stderr so far (while it runs: ``serve`` keeps it beside the
+    socket)."""
+    assert srv.sock is not None
+    path = srv.sock.parent / "stderr"
+    return path.read_text(errors="replace").strip()[-600:] if path.exists() else ""
+
+
+def client(b: Bench, server: Served, spec: dict[str, Any], timeout: float = 3600
            ) -> dict[str, Any]:
     """Run the libnbd client on ``server``: its JSON answer (timings taken inside it)."""
     os.sync()
@@ -195,21 +167,21 @@ def client(b: Bench, server: Server, spec: dict[str, Any], timeout: float = 3600
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"nbd_client {spec['mode']}: exit {proc.returncode}: "
-                           f"{proc.stderr.strip()[-600:]}; server: {server.stderr()}")
+                           f"{proc.stderr.strip()[-600:]}; server: {server_stderr(server)}")
     answer: dict[str, Any] = json.loads(proc.stdout)
     return answer
 
 
-def timed_tool(argv: Sequence[str], what: str, server: Server) -> tuple[float, str]:
+def timed_tool(argv: Sequence[str], what: str, server: Served) -> tuple[float, str]:
     """Run a client tool after ``os.sync()``: (wall seconds, output); fails on non-zero exit."""
     run = run_timed(argv)
     if not run.ok:
         raise RuntimeError(f"{what}: exit {run.returncode}: {run.tail()}; server: "
-                           f"{server.stderr()}")
+                           f"{server_stderr(server)}")
     return run.seconds, run.output
 
 
-def qemu_img_bench(server: Server, count: int, depth: int, write: bool) -> tuple[float, float]:
+def qemu_img_bench(server: Served, count: int, depth: int, write: bool) -> tuple[float, float]:
     """``qemu-img bench`` of 1 MiB requests on the server: (seconds it reports, which leave
     out its start-up, connect and close; wall seconds of the whole process)."""
     argv = ["qemu-img", "bench", "-f", "raw", "-t", "none", "-c", str(count), "-d", str(depth),
@@ -395,9 +367,9 @@ def case_seq_write(b: Bench, label: str) -> None:
         target = fresh_target(b)
         with serving(b, label, target, b.args.format, readonly=False) as srv:
             _, wall = qemu_img_bench(srv, size // MiB, depth, write=True)
-        if srv.returncode != 0:
-            b.problems.append(f"{label}: the writable server exited {srv.returncode} on "
-                              f"SIGTERM: {srv.stderr()}")
+        if srv.proc.returncode != 0:
+            b.problems.append(f"{label}: the writable server exited {srv.proc.returncode} "
+                              "on SIGTERM")
         try:
             if b.args.format == "qcow2":
                 sh("qemu-img", "check", "-q", target)
@@ -555,32 +527,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     problems: list[str] = []
     try:
         warm_bytecode(scratch)
-        with peers.socket_dir("dirtybits-nbd-bench-") as socks:
-            b = Bench(a, scratch, socks, labels, dict(zip(labels, a.tools, strict=True)))
-            print(f"nbd_bench: {labels[0]} against {labels[1]}, --cache {a.cache}; data image "
-                  f"{human_size(a.size)} {a.format} of random data; bitmap image "
-                  f"{human_disk(a.map_size)} qcow2, b0 with {a.dirty_runs} runs of 1-"
-                  f"{a.run_granules} x 64k; {a.runs} run(s) per case; scratch {scratch}",
-                  flush=True)
-            if {"seq-read", "rand-read", "copy"} & set(a.cases):
-                build_data(b)
-            if {"status", "copy"} & set(a.cases):
-                build_map(b)
-                dirty = sum(n for _, n, _ in b.runs)
-                print(f"  b0: {len(b.runs)} runs, {dirty / MiB:,.1f} MiB dirty", flush=True)
-            for label in labels:
-                verify(b, label)
-            if not b.problems:
-                for case in a.cases:
-                    print(f"  {case} ...", flush=True)
-                    for rep in range(a.runs):
-                        for label in labels if rep % 2 == 0 else labels[::-1]:
-                            CASE_FUNCS[case](b, label)
-                records = report(b)
-            problems = b.problems
-            for note in dict.fromkeys(b.notes):
-                print(f"  note: {note}")
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        b = Bench(a, scratch, labels, dict(zip(labels, a.tools, strict=True)))
+        print(f"nbd_bench: {labels[0]} against {labels[1]}, --cache {a.cache}; data image "
+              f"{human_size(a.size)} {a.format} of random data; bitmap image "
+              f"{human_disk(a.map_size)} qcow2, b0 with {a.dirty_runs} runs of 1-"
+              f"{a.run_granules} x 64k; {a.runs} run(s) per case; scratch {scratch}",
+              flush=True)
+        if {"seq-read", "rand-read", "copy"} & set(a.cases):
+            build_data(b)
+        if {"status", "copy"} & set(a.cases):
+            build_map(b)
+            dirty = sum(n for _, n, _ in b.runs)
+            print(f"  b0: {len(b.runs)} runs, {dirty / MiB:,.1f} MiB dirty", flush=True)
+        for label in labels:
+            verify(b, label)
+        if not b.problems:
+            for case in a.cases:
+                print(f"  {case} ...", flush=True)
+                for rep in range(a.runs):
+                    for label in labels if rep % 2 == 0 else labels[::-1]:
+                        CASE_FUNCS[case](b, label)
+            records = report(b)
+        problems = b.problems
+        for note in dict.fromkeys(b.notes):
+            print(f"  note: {note}")
+    except (RuntimeError, OSError, AssertionError, subprocess.SubprocessError) as exc:
         problems = [*(b.problems if b else []), f"{type(exc).__name__}: {exc}"]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
