@@ -507,7 +507,8 @@ def probe(srv: Served, contexts: list[str], ranges: list[tuple[int, int]],
 
 
 def compare_probes(ref: dict[str, Any], got: dict[str, Any]) -> None:
-    """What the replies say first (a clearer failure), then exactly how they were cut."""
+    """What the replies say first (a clearer failure), then exactly how block status was
+    cut (structured reads: only what they say)."""
     for key in ref:
         if key in ("replies", "req_one", "chunks"):
             continue
@@ -517,8 +518,11 @@ def compare_probes(ref: dict[str, Any], got: dict[str, Any]) -> None:
     same(ref["replies"], got["replies"], "block-status replies, as cut by the server")
     same(ref["req_one"], got["req_one"], "block-status replies to REQ_ONE ([offset, "
          "count, replies or error])")
+    # How a server cuts a read into chunks is its own business (the protocol lets it send
+    # any chunking; dirtybits sends one chunk per data or hole run, and page-cache runs of a
+    # read-only image as their own chunks, where qemu-nbd cuts at each block-status answer):
+    # what the chunks say must be the same.
     same(joined(ref["chunks"]), joined(got["chunks"]), "structured read: data and holes")
-    same(ref["chunks"], got["chunks"], "structured read chunks, as cut by the server")
 
 
 def joined(chunks: list[list[int]]) -> list[tuple[int, int, int]]:

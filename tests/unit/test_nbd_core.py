@@ -283,6 +283,19 @@ def test_unknown_and_oversized_options_get_errors_and_negotiation_goes_on() -> N
     assert p.option(Option.NBD_OPT_LIST)[-1].rep == Rep.NBD_REP_ACK
 
 
+def test_oversized_options_without_an_option_reply_close() -> None:
+    """EXPORT_NAME has no option reply, nor has any option of a client that is not fixed
+    newstyle: an oversized one closes instead of being drained and answered."""
+    p = Pair()
+    (ev,) = p.send(p.client.option(Option.NBD_OPT_EXPORT_NAME, bytes(70_000)))
+    assert ev == Close("Bad length received")
+    assert p.client_events() == []
+    q = Pair(flags=NBD_FLAG_C_NO_ZEROES)
+    (ev,) = q.send(q.client.option(Option.NBD_OPT_LIST, bytes(70_000)))
+    assert ev == Close("Unsupported option 3 (not fixed newstyle)")
+    assert q.client_events() == []
+
+
 def test_abort_acknowledges_and_closes() -> None:
     p = Pair()
     events = p.send(p.client.option(Option.NBD_OPT_ABORT))
@@ -320,6 +333,11 @@ def test_requests_are_parsed_whole_whatever_the_segmentation() -> None:
      "len (34603008) is larger than max len (33554432)"),
     (Cmd.NBD_CMD_FLUSH, 0, 0, CmdFlag.NBD_CMD_FLAG_REQ_ONE, Errno.NBD_EINVAL,
      "unsupported flags for command flush (got 0x8)"),
+    # bits the protocol does not define at all (IntFlag's ~ alone would let them through)
+    (Cmd.NBD_CMD_READ, 0, 512, 0x20, Errno.NBD_EINVAL,
+     "unsupported flags for command read (got 0x20)"),
+    (Cmd.NBD_CMD_WRITE_ZEROES, 0, 512, 0x8001, Errno.NBD_EINVAL,
+     "unsupported flags for command write zeroes (got 0x8001)"),
     (Cmd.NBD_CMD_BLOCK_STATUS, 0, 0, 0, Errno.NBD_EINVAL, "need non-zero length"),
     (Cmd.NBD_CMD_BLOCK_STATUS, 0, 512, 0, Errno.NBD_EINVAL, "CMD_BLOCK_STATUS not negotiated"),
     (42, 0, 0, 0, Errno.NBD_EINVAL, "invalid request type (42) received"),

@@ -39,6 +39,21 @@ def test_bitmap_added_to_an_open_node_records_the_next_write(image: str) -> None
     assert disk_flags(image) == {"a": False, "new": False}
 
 
+def test_extents_of_a_range_past_the_start(image: str) -> None:
+    """Was: the range's end went where ``dirty_extents`` takes a length, so any range with
+    ``2 * offset + length`` past the disk failed ("outside the bitmap") and the others were
+    read too long (an NBD BLOCK_STATUS of a dirty-bitmap context away from offset 0)."""
+    with dirtybits.open(image, checkpoint=NO_TIMERS) as d:
+        size = d.size
+        d.write(size - 65536, b"x" * 4096)
+        d.write(2 * 65536, b"y" * 4096)
+        half = size // 2
+        assert d.bitmaps.extents("a", half, half) == [(size - 65536, 65536)]
+        assert d.bitmaps.extents("a", 65536, 2 * 65536) == [(2 * 65536, 65536)]
+        assert d.bitmaps.extents("a", 65536, 65536) == []
+        assert d.bitmaps.extents("a", size - 65536, 10 * 65536) == [(size - 65536, 65536)]
+
+
 def test_added_bitmap_is_in_use_while_writes_are_unstored(image: str) -> None:
     with dirtybits.open(image, checkpoint=NO_TIMERS) as d:
         d.bitmaps.add("new", 65536, persistent=True)

@@ -1774,15 +1774,51 @@ class Qcow2Image:
         # deallocated, which QEMU does (qcow2_subcluster_zeroize falls back to a discard)
         v2_drop = (self.hc.header.version < 3 and self.backing is None
                    and not self.hc.backing_name)
-        if not (use_flag or v2_drop) or first_full >= last_full:
-            self._write_zero_bytes(offset, length)
+        if not use_flag:
+            if not v2_drop or first_full >= last_full:
+                self._write_zero_bytes(offset, length)
+                return
+            if offset < first_full:
+                self._write_zero_bytes(offset, first_full - offset)
+            self._zero_clusters(first_full, last_full_cluster_end - first_full, unmap=unmap,
+                                discard=True)
+            if last_full < end:
+                self._write_zero_bytes(last_full, end - last_full)
+            return
+        if first_full >= last_full:  # within one cluster (or two partial ones)
+            head_end = min(end, first_full)
+            self._zero_partial(offset, head_end, unmap)
+            if head_end < end:
+                self._zero_partial(head_end, end, unmap)
             return
         if offset < first_full:
-            self._write_zero_bytes(offset, first_full - offset)
+            self._zero_partial(offset, first_full, unmap)
         self._zero_clusters(first_full, last_full_cluster_end - first_full, unmap=unmap,
-                            discard=v2_drop)
+                            discard=False)
         if last_full < end:
-            self._write_zero_bytes(last_full, end - last_full)
+            self._zero_partial(last_full, end, unmap)
+
+    def _zero_partial(self, start: int, stop: int, unmap: bool) -> None:
+        """Zero ``[start, stop)`` inside one cluster as QEMU's ``qcow2_co_pwrite_zeroes``
+        does: a cluster that is unallocated or already zero, the rest of which reads as zero
+        (through the backing chain), becomes a zero cluster whole; any other gets zero
+        bytes written (QEMU's fallback)."""
+        cs = self.cluster_size
+        cstart = start & ~(cs - 1)
+        cend = min(cstart + cs, self.hc.header.size)
+        ent = self._entry(cstart)
+        plain = not ent & OFLAG_COMPRESSED and bool(
+            ent & OFLAG_ZERO or not ent & (L2E_OFFSET_MASK | self._dfa))
+        if plain and self._zero_through(cstart, start) and self._zero_through(stop, cend):
+            self._zero_clusters(cstart, cs, unmap=unmap, discard=False)
+            return
+        self._write_zero_bytes(start, stop - start)
+
+    def _zero_through(self, start: int, stop: int) -> bool:
+        """Whether ``[start, stop)`` reads as zeroes, backing chain included."""
+        if start >= stop:
+            return True
+        return all(e.zero for e in self.block_status(start, stop - start))
 
     def _write_zero_bytes(self, offset: int, length: int) -> None:
         chunk = 1 << 20

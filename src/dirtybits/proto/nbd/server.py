@@ -358,6 +358,12 @@ class ServerConnection:
             raise NbdProtocolError(
                 f"len ({length}) is larger than max len ({NBD_MAX_BUFFER_SIZE})")
         if length > NBD_MAX_OPTION_SIZE:
+            # EXPORT_NAME has no option reply, nor has any option of a client that is not
+            # fixed newstyle: QEMU drops those (their handlers' texts); the rest is drained
+            if opt == Option.NBD_OPT_EXPORT_NAME:
+                raise NbdProtocolError("Bad length received")
+            if not self.fixed:
+                raise NbdProtocolError(f"Unsupported option {opt} (not fixed newstyle)")
             del self._in[:wire.OPTION.size]
             self._drain, self._drain_opt = length, opt
             return True
@@ -571,7 +577,7 @@ class ServerConnection:
             valid |= CmdFlag.NBD_CMD_FLAG_NO_HOLE | CmdFlag.NBD_CMD_FLAG_FAST_ZERO
         elif cmd == Cmd.NBD_CMD_BLOCK_STATUS:
             valid |= CmdFlag.NBD_CMD_FLAG_REQ_ONE
-        if req.flags & ~valid:
+        if req.flags & ~int(valid):  # every bit: ~ of an IntFlag keeps only known flags
             return bad(Errno.NBD_EINVAL, f"unsupported flags for command {cmd_name(cmd)} "
                        f"(got 0x{req.flags:x})")
         try:

@@ -68,6 +68,10 @@ def nbd_errno(exc: BaseException) -> Errno:
     return Errno.NBD_EIO
 
 
+class NbdListenError(DirtybitsError):
+    """A socket could not be made (QEMU's text)."""
+
+
 class NbdServer:
     """Exports and listeners; the ``Catalog`` the protocol core consults."""
 
@@ -130,7 +134,11 @@ class NbdServer:
         with contextlib.suppress(FileNotFoundError):
             if not os.path.exists(path) or _is_socket(path):
                 os.unlink(path)
-        srv = await loop.create_unix_server(self._protocol, path)
+        try:
+            srv = await loop.create_unix_server(self._protocol, path)
+        except OSError as exc:
+            raise NbdListenError(f"Failed to bind socket to {path}: "
+                                 f"{exc.strerror or exc}") from exc
         if mode is not None:
             os.chmod(path, mode)
         self._servers.append(srv)
@@ -140,7 +148,11 @@ class NbdServer:
     async def listen_tcp(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (port 0: any); returns the port."""
         loop = asyncio.get_running_loop()
-        srv = await loop.create_server(self._protocol, host, port, reuse_address=True)
+        try:
+            srv = await loop.create_server(self._protocol, host, port, reuse_address=True)
+        except OSError as exc:
+            raise NbdListenError(f"Failed to find an available port: "
+                                 f"{exc.strerror or exc}") from exc
         self._servers.append(srv)
         sock = srv.sockets[0]
         bound = int(sock.getsockname()[1])
@@ -497,4 +509,4 @@ def _trim(node: Any, offset: int, length: int, fua: bool) -> None:
         node.flush()
 
 
-__all__ = ["NbdConnection", "NbdServer", "nbd_errno"]
+__all__ = ["NbdConnection", "NbdListenError", "NbdServer", "nbd_errno"]

@@ -125,7 +125,8 @@ async def _serve(config: NbdToolConfig, ready: Ready) -> int:
             node = await layer.call(_open, config, owner)
             spec = ExportSpec(id="qemu-nbd-export", name=config.name,
                               description=config.description, writable=not config.readonly,
-                              bitmaps=list(config.bitmaps),
+                              # qemu-nbd's list: each -B goes in front (newest first)
+                              bitmaps=list(reversed(config.bitmaps)),
                               allocation_depth=config.allocation_depth,
                               multi_conn=config.shared != 1,
                               detect_zeroes=config.detect_zeroes)

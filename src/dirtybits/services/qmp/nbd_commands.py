@@ -185,25 +185,20 @@ class NbdCommands:
         server.tls_id = tls_creds  # type: ignore[attr-defined]
         try:
             if addr["type"] == "unix":
-                path = addr["path"]
-                try:
-                    await server.listen_unix(path)
-                except OSError as exc:
-                    raise QmpError(f"Failed to bind socket to {path}: "
-                                   f"{exc.strerror or exc}") from exc
+                await server.listen_unix(addr["path"])
             elif addr["type"] == "inet":
                 try:
                     port = int(addr["port"])
                 except ValueError:
                     raise QmpError(f"Parameter 'port' expects a number, not "
                                    f"'{addr['port']}'") from None
-                try:
-                    await server.listen_tcp(addr["host"], port)
-                except OSError as exc:
-                    raise QmpError(f"Failed to bind socket: {exc.strerror or exc}") from exc
+                await server.listen_tcp(addr["host"], port)
             else:
                 raise QmpError(f"dirtybits serves NBD on unix and inet sockets, not "
                                f"'{addr['type']}'")
+        except DirtybitsError as exc:
+            await server.close()
+            raise QmpError(str(exc)) from exc
         except BaseException:
             await server.close()
             raise
