@@ -36,7 +36,9 @@ ratio is dirtybits / qemu-nbd):
 
 Checks before the numbers count (exit 1 otherwise), on each server in an untimed pass before
 the timed runs (which also warms the page cache): the whole data export read through the
-client has the source's sha256; the random reads' digest equals the one computed from the
+client has the source's sha256 (with ``--cache none`` the image is evicted first and that read
+must leave it out of the page cache, by ``fincore``: else the server does not read with
+O_DIRECT and its rates do not compare); the random reads' digest equals the one computed from the
 source file; the block status walk gives exactly the runs written (merged extents, on both
 servers the same) and the pulled data equals each run's pattern. On every timed run: the
 client and server succeed; after each write run the server, stopped with SIGTERM, exits 0,
@@ -301,15 +303,40 @@ def expected_rand_digest(b: Bench, count: int) -> str:
 
 
 # ---------------------------------------------------------------- untimed checks
+def evict(path: Path) -> None:
+    """Drop ``path``'s clean pages from the page cache (after a sync: none are dirty)."""
+    os.sync()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def resident(path: Path) -> int | None:
+    """Bytes of ``path`` in the page cache (``fincore``), None without fincore."""
+    if shutil.which("fincore") is None:
+        return None
+    out = peers.run("fincore", "--bytes", "--noheadings", "--output", "RES", path).stdout
+    return int(out.split()[0]) if out.strip() else None
+
+
 def verify(b: Bench, label: str) -> None:
     """The untimed pass on one server: data, random reads, bitmap walk and pull all as
     expected (it also warms the page cache for the timed runs)."""
     a = b.args
     if {"seq-read", "rand-read", "copy"} & set(a.cases):
+        if a.cache == "none":
+            evict(b.data)
         with serving(b, label, b.data, a.format) as srv:
             got = client(b, srv, {"mode": "read", "length": MiB, "depth": 1, "verify": True})
             if got["digest"] != b.source_sha:
                 b.problems.append(f"{label}: the data export's sha256 is not the source's")
+            cached = resident(b.data) if a.cache == "none" else None
+            if cached is not None and cached > b.data.stat().st_size // 2:
+                b.problems.append(f"{label}: --cache none, yet reading the export left "
+                                  f"{cached / MiB:.0f} MiB of the image in the page cache: "
+                                  "it does not read with O_DIRECT, the rates do not compare")
             got = client(b, srv, {"mode": "rand", "length": 4 * KiB, "depth": 1,
                                   "count": a.rand_ops, "seed": a.seed, "verify": True})
             if got["digest"] != expected_rand_digest(b, a.rand_ops):
