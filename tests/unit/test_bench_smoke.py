@@ -225,3 +225,34 @@ def test_qmp_bench_quick_runs_and_checks_pass(qemu_tools: dict[str, str],
     for r in results["results"]:
         assert all(r["median_us"][side] > 0 for side in ("dirtybits", "qemu")), r
     assert [p.name for p in tmp_path.iterdir()] == ["qmp.json"]
+
+
+@pytest.mark.interop
+@pytest.mark.timeout(300)
+def test_nbd_bench_quick_runs_and_checks_pass(qemu_tools: dict[str, str],
+                                              tmp_path: Path) -> None:
+    """Both servers serve the data, the random reads, the bitmap walk and the pull as
+    expected, take the writes (checked images) and the nbdcopy runs; every case has a value
+    for both sides."""
+    out = tmp_path / "nbd.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "nbd_bench.py"), "--quick", "--size", "8M",
+         "--seq-bytes", "16M", "--rand-ops", "100", "--map-size", "4G", "--dirty-runs", "50",
+         "--status-passes", "2", "--dir", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAIL" not in proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    assert results["ok"] is True
+    cases = [r["case"] for r in results["results"]]
+    assert cases == [
+        "seq read 1M, 1 in flight", "seq read 1M, 4 in flight",
+        "random read 4k, 1 in flight", "random read 4k, 8 in flight",
+        "seq write 1M, 1 in flight", "seq write 1M, 4 in flight",
+        "block status b0, first walk", "block status b0, later walks",
+        "pull dirty extents, 16 in flight",
+        "nbdcopy data -> null:", "nbdcopy data -> file", "nbdcopy 4G sparse -> null:"]
+    for r in results["results"]:
+        assert all(r["median"][side] > 0 for side in results["tools"]), r
+    assert [p.name for p in tmp_path.iterdir()] == ["nbd.json"]
