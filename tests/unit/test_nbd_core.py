@@ -406,7 +406,7 @@ def test_replies_parse_back_in_the_client_core() -> None:
     s = Pair()
     s.go("disk", contexts=("base:allocation",))
     s.client.receive_data(s.server.hole(4, 0, 512, final=False)
-                          + s.server.block_status(4, 0, [(512, 3)], final=True)
+                          + s.server.block_status(4, 0, status.pack([(512, 3)]), final=True)
                           + s.server.reply_error(5, Errno.NBD_EPERM, "no"))
     evs = s.client_events()
     assert evs[0] == Chunk(4, 0, ReplyType.NBD_REPLY_TYPE_OFFSET_HOLE,
@@ -435,6 +435,40 @@ def test_allocation_extents_clip_merge_and_cap() -> None:
     many = [(i, 1, i % 2) for i in range(NBD_MAX_BLOCK_STATUS_EXTENTS + 10)]
     out = status.from_runs(many, 0, len(many))
     assert len(out) == NBD_MAX_BLOCK_STATUS_EXTENTS  # a short reply, never an overlong one
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_extents_from_run_arrays_equal_the_per_run_rules(seed: int) -> None:
+    """``status.window`` (numpy, from a bitmap's run ends) against ``from_dirty`` (one Python
+    step per run, QEMU's ``bitmap_to_extents``): the same packed extents for random bitmaps,
+    windows (at run edges, inside runs, at the end), REQ_ONE and the extent cap."""
+    import random
+
+    from dirtybits.bitmap.dirty_bitmap import DirtyBitmap
+
+    rng = random.Random(seed)
+    gran = 1 << rng.choice((9, 12, 16))
+    size = gran * rng.randrange(1, 3000)
+    bm = DirtyBitmap(size, gran)
+    for _ in range(rng.randrange(0, 60)):
+        off = rng.randrange(size)
+        bm.set(off, min(size - off, rng.randrange(1, max(2, size // 8))))
+    dirty = list(bm.dirty_extents())
+    first, edges = bm.run_edges()
+    for _ in range(30):
+        off = rng.choice((0, rng.randrange(size), *(e for e, _ in dirty[:1])))
+        length = rng.choice((size - off, rng.randrange(1, size - off + 1), 1))
+        req_one = rng.random() < 0.2
+        want = status.pack(status.from_dirty(dirty, off, length, req_one=req_one))
+        assert status.window(first, edges, 0, off, length, req_one=req_one) == want
+        f2, e2 = bm.run_edges(off, length)  # the window read alone
+        assert status.window(f2, e2, off, off, length, req_one=req_one) == want
+    many = DirtyBitmap(512 * 300_000, 512)
+    for i in range(0, 300_000, 2):
+        many.set(i * 512, 512)
+    f3, e3 = many.run_edges()
+    packed = status.window(f3, e3, 0, 0, 512 * 300_000)
+    assert len(packed) == 8 * NBD_MAX_BLOCK_STATUS_EXTENTS
 
 
 def test_wire_layouts_have_the_specs_sizes() -> None:

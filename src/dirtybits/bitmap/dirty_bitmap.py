@@ -429,6 +429,22 @@ class DirtyBitmap:
             dirty ^= bool(pos.size & 1)
         yield dirty, np.array([start], dtype=object), np.array([end], dtype=object)
 
+    def run_edges(self, offset: int = 0, length: int | None = None
+                  ) -> tuple[bool, npt.NDArray[np.int64]]:
+        """The runs of ``extents`` as arrays, for callers that work on them whole (an NBD
+        reply's extents): whether the first run is dirty, and the ascending byte offsets
+        where each run ends (the last is the range's end). Needs offsets below 2^63."""
+        end = self._end(offset, length)
+        if offset >= end:
+            return False, np.zeros(0, dtype=np.int64)
+        parts: list[npt.NDArray[np.int64]] = []
+        first: bool | None = None
+        for dirty, _starts, stops in self._runs(offset, end):
+            if first is None:
+                first = dirty
+            parts.append(np.asarray(stops, dtype=np.int64))
+        return bool(first), np.concatenate(parts)
+
     def extents(
         self, offset: int = 0, length: int | None = None
     ) -> Iterator[tuple[int, int, bool]]:

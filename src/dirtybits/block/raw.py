@@ -245,13 +245,10 @@ class RawImage:
             yield MapExtent(pos, hole - pos, 0, True, False, True, pos, self.path)
             pos = hole
 
-    def host_extent(self, offset: int, length: int) -> tuple[int, int, int] | None:
-        """``(fd, offset, length)``: a raw image's guest bytes are its file's (zero-copy
-        sends, as ``Qcow2Image.host_extent``)."""
-        if length <= 0:
-            return None
-        self._check_range(offset, length)
-        return self._fd, offset, length
+    @property
+    def data_fd(self) -> int:
+        """The file's descriptor (``block_status``'s host offsets are the guest's)."""
+        return self._fd
 
     def locks(self) -> list[FileLock]:
         """The lock description held on the file (for inactivation)."""

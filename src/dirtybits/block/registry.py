@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from dirtybits.block.qcow2_bitmaps import BitmapOperationError, default_granularity
 from dirtybits.errors import DirtybitsError
@@ -561,6 +561,16 @@ class BitmapRegistry:
         if lb.inconsistent or offset >= end:
             return []
         return list(self._view_bits(lb).dirty_extents(offset, end - offset))
+
+    @_owned
+    def run_edges(self, name: str, offset: int, length: int) -> tuple[bool, Any]:
+        """``DirtyBitmap.run_edges`` of the bitmap's current bits over ``[offset,
+        offset+length)`` clipped to the node: (first run dirty, int64 array of run ends).
+        Raises ``BitmapOperationError`` for an unknown or inconsistent bitmap."""
+        lb = self.get(name)
+        self.check(lb, Check.INCONSISTENT)
+        end = min(self._size, offset + length)
+        return self._view_bits(lb).run_edges(offset, max(0, end - offset))
 
     @_owned
     def runs(self, name: str, end: int) -> list[tuple[int, int, bool]]:

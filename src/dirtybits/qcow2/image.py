@@ -2125,20 +2125,11 @@ class Qcow2Image:
         if pending is not None:
             yield pending
 
-    def host_extent(self, offset: int, length: int) -> tuple[int, int, int] | None:
-        """Where the guest bytes from ``offset`` lie as plain data in one host file run:
-        ``(fd, host_offset, n)`` for the longest such prefix (at most ``length``), or None
-        when the first byte is not stored so (a hole, zeroes, compressed, in a backing
-        file). For zero-copy sends of a read-only image: the run moves if the image is
-        written."""
-        if self._closed or length <= 0:
-            return None
-        self._check_request(offset, length)
-        ext = next(iter(self.block_status(offset, length)), None)
-        if (ext is None or ext.start != offset or ext.depth or not ext.data or ext.zero
-                or ext.compressed or ext.offset is None):
-            return None
-        return self._data_fd, ext.offset, min(ext.length, length)
+    @property
+    def data_fd(self) -> int:
+        """The descriptor of the file holding guest data (the image's, or its external data
+        file's): where ``block_status``'s host offsets point, for zero-copy sends."""
+        return self._data_fd
 
     def _raw_status(self, offset: int, end: int) -> Iterator[MapExtent]:
         """Runs of clusters with the same state, one L2 table at a time: a table that is not

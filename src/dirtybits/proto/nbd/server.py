@@ -623,8 +623,9 @@ class ServerConnection:
     def hole(self, cookie: int, offset: int, length: int, *, final: bool) -> bytes:
         return wire.hole_chunk(cookie, NBD_REPLY_FLAG_DONE if final else 0, offset, length)
 
-    def block_status(self, cookie: int, context_id: int, extents: list[tuple[int, int]], *,
+    def block_status(self, cookie: int, context_id: int, extents: bytes, *,
                      final: bool) -> bytes:
+        """A BLOCK_STATUS chunk; ``extents`` packed (``proto.nbd.status.pack``)."""
         return wire.block_status_chunk(cookie, NBD_REPLY_FLAG_DONE if final else 0,
                                        context_id, extents)
 

@@ -9,7 +9,9 @@ extents covers less than asked, which the protocol allows.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
+from typing import Any
 
 from dirtybits.proto.nbd.constants import NBD_MAX_BLOCK_STATUS_EXTENTS, NBD_STATE_DIRTY
 
@@ -83,4 +85,39 @@ def from_dirty(dirty: Iterable[tuple[int, int]], offset: int, length: int, *,
     return arr.extents
 
 
-__all__ = ["ExtentArray", "from_dirty", "from_runs"]
+def pack(extents: list[tuple[int, int]]) -> bytes:
+    """Extents as a BLOCK_STATUS chunk carries them: ``{u32 length, u32 flags}`` each."""
+    return struct.pack(f">{2 * len(extents)}I", *(v for e in extents for v in e))
+
+
+def window(first_dirty: bool, edges: Any, start: int, offset: int, length: int, *,
+           req_one: bool = False) -> bytes:
+    """A dirty bitmap's extents of ``[offset, offset+length)``, packed, from its runs as
+    arrays (``DirtyBitmap.run_edges``): the runs begin at ``start`` (``<= offset``), the
+    first is dirty when ``first_dirty``, ``edges`` (ascending int64) are where each ends.
+    The same extents as ``from_dirty`` (runs are maximal, so nothing merges), built without
+    a Python step per run: a reply of thousands of extents costs microseconds."""
+    import numpy as np
+
+    end = offset + length
+    if length <= 0 or not len(edges):
+        return b""
+    i = int(np.searchsorted(edges, offset, side="right"))  # the run holding offset
+    j = int(np.searchsorted(edges, end, side="left"))  # the run holding end - 1
+    j = min(j, len(edges) - 1)
+    limit = 1 if req_one else NBD_MAX_BLOCK_STATUS_EXTENTS
+    j = min(j, i + limit - 1)
+    stops = np.array(edges[i:j + 1], dtype=np.int64)
+    stops[-1] = min(int(stops[-1]), end)
+    n = len(stops)
+    out = np.empty((n, 2), dtype=">u4")
+    out[:, 0] = np.diff(stops, prepend=np.int64(offset))
+    dirty0 = first_dirty ^ bool(i & 1)
+    out[:, 1] = (np.arange(n) + (1 if dirty0 else 0)) & 1
+    if NBD_STATE_DIRTY != 1:  # pragma: no cover - the flag is bit 0
+        out[:, 1] *= NBD_STATE_DIRTY
+    del start
+    return out.tobytes()
+
+
+__all__ = ["ExtentArray", "from_dirty", "from_runs", "pack", "window"]

@@ -155,17 +155,11 @@ def error_chunk(cookie: int, flags: int, error: int, message: str) -> bytes:
                  ERROR_HEAD.pack(error, len(msg)) + msg)
 
 
-def block_status_chunk(cookie: int, flags: int, context_id: int,
-                       extents: list[tuple[int, int]]) -> bytes:
-    """A BLOCK_STATUS chunk: ``extents`` as (length, flags) pairs."""
-    payload = bytearray(4 + 8 * len(extents))
-    U32.pack_into(payload, 0, context_id)
-    pos = 4
-    pack = EXTENT.pack_into
-    for length, fl in extents:
-        pack(payload, pos, length, fl)
-        pos += 8
-    return chunk(cookie, flags, ReplyType.NBD_REPLY_TYPE_BLOCK_STATUS, bytes(payload))
+def block_status_chunk(cookie: int, flags: int, context_id: int, extents: bytes) -> bytes:
+    """A BLOCK_STATUS chunk: ``extents`` packed (``{u32 length, u32 flags}`` each,
+    ``proto.nbd.status.pack``)."""
+    return chunk(cookie, flags, ReplyType.NBD_REPLY_TYPE_BLOCK_STATUS,
+                 U32.pack(context_id) + extents)
 
 
 __all__ = [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from dirtybits.block.node import BlockNode
 from dirtybits.errors import DirtybitsError
@@ -81,6 +82,7 @@ class NbdExport:
         self.size = -(-node.size // SECTOR) * SECTOR
         self.writable = spec.writable
         self.closed = False
+        self._edges: dict[str, tuple[bool, Any]] = {}  # read-only node: runs read once
         flags = (TF.NBD_FLAG_HAS_FLAGS | TF.NBD_FLAG_SEND_FLUSH | TF.NBD_FLAG_SEND_FUA
                  | TF.NBD_FLAG_SEND_CACHE)
         if spec.writable:
@@ -115,8 +117,9 @@ class NbdExport:
         """The READ of ``[offset, offset+length)`` as pieces, each one reply chunk: data in a
         buffer with ``header`` bytes free in front (the chunk is sent as one buffer), a hole
         (``sparse``: zero ranges become hole chunks, as QEMU's ``nbd_co_send_sparse_read``),
-        or (``zero_copy``, a read-only node only: its mapping never changes) a run of the
-        image file to send from the page cache with ``os.sendfile``."""
+        or (``zero_copy``, a read-only node only: its mapping never changes; not with cache
+        modes that bypass the page cache) a run of the image file to send from the page
+        cache with ``os.sendfile``."""
         node = self.node
         real = max(0, min(length, node.size - offset))  # the rest: the sector's zero tail
         if not sparse or not length:
@@ -124,7 +127,9 @@ class NbdExport:
             if real:
                 node.read_into(offset, memoryview(buf)[header:header + real])
             return [Piece(offset, length, buf)]
-        zero_copy = zero_copy and node.readonly and hasattr(node.driver, "host_extent")
+        data_fd = getattr(node.driver, "data_fd", None)
+        zero_copy = zero_copy and node.readonly and node.cache not in ("none", "directsync") \
+            and isinstance(data_fd, int)
         out: list[Piece] = []
         pending: list[int] = []  # [start, end) of data still to read into one buffer
 
@@ -145,13 +150,12 @@ class NbdExport:
                 flush_data()
                 out.append(Piece(pos, stop - pos, None))
             elif (zero_copy and ext.offset is not None and not ext.depth and not ext.compressed
-                    and stop - pos >= ZERO_COPY_MIN):
-                host = node.driver.host_extent(pos, stop - pos)  # type: ignore[attr-defined]
-                if host is not None and host[2] == stop - pos:
-                    flush_data()
-                    out.append(Piece(pos, stop - pos, None, host[0], host[1]))
-                else:
-                    pending[:] = [pending[0] if pending else pos, stop]
+                    and ext.data and stop - pos >= ZERO_COPY_MIN):
+                # one host run of the data file (block status breaks runs where host
+                # offsets stop being contiguous)
+                flush_data()
+                out.append(Piece(pos, stop - pos, None, data_fd,
+                                 ext.offset + (pos - ext.start)))
             else:
                 pending[:] = [pending[0] if pending else pos, stop]
             pos = stop
@@ -163,9 +167,12 @@ class NbdExport:
         return out
 
     def status_extents(self, contexts: tuple[tuple[int, str], ...], offset: int, length: int,
-                       req_one: bool) -> list[tuple[int, list[tuple[int, int]]]]:
-        """The BLOCK_STATUS reply's extents for each negotiated context, in order."""
-        out: list[tuple[int, list[tuple[int, int]]]] = []
+                       req_one: bool) -> list[tuple[int, bytes]]:
+        """The BLOCK_STATUS reply's extents for each negotiated context, in order, packed.
+
+        A bitmap exported from a read-only node cannot change (nothing writes the node, and
+        the bitmap is busy): its runs are read once and each request takes its window."""
+        out: list[tuple[int, bytes]] = []
         entries = None
         for cid, name in contexts:
             if name in (CONTEXT_BASE_ALLOCATION, CONTEXT_ALLOCATION_DEPTH):
@@ -177,12 +184,36 @@ class NbdExport:
                 else:
                     runs = [(e.start, e.length, e.depth + 1 if e.present else 0)
                             for e in entries]
-                out.append((cid, status.from_runs(runs, offset, length, req_one=req_one)))
+                out.append((cid, status.pack(status.from_runs(runs, offset, length,
+                                                              req_one=req_one))))
+                continue
+            bitmap = name[len(CONTEXT_DIRTY_BITMAP):]
+            reg = self.node.bitmaps
+            if self.node.readonly:
+                cached = self._edges.get(bitmap)
+                if cached is None:
+                    cached = self._edges[bitmap] = reg.run_edges(bitmap, 0, self.node.size)
+                first, edges, start = cached[0], cached[1], 0
             else:
-                bitmap = name[len(CONTEXT_DIRTY_BITMAP):]
-                dirty = self.node.bitmaps.extents(bitmap, offset, length)
-                out.append((cid, status.from_dirty(dirty, offset, length, req_one=req_one)))
+                first, edges = reg.run_edges(bitmap, offset, length)
+                start = offset
+            real = max(0, min(length, self.node.size - offset))
+            payload = status.window(first, edges, start, offset, real, req_one=req_one)
+            if real < length and not (req_one and payload):  # the sector's tail: clean
+                payload = (status.pack(status.from_dirty([], offset, length, req_one=req_one))
+                           if not payload else _extend_clean(payload, length - real))
+            out.append((cid, payload))
         return out
+
+
+def _extend_clean(payload: bytes, extra: int) -> bytes:
+    """Packed extents with ``extra`` clean bytes after them (merged into a clean last one)."""
+    import struct
+
+    n, fl = struct.unpack_from(">II", payload, len(payload) - 8)
+    if fl == 0:
+        return payload[:-8] + struct.pack(">II", n + extra, 0)
+    return payload + struct.pack(">II", extra, 0)
 
 
 def create_export(spec: ExportSpec, node: BlockNode) -> NbdExport:
@@ -221,6 +252,9 @@ def create_export(spec: ExportSpec, node: BlockNode) -> NbdExport:
         for name in marked:
             reg.set_busy(name, None)
         raise
+    if node.readonly:  # read once, before a client asks (as qemu-nbd loads them)
+        for name in spec.bitmaps:
+            exp._edges[name] = reg.run_edges(name, 0, node.size)
     log.info("export '%s' (%s) of %s: %s, bitmaps %s", spec.id, spec.name, node.node_name,
              "writable" if spec.writable else "read-only", spec.bitmaps or "none")
     return exp
