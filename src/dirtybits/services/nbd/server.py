@@ -116,6 +116,7 @@ class NbdServer:
         self.inline = inline
         self.zero_copy = zero_copy  # data chunks of read-only images by os.sendfile
         self.tls = tls
+        self.tls_id: str | None = None  # the credentials object's id (the daemon's)
         self.tls_mode = tls_mode if tls_mode is not None else (
             TlsMode.REQUIRED if tls is not None else TlsMode.OFF)
         self.shared = shared  # 0: no limit

@@ -156,7 +156,7 @@ class NbdCommands:
         oid = args["id"]
         if oid not in self.objects:
             raise QmpError(f"object '{oid}' not found")
-        if self.server is not None and getattr(self.server, "tls_id", None) == oid:
+        if self.server is not None and self.server.tls_id == oid:
             raise QmpError(f"object '{oid}' is in use, can not be deleted")
         del self.objects[oid]
         return {}
@@ -181,8 +181,10 @@ class NbdCommands:
                 raise QmpError(str(exc)) from exc
         if max_connections is not None and max_connections < 0:
             raise QmpError("max-connections must be between 0 and UINT32_MAX")  # schema: uint32
-        server = NbdServer(self.layer, inline=False, tls=tls, shared=max_connections or 0)
-        server.tls_id = tls_creds  # type: ignore[attr-defined]
+        # requests run inline under the block owner's lock (nbd_bench: random 4 KiB reads at
+        # 8 in flight ran at 0.16x of qemu-nbd through the block thread, 0.7x inline)
+        server = NbdServer(self.layer, inline=True, tls=tls, shared=max_connections or 0)
+        server.tls_id = tls_creds
         try:
             if addr["type"] == "unix":
                 await server.listen_unix(addr["path"])
