@@ -264,7 +264,10 @@ class NbdCommands:
             spec = ExportSpec(id=eid, name=name, description=opts.get("description", ""),
                               writable=writable and not node.readonly, bitmaps=bitmaps,
                               allocation_depth=bool(opts.get("allocation-depth", False)),
-                              writethrough=bool(opts.get("writethrough", False)))
+                              writethrough=bool(opts.get("writethrough", False)),
+                              # QEMU 7.2 advertises multi-conn for every block-export-add
+                              # export (our flush covers every connection's writes too)
+                              multi_conn=True)
             exp = create_export(spec, node)
             gn.extra.setdefault("exports", set()).add(eid)
             return exp
