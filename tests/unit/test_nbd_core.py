@@ -324,6 +324,41 @@ def test_requests_are_parsed_whole_whatever_the_segmentation() -> None:
     assert write.flags == CmdFlag.NBD_CMD_FLAG_FUA
 
 
+def test_a_write_payload_is_received_into_its_own_buffer() -> None:
+    """The I/O layer may receive a WRITE's payload straight into the buffer the core hands
+    out (``receive_into``), in any pieces, mixed with ``receive_data``: the same events."""
+    p = Pair()
+    p.go("rw")
+    payload = bytes(range(256)) * 64
+    frames = (p.client.request(Cmd.NBD_CMD_WRITE, 1, 0, len(payload), 0, payload)
+              + p.client.request(Cmd.NBD_CMD_FLUSH, 2))
+    core = p.server
+    core.receive_data(frames[:28 + 100])  # the header and the payload's start
+    assert core.next_event() is None
+    pos = 28 + 100
+    for step in (1, 999, 5000):
+        target = core.receive_into()
+        assert target is not None
+        n = min(step, len(target))
+        target[:n] = frames[pos:pos + n]
+        core.received_into(n)
+        pos += n
+    core.receive_data(frames[pos:])  # the payload's end and the next request together
+    events = []
+    while (ev := core.next_event()) is not None:
+        events.append(ev)
+    assert [(e.cmd, e.cookie) for e in events] == [(Cmd.NBD_CMD_WRITE, 1),  # type: ignore[union-attr]
+                                                   (Cmd.NBD_CMD_FLUSH, 2)]
+    assert bytes(events[0].payload) == payload  # type: ignore[union-attr, arg-type]
+    assert core.receive_into() is None
+    q = Pair()
+    q.go("rw")
+    q.server.receive_data(frames[:200])
+    q.server.receive_data(b"")
+    assert q.server.next_event() == Close(
+        "the client disconnected in the middle of a frame (200 bytes pending)")
+
+
 @pytest.mark.parametrize(("cmd", "offset", "length", "flags", "error", "message"), [
     (Cmd.NBD_CMD_READ, 1 << 20, 1, 0, Errno.NBD_EINVAL,
      "operation past EOF; From: 1048576, Len: 1, Size: 1048576"),

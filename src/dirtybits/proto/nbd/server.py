@@ -256,6 +256,9 @@ class ServerConnection:
         self.contexts: tuple[tuple[int, str], ...] = ()
         self._meta = _Meta()
         self._in = bytearray()
+        self._payload: bytearray | None = None  # a WRITE's payload being received
+        self._payload_got = 0
+        self._payload_req: wire.Request | None = None
         self._out: list[bytes] = [wire.greeting(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES)]
         self._events: list[Event] = []
         self._drain = 0  # bytes of an oversized option still to discard
@@ -269,8 +272,40 @@ class ServerConnection:
         if not data:
             self._eof()
             return
+        if self._payload is not None:
+            view = memoryview(data).cast("B")
+            n = min(len(view), len(self._payload) - self._payload_got)
+            self._payload[self._payload_got:self._payload_got + n] = view[:n]
+            self.received_into(n)
+            data = view[n:]
+            if not data or self.closed:
+                return
         self._in += data
         self._parse()
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
+
+    def receive_into(self) -> memoryview | None:
+        """Where the next bytes may be received directly (the rest of a WRITE's payload: no
+        copy through the parser's buffer), or None: then use ``receive_data``."""
+        if self._payload is None:
+            return None
+        return memoryview(self._payload)[self._payload_got:]
+
+    def received_into(self, n: int) -> None:
+        """``n`` bytes were received into ``receive_into``'s buffer."""
+        assert self._payload is not None and self._payload_req is not None
+        self._payload_got += n
+        if self._payload_got < len(self._payload):
+            return
+        payload, req = memoryview(self._payload), self._payload_req
+        self._payload = self._payload_req = None
+        self._payload_got = 0
+        self._events.append(self._validate(req, payload))
+        if self.phase is Phase.TRANSMISSION and self._in:
+            self._parse()
 
     def next_event(self) -> Event | None:
         if self._events:
@@ -284,7 +319,7 @@ class ServerConnection:
 
     def pending_input(self) -> int:
         """Bytes received and not yet parsed (a bound on a client's memory)."""
-        return len(self._in)
+        return len(self._in) + self._payload_got
 
     def tls_established(self) -> None:
         """The TLS handshake succeeded: negotiation goes on inside it."""
@@ -298,9 +333,13 @@ class ServerConnection:
             self.phase = Phase.CLOSED
             self._events.append(Close(reason, error))
             self._in.clear()
+            self._payload = self._payload_req = None
 
     def _eof(self) -> None:
-        if self.phase is Phase.TRANSMISSION and not self._in:
+        if self._payload is not None:
+            self.close(f"the client disconnected in the middle of a frame "
+                       f"({wire.REQUEST.size + self._payload_got} bytes pending)")
+        elif self.phase is Phase.TRANSMISSION and not self._in:
             self.close("the client disconnected", error=False)
         elif self._in:
             self.close(f"the client disconnected in the middle of a frame ({len(self._in)} "
@@ -538,11 +577,17 @@ class ServerConnection:
                     f"len ({length}) is larger than max len ({self.max_request})", fatal=True))
                 self.phase = Phase.CLOSED
                 return False
-            if len(self._in) < wire.REQUEST.size + length:
-                return False
+            # the payload gets a buffer of its own: what arrived is moved there, the rest
+            # is received into it (``receive_into``), never through ``_in``
+            buf = bytearray(length)
+            have = min(length, len(self._in) - wire.REQUEST.size)
             with memoryview(self._in) as view:
-                payload = memoryview(bytes(view[wire.REQUEST.size:wire.REQUEST.size + length]))
-            del self._in[:wire.REQUEST.size + length]
+                buf[:have] = view[wire.REQUEST.size:wire.REQUEST.size + have]
+            del self._in[:wire.REQUEST.size + have]
+            if have < length:
+                self._payload, self._payload_got, self._payload_req = buf, have, req
+                return False
+            payload = memoryview(buf)
         else:
             del self._in[:wire.REQUEST.size]
         self._events.append(self._validate(req, payload))

@@ -50,6 +50,7 @@ MAX_INFLIGHT = 16  # parsed requests a connection may hold before it stops readi
 MAX_PENDING_BYTES = 64 << 20  # write payloads held per connection before it stops reading
 WRITE_HIGH_WATER = 4 << 20  # transport buffer above which a connection stops running requests
 SOCKET_BUFFER = 4 << 20  # SO_SNDBUF asked for each connection
+RECV_SCRATCH = 256 << 10  # what one receive takes outside a WRITE payload
 
 _ERRNO = {
     errno.EPERM: Errno.NBD_EPERM, errno.EROFS: Errno.NBD_EPERM, errno.EIO: Errno.NBD_EIO,
@@ -257,8 +258,9 @@ def _is_socket(path: str) -> bool:
 Work = RequestEvent | BadRequest | Close
 
 
-class NbdConnection(asyncio.Protocol):
-    """One client."""
+class NbdConnection(asyncio.BufferedProtocol):
+    """One client. Bytes are received into a scratch buffer, or (the rest of a WRITE's
+    payload) straight into the payload's own buffer (``ServerConnection.receive_into``)."""
 
     def __init__(self, server: NbdServer) -> None:
         self.server = server
@@ -276,6 +278,8 @@ class NbdConnection(asyncio.Protocol):
         self._done = asyncio.get_running_loop().create_future()
         self._worker: asyncio.Task[None] | None = None
         self._early: list[bytes] = []
+        self._scratch = memoryview(bytearray(RECV_SCRATCH))
+        self._into = False
         self.peer = "?"
 
     # ---------------------------------------------------------------- asyncio callbacks
@@ -302,6 +306,24 @@ class NbdConnection(asyncio.Protocol):
             self.core.receive_data(data)
         self._early.clear()
         self._pump()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        target = self.core.receive_into() if self.started else None
+        if target is not None:
+            self._into = True
+            return target
+        self._into = False
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._into:
+            self.core.received_into(nbytes)
+            self._pump()
+        elif self.started:  # the core copies what it keeps: the scratch is reused
+            self.core.receive_data(self._scratch[:nbytes])
+            self._pump()
+        else:
+            self.data_received(bytes(self._scratch[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if not self.started:
