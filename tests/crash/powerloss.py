@@ -1018,8 +1018,8 @@ def _fua_durability(point: Point, guest: bytes) -> list[str]:
         lost = owed & (want != got)
         if lost.any():
             first = offset + int(np.flatnonzero(lost)[0])
-            problems.append(f"a completed FUA request at {offset:#x}+{len(data):#x} lost "
-                            f"{int(lost.sum())} bytes (first at {first:#x})")
+            problems.append(f"a completed durable (FUA) request at {offset:#x}+"
+                            f"{len(data):#x} lost {int(lost.sum())} bytes (first at {first:#x})")
     return problems
 
 

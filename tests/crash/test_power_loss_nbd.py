@@ -78,7 +78,10 @@ def steps(seed: int, count: int) -> list[nc.Step]:
 
 def _client(sock: Path, rec: pl.Recorder, todo: list[nc.Step], node: Any,
             model: bytearray) -> None:
-    """The workload up to the close, one request at a time (a thread of its own)."""
+    """The workload up to the close, one request at a time (a thread of its own). With
+    ``cache=writethrough`` (as qemu-nbd's ``--cache``) every WRITE and WRITE_ZEROES is
+    durable on its reply, FUA or not (a TRIM is not: QEMU's discard flushes nothing)."""
+    writethrough = node.cache in ("writethrough", "directsync")
     c = nbd.Client(sock)
     try:
         c.go(structured=True, contexts=[f"qemu:dirty-bitmap:{nc.EXPORTED}"])
@@ -103,7 +106,7 @@ def _client(sock: Path, rec: pl.Recorder, todo: list[nc.Step], node: Any,
                     model[off:off + n] = bytes(n)
                 else:  # what the TRIM left: the data, or zeros
                     model[off:off + n] = c.read(off, n, cookie=100_000 + k)
-                if step.get("fua"):
+                if step.get("fua") or (writethrough and op != "trim"):
                     rec.durable(off, bytes(model[off:off + n]))
             elif op == "flush":
                 rec.flushed(bytes(model))
@@ -112,7 +115,7 @@ def _client(sock: Path, rec: pl.Recorder, todo: list[nc.Step], node: Any,
         c.disconnect()
 
 
-async def _drive(ctx: pl.Context, rec: pl.Recorder, todo: list[nc.Step]) -> None:
+async def _drive(ctx: pl.Context, rec: pl.Recorder, todo: list[nc.Step], cache: str) -> None:
     import dirtybits
     from dirtybits.block.aio import AsyncBlockLayer
     from dirtybits.block.open import open_node
@@ -122,7 +125,7 @@ async def _drive(ctx: pl.Context, rec: pl.Recorder, todo: list[nc.Step]) -> None
 
     owner = BlockOwner("dirtybits-nbd-powerloss")
     node = owner.call(open_node, str(ctx.image), "qcow2", owner=owner, node_name="nbd0",
-                      checkpoint=dirtybits.CheckpointPolicy(**pl.NO_TIMERS))
+                      cache=cache, checkpoint=dirtybits.CheckpointPolicy(**pl.NO_TIMERS))
     node.unmap = True  # --discard unmap
     server = NbdServer(AsyncBlockLayer(owner), inline=True, shared=1)
     model = bytearray(ctx.tpl.pre.tobytes())
@@ -147,14 +150,19 @@ async def _drive(ctx: pl.Context, rec: pl.Recorder, todo: list[nc.Step]) -> None
         owner.stop()
 
 
-def _run(ctx: Any, rec: pl.Recorder) -> None:
-    todo = steps(ctx.seed, ctx.ops)
-    ctx.extra["steps"] = nc.model_steps(todo)  # the registry judge's model
-    ctx.extra["nbd"] = todo
-    asyncio.run(_drive(ctx, rec, todo))
+def workload(cache: str) -> pl.Workload:
+    """The traced run of ``steps`` through a server of an image opened with ``cache``."""
+    def run(ctx: Any, rec: pl.Recorder) -> None:
+        todo = steps(ctx.seed, ctx.ops)
+        ctx.extra["steps"] = nc.model_steps(todo)  # the registry judge's model
+        ctx.extra["nbd"] = todo
+        asyncio.run(_drive(ctx, rec, todo, cache))
+
+    return pl.Workload(f"nbd-{cache}", dc.SPEC.name, run, "registry")
 
 
-WORKLOAD = pl.Workload("nbd", dc.SPEC.name, _run, "registry")
+WORKLOAD = workload("writeback")  # qemu-nbd's default, and dirtybits nbd's
+WRITETHROUGH = workload("writethrough")
 
 
 @pytest.fixture(scope="module")
@@ -166,10 +174,11 @@ def templates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, harness.Tem
 
 def _explore(templates: dict[str, harness.Template], work: Path, *,
              drop: set[str] | None = None, drop_under: set[str] | None = None,
-             states: int = STATES, want: str = "") -> tuple[pl.Context, pl.Trace, pl.Report]:
+             states: int = STATES, want: str = "",
+             w: pl.Workload = WORKLOAD) -> tuple[pl.Context, pl.Trace, pl.Report]:
     """A traced run and its crash states (with ``drop``/``drop_under``: near what was
     dropped, until a state fails with a problem that says ``want``)."""
-    ctx = pl.prepare(WORKLOAD, templates, work, SEED, STEPS)
+    ctx = pl.prepare(w, templates, work, SEED, STEPS)
     trace, error = pl.trace_run(ctx, drop=drop, drop_under=drop_under)
     assert error is None, error
     keep = pl.near_dropped(trace) if drop or drop_under else None
@@ -181,21 +190,23 @@ def _explore(templates: dict[str, harness.Template], work: Path, *,
 
 @pytest.mark.interop
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("w", [WORKLOAD, WRITETHROUGH], ids=lambda w: w.name)
 def test_power_loss_under_the_nbd_server_is_sound(templates: dict[str, harness.Template],
-                                                  tmp_path: Path,
+                                                  tmp_path: Path, w: pl.Workload,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    ctx, trace, rep = _explore(templates, tmp_path / "run")
+    states = STATES if w is WORKLOAD else STATES * 2 // 3
+    ctx, trace, rep = _explore(templates, tmp_path / "run", w=w, states=states)
     todo = ctx.extra["nbd"]
     kinds = {(s["op"], bool(s.get("fua"))) for s in todo}
     with capsys.disabled():
-        print(f"\nnbd power loss (seed {SEED}): {rep.line()}; steps "
+        print(f"\n{w.name} power loss (seed {SEED}): {rep.line()}; steps "
               f"{sorted(op + ('+fua' if fua else '') for op, fua in kinds)}")
     # every kind of request was sent, and the FUA judge had something to judge
     assert {("write", True), ("write", False), ("zero", False), ("trim", False),
             ("flush", False), ("checkpoint", False)} <= kinds, kinds
     assert any(e.kind == "durable" for e in trace.events)
     assert any(p.fua for p in pl.crash_points(trace))
-    assert rep.points > 10 and rep.judged >= min(STATES, 40), rep.line()
+    assert rep.points > 10 and rep.judged >= min(states, 40), rep.line()
     assert not rep.failures, "\n".join(str(f) for f in rep.failures[:5])
 
 
@@ -207,20 +218,24 @@ def _sites(templates: dict[str, harness.Template], work: Path, part: str) -> set
     return sites
 
 
-DROPS: dict[str, set[str]] = {
-    # the data flush of FLUSH (the checkpoint that follows it keeps its own sync)
-    "data flush": {"BlockNode.flush>Qcow2Image.flush"},
-    # the flush that makes a FUA request durable before its reply
-    "FUA flush": {"BlockNode.write>Qcow2Image.flush", "BlockNode.write_zeroes>Qcow2Image.flush"},
+# (the workload, the calls whose syncs are dropped, what a state then fails with)
+DURABLE = "a completed durable (FUA) request"
+DROPS: dict[str, tuple[pl.Workload, set[str], str]] = {
+    # FLUSH's data flush (the checkpoint after it keeps its own sync: what it syncs is
+    # durable all the same, unless it had nothing to store; an idle checkpoint came first)
+    "data flush": (WORKLOAD, {"BlockNode.flush>Qcow2Image.flush"}, "flushed sectors lost"),
+    # the flush that makes a FUA WRITE or WRITE_ZEROES durable before its reply
+    "FUA flush": (WORKLOAD, {"BlockNode.write>Qcow2Image.flush",
+                             "BlockNode.write_zeroes>Qcow2Image.flush"}, DURABLE),
+    # cache=writethrough: the driver's flush after each write
+    "writethrough flush": (WRITETHROUGH, {"Qcow2Image.write>Qcow2Image.flush",
+                                          "Qcow2Image.write_zeroes>Qcow2Image.flush"}, DURABLE),
 }
-# what each one is there for: what a state fails with without it
-WANT = {"data flush": "flushed sectors lost", "FUA flush": "a completed FUA request",
-        "checkpoint sync": "consistent but misses"}
 
 
 @pytest.mark.interop
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("what", ["data flush", "FUA flush", "checkpoint sync"])
+@pytest.mark.parametrize("what", [*DROPS, "checkpoint sync"])
 def test_power_loss_under_the_nbd_server_needs_each_durable_step(
         templates: dict[str, harness.Template], tmp_path: Path, what: str,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -228,13 +243,14 @@ def test_power_loss_under_the_nbd_server_needs_each_durable_step(
     fails, and for the reason that step exists (a FLUSH's data lost, a FUA request's data
     lost, a consistent bitmap that misses a write); other failures on the way (the image
     corrupt: the flush's syncs also order its metadata) are counted."""
-    want = WANT[what]
     if what == "checkpoint sync":
+        want = "consistent but misses"
         sites = _sites(templates, tmp_path / "sites", "BitmapRegistry.checkpoint")
         _, _, rep = _explore(templates, tmp_path / "drop", drop=sites, states=200, want=want)
     else:
-        _, _, rep = _explore(templates, tmp_path / "drop", drop_under=DROPS[what], states=200,
-                             want=want)
+        w, under, want = DROPS[what]
+        _, _, rep = _explore(templates, tmp_path / "drop", drop_under=under, states=200,
+                             want=want, w=w)
     hit = [f for f in rep.failures if any(want in p for p in f["problems"])]
     with capsys.disabled():
         print(f"\nnbd power loss without the {what}: {rep.line()}\n  "
