@@ -11,7 +11,8 @@ third of them with FUA, and FLUSHes), sent one at a time by ``peers.rawnbd``'s c
 a thread, each waiting for its reply, with idle checkpoints among the requests (what the
 block thread's idle timer runs in a lull; here the client calls it between two requests, so
 the trace is the same every run), then the disconnect and the close (every bitmap
-checkpointed).
+checkpointed). The same again with ``--cache writethrough``: every WRITE and WRITE_ZEROES is
+then durable on its reply.
 
 Each step is marked begun and returned in the trace, each request's range noted as
 touched; a TRIM's range is read back after it (a TRIM may leave the data or zeros); a
@@ -26,9 +27,15 @@ FUA request made durable is still there.
   sync) are sound;
 - the test can fail: without the data flush of a FLUSH (the syncs of ``Qcow2Image.flush``
   called by ``BlockNode.flush``), without the flush of a FUA write or write-zeroes
-  (``BlockNode.write`` / ``write_zeroes`` -> ``Qcow2Image.flush``), or without the
-  checkpoint's sync before it clears in_use (the site ``BitmapRegistry.checkpoint``), the
-  same exploration finds a failing state.
+  (``BlockNode.write`` / ``write_zeroes`` -> ``Qcow2Image.flush``), without the driver's
+  writethrough flush (``Qcow2Image.write`` / ``write_zeroes`` -> ``Qcow2Image.flush``), or
+  without the checkpoint's sync before it clears in_use (the site
+  ``BitmapRegistry.checkpoint``), the same exploration finds a state that fails for the
+  reason that step exists: flushed data lost, a FUA request's data lost, a consistent bitmap
+  that misses a write;
+- after a failed fdatasync (EIO) under a FLUSH the client gets EIO for it and for every
+  later FLUSH, FUA request and the close (nothing is reported durable again), and the crash
+  states are sound; an engine that forgets the failure is caught.
 
 ``DIRTYBITS_POWERLOSS_SEED`` (default fixed), ``DIRTYBITS_POWERLOSS_STATES``.
 """
@@ -36,6 +43,7 @@ FUA request made durable is still there.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import sys
@@ -51,10 +59,11 @@ import nbdcrash as nc
 import powerloss as pl
 
 import peers
+from dirtybits.errors import DirtybitsError
 from peers import rawnbd as nbd
 
 SEED = int(os.environ.get("DIRTYBITS_POWERLOSS_SEED", "20261207"))
-STATES = int(os.environ.get("DIRTYBITS_POWERLOSS_STATES", "300"))
+STATES = int(os.environ.get("DIRTYBITS_POWERLOSS_STATES", "200"))
 STEPS = 60
 IDLE = 0.12  # the share of requests an idle checkpoint precedes
 REQUESTS = ("write", "zero", "trim")
@@ -77,10 +86,12 @@ def steps(seed: int, count: int) -> list[nc.Step]:
 
 
 def _client(sock: Path, rec: pl.Recorder, todo: list[nc.Step], node: Any,
-            model: bytearray) -> None:
+            model: bytearray, errors: list[tuple[int, str, int]]) -> None:
     """The workload up to the close, one request at a time (a thread of its own). With
     ``cache=writethrough`` (as qemu-nbd's ``--cache``) every WRITE and WRITE_ZEROES is
-    durable on its reply, FUA or not (a TRIM is not: QEMU's discard flushes nothing)."""
+    durable on its reply, FUA or not (a TRIM is not: QEMU's discard flushes nothing). A
+    request that fails is noted in ``errors`` (step, op, NBD error) and makes nothing
+    durable; the workload goes on, as a client that retries later would."""
     writethrough = node.cache in ("writethrough", "directsync")
     c = nbd.Client(sock)
     try:
@@ -92,13 +103,20 @@ def _client(sock: Path, rec: pl.Recorder, todo: list[nc.Step], node: Any,
                 return
             rec.mark(b=k)
             if op == "checkpoint":
-                node.owner.call(node.checkpoint)  # as the idle timer, between two requests
+                try:
+                    node.owner.call(node.checkpoint)  # as the idle timer, between requests
+                except DirtybitsError as exc:  # (the timer logs it and tries again later)
+                    errors.append((k, f"checkpoint: {exc}", 0))
                 rec.mark(e=k)
                 continue
             if op in REQUESTS:
                 rec.op(step["off"], step["len"])
-            nc.run_step(c, step, k + 1)
-            if op in REQUESTS:
+            c.send(nc.frame(c, step, k + 1))
+            reply = c.reply()
+            assert reply.cookie == k + 1, (nc.describe(step), reply)
+            if reply.error:
+                errors.append((k, op + ("+fua" if step.get("fua") else ""), reply.error))
+            elif op in REQUESTS:
                 off, n = step["off"], step["len"]
                 if op == "write":
                     model[off:off + n] = step["data"]
@@ -110,6 +128,9 @@ def _client(sock: Path, rec: pl.Recorder, todo: list[nc.Step], node: Any,
                     rec.durable(off, bytes(model[off:off + n]))
             elif op == "flush":
                 rec.flushed(bytes(model))
+            if reply.error and op in ("write", "zero"):  # written or not, as after a crash
+                off, n = step["off"], step["len"]
+                model[off:off + n] = step["data"] if op == "write" else bytes(n)
             rec.mark(e=k)
     finally:
         c.disconnect()
@@ -129,6 +150,7 @@ async def _drive(ctx: pl.Context, rec: pl.Recorder, todo: list[nc.Step], cache: 
     node.unmap = True  # --discard unmap
     server = NbdServer(AsyncBlockLayer(owner), inline=True, shared=1)
     model = bytearray(ctx.tpl.pre.tobytes())
+    errors: list[tuple[int, str, int]] = ctx.extra.setdefault("errors", [])
     try:
         spec = ExportSpec(id="qemu-nbd-export", name="", writable=True,
                           bitmaps=[nc.EXPORTED], multi_conn=False)
@@ -136,13 +158,17 @@ async def _drive(ctx: pl.Context, rec: pl.Recorder, todo: list[nc.Step], cache: 
         with peers.socket_dir("dirtybits-plnbd-") as d:
             sock = d / "nbd.sock"
             await server.listen_unix(str(sock))
-            await asyncio.wait_for(asyncio.to_thread(_client, sock, rec, todo, node, model),
-                                   120)
+            await asyncio.wait_for(asyncio.to_thread(_client, sock, rec, todo, node, model,
+                                                     errors), 120)
             k = len(todo) - 1  # the close: the export's bitmaps given back, the node closed
             rec.mark(b=k)
             await server.close()
-            owner.call(node.close)
-            rec.flushed(bytes(model))
+            try:
+                owner.call(node.close)
+            except DirtybitsError as exc:  # (after a failed fdatasync)
+                errors.append((k, f"close: {exc}", 0))
+            else:
+                rec.flushed(bytes(model))
             rec.mark(e=k)
     finally:
         await server.close()
@@ -180,7 +206,7 @@ def _explore(templates: dict[str, harness.Template], work: Path, *,
     dropped, until a state fails with a problem that says ``want``)."""
     ctx = pl.prepare(w, templates, work, SEED, STEPS)
     trace, error = pl.trace_run(ctx, drop=drop, drop_under=drop_under)
-    assert error is None, error
+    assert error is None and not ctx.extra["errors"], (error, ctx.extra["errors"][:3])
     keep = pl.near_dropped(trace) if drop or drop_under else None
     rep = pl.explore(ctx, trace, randoms=2, max_states=states, seed=SEED, error=error,
                      points_filter=keep, stop_if=lambda problems: any(
@@ -194,7 +220,7 @@ def _explore(templates: dict[str, harness.Template], work: Path, *,
 def test_power_loss_under_the_nbd_server_is_sound(templates: dict[str, harness.Template],
                                                   tmp_path: Path, w: pl.Workload,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    states = STATES if w is WORKLOAD else STATES * 2 // 3
+    states = STATES if w is WORKLOAD else STATES * 3 // 4
     ctx, trace, rep = _explore(templates, tmp_path / "run", w=w, states=states)
     todo = ctx.extra["nbd"]
     kinds = {(s["op"], bool(s.get("fua"))) for s in todo}
@@ -257,3 +283,75 @@ def test_power_loss_under_the_nbd_server_needs_each_durable_step(
               f"{hit[0] if hit else rep.failures[:1]}")
     assert rep.failures, f"removing the {what} went unnoticed"
     assert hit, f"removing the {what}: no state failed with {want!r}: {rep.failures[:3]}"
+
+
+# ---------------------------------------------------------------------------- a failed sync
+def _flush_sync(templates: dict[str, harness.Template], work: Path) -> int:
+    """The index (among the run's fdatasyncs) of the first sync of the data flush of the
+    first FLUSH that comes right after a request (the data of that request to sync: most
+    FLUSHes follow an idle checkpoint, whose sync made the data durable already); the rest
+    of the workload runs after the failure."""
+    ctx = pl.prepare(WORKLOAD, templates, work, SEED, STEPS)
+    trace, _ = pl.trace_run(ctx)
+    todo = ctx.extra["nbd"]
+    step, n, found = -1, 0, []
+    for e in trace.events:
+        if e.kind == "mark":
+            step = json.loads(e.data).get("b", step)
+        elif e.kind == "sync":
+            if todo[step]["op"] == "flush" and e.site.startswith("image.Qcow2Image.flush"):
+                found.append((step, n))
+            n += 1
+    firsts = [n for i, (step, n) in enumerate(found) if (i == 0 or found[i - 1][0] != step)
+              and todo[step - 1]["op"] in REQUESTS]
+    return firsts[0]
+
+
+@pytest.mark.interop
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("forgetful", [False, True], ids=["as-is", "forgetful"])
+def test_power_loss_after_a_failed_flush_under_the_nbd_server(
+        templates: dict[str, harness.Template], tmp_path: Path, forgetful: bool,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """An fdatasync of a FLUSH fails (EIO: Linux drops the pages it could not write): the
+    client gets EIO for that FLUSH and for every later FLUSH and FUA request (a later
+    fdatasync would succeed without the lost pages: nothing may be reported durable again),
+    the close reports it, and every crash state is sound with only what was reported durable
+    owed. ``forgetful``: the engine forgets the failure (a later sync then "succeeds"), and
+    some state loses data a later FLUSH reported durable: this test can fail."""
+    from dirtybits.qcow2.image import Qcow2Image
+
+    fail = _flush_sync(templates, tmp_path / "find")
+    if forgetful:
+        real = Qcow2Image._fdatasync
+
+        def forget(self: Qcow2Image, fd: int, what: str) -> None:
+            try:
+                real(self, fd, what)
+            finally:
+                self._sync_failed = None
+
+        monkeypatch.setattr(Qcow2Image, "_fdatasync", forget)
+    ctx = pl.prepare(WORKLOAD, templates, tmp_path / "run", SEED, STEPS)
+    trace, error = pl.trace_run(ctx, fail_sync=fail)
+    assert error is None, error
+    todo, errors = ctx.extra["nbd"], ctx.extra["errors"]
+    rep = pl.explore(ctx, trace, randoms=8, max_states=150, seed=SEED,
+                     stop_at_first=forgetful)
+    with capsys.disabled():
+        print(f"\nnbd power loss after a failed fdatasync (#{fail}, "
+              f"{'forgetful' if forgetful else 'as is'}): {rep.line()}\n  errors "
+              f"{[(k, what.split(':')[0], e) for k, what, e in errors]}\n  "
+              f"{rep.failures[:1]}")
+    assert errors and todo[errors[0][0]]["op"] == "flush" and errors[0][2] == nbd.EIO, errors
+    if forgetful:
+        assert rep.failures, "a forgetful engine went unnoticed"
+        return
+    # every later FLUSH, FUA request and the close failed too; nothing else did (an idle
+    # checkpoint with bits to store fails as well)
+    first = errors[0][0]
+    owed = [k for k, s in enumerate(todo) if k >= first and (
+        s["op"] in ("flush", "close") or s.get("fua"))]
+    failed = [k for k, *_ in errors if todo[k]["op"] != "checkpoint"]
+    assert failed == owed, (errors, owed)
+    assert not rep.failures, "\n".join(str(f) for f in rep.failures[:5])
