@@ -92,7 +92,8 @@ def frame(c: nbd.Client, step: Step, cookie: int) -> bytes:
                                                               else 0)
         return c.request(nbd.WRITE_ZEROES, cookie, step["off"], step["len"], flags)
     if op == "trim":
-        return c.request(nbd.TRIM, cookie, step["off"], step["len"])
+        return c.request(nbd.TRIM, cookie, step["off"], step["len"],
+                         nbd.FLAG_FUA if step.get("fua") else 0)
     if op == "flush":
         return c.request(nbd.FLUSH, cookie)
     raise ValueError(op)

@@ -25,7 +25,9 @@ Each state is judged as a kill -9 is (``harness.verify``): ``qemu-img check`` fi
 corruption (leaks allowed), every bitmap that reads as consistent covers every granule whose
 data differs from the pre-image (zero silent misses); resilient images are then reopened and
 must recover every in_use bitmap; and guest data that a completed flush made durable, and that
-no later request touched, is still there.
+no later request touched, is still there; so is the data of a completed FUA request
+(``Recorder.durable``: its reply made its range durable), in the sectors no later request
+touched.
 
 ``drop`` (sites) replays the same workload with those syncs gone, as if the code lacked them
 (an RWF_DSYNC write becomes a plain one): ``test_power_loss.py`` shows that removing any single
@@ -73,7 +75,8 @@ _RWF_DSYNC = getattr(os, "RWF_DSYNC", 0)
 # ---------------------------------------------------------------------------- the trace
 @dataclass
 class Event:
-    kind: str  # write | sync | failed-sync | dropped-sync | trunc | op | flushed | mark
+    kind: str  # write | sync | failed-sync | dropped-sync | trunc | op | flushed | durable
+    #            | mark
     file: int = -1
     offset: int = 0
     data: bytes = b""
@@ -150,7 +153,10 @@ class Recorder:
 
     ``drop``: sync sites whose syncs are recorded as never made. ``drop_under``: function
     qualnames (``BitmapRegistry._mark``): every sync and RWF_DSYNC write made while one of
-    them is on the stack is recorded as never made (one caller of a shared site).
+    them is on the stack is recorded as never made (one caller of a shared site); or
+    ``CALLER>CALLEE`` (``BlockNode.flush>Qcow2Image.flush``): made while CALLEE, called
+    directly by CALLER, is on the stack (one call of a function that others call too: the
+    data flush of ``BlockNode.flush``, not the checkpoint's sync that follows it).
     ``fail_sync``: the index (among syncs) of one fdatasync that fails with EIO (and makes
     nothing durable).
     """
@@ -216,7 +222,11 @@ class Recorder:
         if self.drop_under:
             f = sys._getframe(2)
             while f is not None:
-                if f.f_code.co_qualname in self.drop_under:
+                name = f.f_code.co_qualname
+                if name in self.drop_under:
+                    return True
+                up = f.f_back
+                if up is not None and f"{up.f_code.co_qualname}>{name}" in self.drop_under:
                     return True
                 f = f.f_back  # type: ignore[assignment]
         return False
@@ -253,6 +263,11 @@ class Recorder:
         """A flush returned: ``guest`` (the model's data) is durable."""
         self.trace.snapshots.append(guest)
         self.add(Event("flushed", length=len(self.trace.snapshots) - 1))
+
+    def durable(self, offset: int, data: bytes) -> None:
+        """A FUA request returned: ``data`` at ``offset`` is durable (until a later request
+        touches it; a later completed flush takes over)."""
+        self.add(Event("durable", offset=offset, data=bytes(data), length=len(data)))
 
     def mark(self, **note: Any) -> None:
         """A snapshot or registry operation begins or ends (``note``: what the judge needs
@@ -296,6 +311,9 @@ class Point:
     # no crash point between the last completed flush and this one (when judged: and the
     # state is the durable one only, as that flush left it)
     first_after_flush: bool = False
+    # completed FUA requests since that flush: (offset, data, how many ``touched`` ranges
+    # came before it: the later ones may change its sectors)
+    fua: list[tuple[int, bytes, int]] = field(default_factory=list)
 
 
 def crash_points(trace: Trace) -> Iterator[Point]:
@@ -306,12 +324,13 @@ def crash_points(trace: Trace) -> Iterator[Point]:
     limbo: list[Unit] = []  # writes a failed sync dropped: optional forever
     pending_sizes: dict[int, int] = {}
     flushed, touched, fresh = -1, [], False
+    fua: list[tuple[int, bytes, int]] = []
     trace_events = trace.events
     for i, ev in enumerate(trace_events):
         if ev.kind == "sync" or (ev.kind == "write" and ev.dsync):
             extra = _units(ev, i) if ev.kind == "write" else []
             yield Point(i, durable, sizes, limbo + pending + extra, flushed, list(touched),
-                        fresh)
+                        fresh, list(fua))
             fresh = False
         if ev.kind == "write":
             units = _units(ev, i)
@@ -341,9 +360,11 @@ def crash_points(trace: Trace) -> Iterator[Point]:
         elif ev.kind == "op":
             touched.append((ev.offset, ev.length))
         elif ev.kind == "flushed":
-            flushed, touched, fresh = ev.length, [], True
+            flushed, touched, fresh, fua = ev.length, [], True, []
+        elif ev.kind == "durable":
+            fua.append((ev.offset, ev.data, len(touched)))
     yield Point(len(trace_events), durable, sizes, limbo + pending, flushed, list(touched),
-                fresh)
+                fresh, list(fua))
 
 
 def _apply(files: list[bytearray], sizes: list[int], u: Unit) -> None:
@@ -963,9 +984,12 @@ def _guest_qcow2(image: Path) -> bytes:
 
 
 def _durability(trace: Trace, point: Point, guest: bytes) -> list[str]:
-    """Data a completed flush made durable, untouched by any later request, is there."""
+    """Data a completed flush made durable, untouched by any later request, is there; so is
+    the data of each completed FUA request since (``Recorder.durable``), in the sectors no
+    later request touched."""
+    problems = _fua_durability(point, guest)
     if point.flushed < 0:
-        return []
+        return problems
     snap = np.frombuffer(trace.snapshots[point.flushed], dtype=np.uint8)
     if len(guest) < len(snap):  # a resize that did not land: judge the common part
         snap = snap[:len(guest)]
@@ -975,8 +999,28 @@ def _durability(trace: Trace, point: Point, guest: bytes) -> list[str]:
         differ[off // SECTOR:-(-(off + length) // SECTOR)] = False
     if differ.any():
         first = int(np.flatnonzero(differ)[0]) * SECTOR
-        return [f"{int(differ.sum())} flushed sectors lost (first at {first:#x})"]
-    return []
+        problems.append(f"{int(differ.sum())} flushed sectors lost (first at {first:#x})")
+    return problems
+
+
+def _fua_durability(point: Point, guest: bytes) -> list[str]:
+    problems = []
+    for offset, data, before in point.fua:
+        end = offset + len(data)
+        owed = np.ones(len(data), dtype=bool)
+        for off, length in point.touched[before:]:  # later requests, by whole sectors
+            lo = max(off // SECTOR * SECTOR, offset)
+            hi = min(-(-(off + length) // SECTOR) * SECTOR, end)
+            if lo < hi:
+                owed[lo - offset:hi - offset] = False
+        want = np.frombuffer(data, dtype=np.uint8)
+        got = np.frombuffer(guest[offset:end].ljust(len(data), b"\0"), dtype=np.uint8)
+        lost = owed & (want != got)
+        if lost.any():
+            first = offset + int(np.flatnonzero(lost)[0])
+            problems.append(f"a completed durable (FUA) request at {offset:#x}+"
+                            f"{len(data):#x} lost {int(lost.sum())} bytes (first at {first:#x})")
+    return problems
 
 
 def _check(path: Path) -> list[str]:
@@ -1129,8 +1173,11 @@ class Report:
 
 def explore(ctx: Context, trace: Trace, *, randoms: int, max_states: int, seed: int,
             stop_at_first: bool = False, points_filter: Callable[[Point], bool] | None = None,
-            error: str | None = None) -> Report:
-    """Build and judge crash states of ``trace``: at most ``max_states`` distinct images."""
+            error: str | None = None,
+            stop_if: Callable[[list[str]], bool] | None = None) -> Report:
+    """Build and judge crash states of ``trace``: at most ``max_states`` distinct images
+    (``stop_at_first``: until one fails; ``stop_if``: until one fails with problems it
+    accepts)."""
     rep = Report(ctx.workload.name, events=len(trace.events), error=error)
     start = time.monotonic()
     rng = random.Random(seed)
@@ -1166,7 +1213,7 @@ def explore(ctx: Context, trace: Trace, *, randoms: int, max_states: int, seed: 
                 continue
             seen.add(key)
             snap = Point(p.index, [], [], p.pending, p.flushed, p.touched,
-                         p.first_after_flush and name == "none")
+                         p.first_after_flush and name == "none", p.fua)
             todo.append((order[(p.index, name)], snap, name, files))
             if len(todo) > 4 * max_states:  # bounded memory: keep the best-ranked
                 todo.sort(key=lambda t: t[0])
@@ -1178,7 +1225,7 @@ def explore(ctx: Context, trace: Trace, *, randoms: int, max_states: int, seed: 
         if problems:
             rep.failures.append({"point": p.index, "state": name,
                                  "pending": len(p.pending), "problems": problems[:3]})
-            if stop_at_first:
+            if stop_at_first or (stop_if is not None and stop_if(problems)):
                 break
     rep.seconds = time.monotonic() - start
     return rep
