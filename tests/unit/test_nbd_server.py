@@ -327,6 +327,10 @@ async def test_daemon_qmp_exports(tmp_path: Path, image: Path) -> None:
                 await run("nbd-server-stop", {})
             with pytest.raises(Exception, match="NBD server not running"):
                 await run("block-export-add", {"type": "nbd", "id": "x", "node-name": "n0"})
+            with pytest.raises(Exception, match="does not support tls-authz"):
+                await run("nbd-server-start", {"addr": {"type": "unix",
+                                                        "data": {"path": sock}},
+                                               "tls-authz": "authz0"})
         finally:
             daemon.stop()
             await daemon.wait()

@@ -115,6 +115,10 @@ class Daemon:
                 nbd.add_object(props)
             opts = self.config.nbd_server
             if opts is not None:
+                if "tls-authz" in opts:  # refused, never ignored
+                    from dirtybits.services.qmp.nbd_commands import NO_TLS_AUTHZ
+
+                    raise QmpError(NO_TLS_AUTHZ)
                 await nbd.start_server(opts["addr"], opts.get("tls-creds"),
                                        opts.get("max-connections"))
             for exp in self.config.exports:

@@ -93,6 +93,8 @@ OBJECT_ADD = command(
     "object-add", Member("qom-type", STR), Member("id", STR), Member("endpoint", STR, True),
     Member("dir", STR, True), Member("verify-peer", BOOL, True))
 OBJECT_DEL = command("object-del", Member("id", STR))
+NO_TLS_AUTHZ = ("dirtybits does not support tls-authz (client authorization lists): the CA's "
+                "certificates are what admits a client")
 
 
 @dataclass
@@ -207,6 +209,8 @@ class NbdCommands:
         self.server = server
 
     async def nbd_server_start(self, args: dict[str, Any]) -> Any:
+        if "tls-authz" in args:  # refused, never ignored: it would let every client in
+            raise QmpError(NO_TLS_AUTHZ)
         addr = args["addr"]
         flat = {"type": addr["type"], **addr.get("data", {})}
         await self.start_server(flat, args.get("tls-creds"), args.get("max-connections"))
@@ -380,4 +384,4 @@ def object_options(text: str) -> dict[str, Any]:
     return dict(parse(text, "qom-type"))
 
 
-__all__ = ["NbdCommands", "export_options", "nbd_server_options", "object_options"]
+__all__ = ["NO_TLS_AUTHZ", "NbdCommands", "export_options", "nbd_server_options", "object_options"]
