@@ -153,6 +153,12 @@ def blockdev(path: Path) -> dict[str, Any]:
 Execute = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 
+#: How a kill -9 run picks its moment, in turn (each run of a test has each of them, "flight"
+#: the most often): during a request ("flight"), right after a reply ("reply"), after a delay
+#: ("timed"), in a lull ("lull"), or no kill but a clean stop ("quit").
+KILL_MODES = ("flight", "reply", "timed", "flight", "lull", "flight", "timed", "reply",
+              "flight", "quit")
+
 @dataclass
 class Progress:
     sent: int = 0  # steps whose command was handed to the client

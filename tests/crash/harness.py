@@ -176,6 +176,13 @@ def dirtybits_cli(*args: str) -> None:
     peers.db(*args, timeout=120)
 
 
+def template(directory: Path, spec: TemplateSpec) -> Template:
+    """One template, built in ``directory`` (made if missing) and loaded."""
+    directory.mkdir(parents=True, exist_ok=True)
+    build_templates(directory, (spec,))
+    return load_templates(directory, (spec,))[spec.name]
+
+
 def load_templates(directory: Path,
                    specs: tuple[TemplateSpec, ...] = TEMPLATES) -> dict[str, Template]:
     from dirtybits.block.qcow2_bitmaps import Qcow2BitmapStore

@@ -221,9 +221,7 @@ def reopen_keeps_flags(path: Path, tpl: harness.Template) -> list[str]:
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> harness.Template:
-    tdir = tmp_path_factory.mktemp("faults-template")
-    harness.build_templates(tdir, (SPEC,))
-    return harness.load_templates(tdir, (SPEC,))[SPEC.name]
+    return harness.template(tmp_path_factory.mktemp("faults-template"), SPEC)
 
 
 def count_calls(tpl: harness.Template, work: Path) -> int:

@@ -52,9 +52,7 @@ import peers
 
 SEED = int(os.environ.get("DIRTYBITS_CRASH_SEED") or random.SystemRandom().getrandbits(32))
 KILLS = int(os.environ.get("DIRTYBITS_DAEMON_KILLS", "12"))
-# the modes in turn: every run of the test has each of them, in flight the most often
-MODES = ("flight", "reply", "timed", "flight", "lull", "flight", "timed", "reply", "flight",
-         "quit")
+MODES = dc.KILL_MODES
 
 
 @dataclass
@@ -247,10 +245,7 @@ async def one_kill(seed: int, mode: str, tpl: harness.Template, work: Path) -> R
 @pytest.mark.timeout(180)
 async def test_kill9_daemon_leaves_no_silent_miss(qemu_tools: dict[str, str], tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    tdir = tmp_path / "templates"
-    tdir.mkdir()
-    harness.build_templates(tdir, (dc.SPEC,))
-    tpl = harness.load_templates(tdir, (dc.SPEC,))[dc.SPEC.name]
+    tpl = harness.template(tmp_path / "templates", dc.SPEC)
     runs: list[Run] = []
     start = time.monotonic()
     for i in range(KILLS):

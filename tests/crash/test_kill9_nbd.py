@@ -54,8 +54,7 @@ from peers import rawnbd as nbd
 
 SEED = int(os.environ.get("DIRTYBITS_CRASH_SEED") or random.SystemRandom().getrandbits(32))
 KILLS = int(os.environ.get("DIRTYBITS_NBD_KILLS", "10"))
-MODES = ("flight", "reply", "timed", "flight", "lull", "flight", "timed", "reply", "flight",
-         "quit")
+MODES = dc.KILL_MODES
 
 
 @dataclass
@@ -197,10 +196,7 @@ def one_kill(seed: int, mode: str, tpl: harness.Template, work: Path) -> Run:
 @pytest.mark.timeout(180)
 def test_kill9_nbd_leaves_no_silent_miss(qemu_tools: dict[str, str], tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    tdir = tmp_path / "templates"
-    tdir.mkdir()
-    harness.build_templates(tdir, (nc.SPEC,))
-    tpl = harness.load_templates(tdir, (nc.SPEC,))[nc.SPEC.name]
+    tpl = harness.template(tmp_path / "templates", nc.SPEC)
     runs: list[Run] = []
     start = time.monotonic()
     for i in range(KILLS):

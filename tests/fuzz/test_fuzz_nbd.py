@@ -876,6 +876,16 @@ def test_the_image_is_sound_after_the_fuzz(fuzzed: Fuzzed) -> None:
 
 
 # ============================================================================ memory
+def filled_image(tmp_path: Path) -> Path:
+    """A 64 MiB qcow2 with bitmap b0, every byte written (0x5a: no holes to skip)."""
+    image = tmp_path / "big.qcow2"
+    size = 64 * MiB
+    peers.qemu_img("create", "-q", "-f", "qcow2", image, str(size))
+    peers.qemu_img("bitmap", "--add", image, "b0")
+    peers.qemu_io(image, f"write -P 0x5a 0 {size}", fmt="qcow2")
+    return image
+
+
 def flood(srv: nbd.Served, mix: str) -> int:
     """One round of never-reading clients (see the test below): they pipeline big requests,
     a fresh client is served meanwhile, then they hang up. The RSS growth while they ran."""
@@ -932,11 +942,7 @@ def test_a_client_that_never_reads_stays_bounded(tmp_path: Path, mix: str) -> No
     memory grows by less than 300 MiB (each connection stops reading and running requests
     while its replies are not taken: about one reply and, with writes, 64 MiB of payloads
     and one frame in parsing); it serves a fresh client meanwhile, and after they leave."""
-    image = tmp_path / "big.qcow2"
-    size = 64 * MiB
-    peers.qemu_img("create", "-q", "-f", "qcow2", image, str(size))
-    peers.qemu_img("bitmap", "--add", image, "b0")
-    peers.qemu_io(image, f"write -P 0x5a 0 {size}", fmt="qcow2")
+    image = filled_image(tmp_path)
     with nbd.serve_nbd(image, *SERVER_OPTIONS) as srv:
         warm = nbd.Client(srv.sock)
         warm.go(structured=False)
@@ -962,11 +968,7 @@ def test_rounds_of_never_reading_clients_do_not_add_up(tmp_path: Path) -> None:
     last round is within 64 MiB of what it was before the first (the 32 MiB buffers of
     one round are given back to the system, not left to fragment the heap: the server fixes
     glibc's mmap threshold, ``services.nbd.server.tame_malloc``)."""
-    image = tmp_path / "big.qcow2"
-    size = 64 * MiB
-    peers.qemu_img("create", "-q", "-f", "qcow2", image, str(size))
-    peers.qemu_img("bitmap", "--add", image, "b0")
-    peers.qemu_io(image, f"write -P 0x5a 0 {size}", fmt="qcow2")
+    image = filled_image(tmp_path)
     with nbd.serve_nbd(image, *SERVER_OPTIONS) as srv:
         warm = nbd.Client(srv.sock)
         warm.go(structured=False)
