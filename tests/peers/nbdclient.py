@@ -112,7 +112,9 @@ class Client:
 
     async def event(self) -> Any:
         while (ev := self.core.next_event()) is None:
-            data = await asyncio.wait_for(self.r.read(1 << 20), self.timeout)
+            # (not wait_for: on 3.11 it may swallow a cancellation that races the data)
+            async with asyncio.timeout(self.timeout):
+                data = await self.r.read(1 << 20)
             if not data:
                 raise EOFError
             self.core.receive_data(data)
@@ -207,7 +209,8 @@ class Client:
         self.send(Cmd.NBD_CMD_DISC)
         self.w.close()
         with contextlib.suppress(ConnectionError, OSError):  # the server closed first
-            await asyncio.wait_for(self.w.wait_closed(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await self.w.wait_closed()
 
 
 __all__ = ["EVENT_TIMEOUT", "Client", "NbdReplyError", "extents", "meta"]
