@@ -4,10 +4,13 @@
 ``--export``), on a qcow2 image opened with ``discard=unmap`` so TRIM reaches the image.
 
 ``test_clients_write_while_qmp_edits_bitmaps``: 32 clients, one connection each, each in its
-own region of the disk, write (WRITE, WRITE_ZEROES, TRIM; FUA sometimes; up to three requests
-pipelined), read back what they wrote and ask BLOCK_STATUS of the exported bitmap ``exp``
-over their region, while one QMP client adds, removes, clears, enables, disables and merges
-bitmaps and runs transactions (some of them, touching the busy ``exp``, must fail whole).
+own 32 MiB region of a 1 GiB disk, write (WRITE, WRITE_ZEROES, TRIM; FUA and FLUSH
+sometimes; 1-3 requests pipelined, now and then a burst of 24), read back what they wrote and
+ask BLOCK_STATUS of the exported bitmap ``exp`` over their region (every 8th client
+negotiates simple replies: reads only), while one QMP client adds, removes, clears, enables,
+disables and merges bitmaps, runs transactions (those touching the busy ``exp``, as target or
+as source, must fail whole with QEMU's text), checkpoints, and asks ``query-named-block-nodes``
+and ``x-debug-block-dirty-bitmap-sha256``.
 
 The oracle is a model of every bitmap as two bitmaps, ``lo`` (bits that must be set) and
 ``hi`` (bits that may be set), built by replaying the log of every write and every QMP
@@ -17,18 +20,21 @@ QMP command as one call on its block thread, so each happens at one point in tim
 its send and its reply: a write whose reply came before a command was sent happened before
 it, a write sent after a command's reply after it, anything else may be either. In the
 barrier phases every write completes before the QMP commands start (the clients only read
-meanwhile), so ``lo == hi`` and each bitmap's ``x-debug-block-dirty-bitmap-sha256`` must be
-the model's exactly; in the concurrent phase commands and writes overlap, and the final
-bitmaps (read back over NBD from a read-only export made at the end) must hold every bit of
-``lo`` and no bit outside ``hi``. Afterwards the daemon quits; ``qemu-img check`` is clean,
-``qemu-img compare`` finds the image equal to a raw model of every client's writes, and
-qemu-nbd (QEMU reading what we stored) shows every persistent bitmap as we served it.
+meanwhile), so ``lo == hi`` and each bitmap's sha256 must be the model's exactly; in the
+concurrent phases commands and writes overlap: each sha256 is judged where the model is
+exact anyway, each dirty count must lie within the bounds, and the final bitmaps (read back
+over NBD from a read-only export made at the end) must hold every bit of ``lo`` and no bit
+outside ``hi``. Afterwards the daemon quits; ``qemu-img check`` is clean, ``qemu-img
+compare`` finds the image equal to a raw model of every client's writes (TRIM: whole
+clusters read as zeroes, partial ones keep their data, as QEMU's qcow2), and qemu-nbd (QEMU
+reading what we stored) shows every persistent bitmap as we served it.
 
 ``test_readers_of_a_frozen_bitmap_while_qmp_tries_to_change_it``: a read-only export of two
-disabled bitmaps (made with qemu-img and qemu-io), 32 readers doing BLOCK_STATUS on both and
-reads, while QMP tries to clear, merge into, remove, enable, disable them (QEMU's "in use"
-error every time, also inside transactions, which then change nothing) and adds, merges from
-them, clears and removes other bitmaps; every extent every reader sees is the model's.
+disabled bitmaps (made with qemu-img and qemu-io), 32 readers doing BLOCK_STATUS on both
+(REQ_ONE sometimes), reads, and writes that must be refused, while QMP tries to clear, merge
+into or from, remove, enable, disable them (QEMU's "in use" error every time, also inside
+transactions, which then change nothing) and adds, clears, merges and removes other bitmaps;
+every extent every reader sees is the model's, every sha256 too.
 
 The seed of the random choices is DIRTYBITS_LOAD_SEED (default fixed), shown on failure.
 """
@@ -218,11 +224,32 @@ def replay(model: Model, ops: list[Op], writes: list[Write]) -> list[str]:
             if bm.lo == bm.hi and op.result != {"sha256": bm.lo.sha256()}:
                 problems.append(f"#{j} sha256 of {name}: {op.result}, the model "
                                 f"{bm.lo.sha256()} ({bm.lo.count()} dirty bytes)")
+        elif op.cmd == "query-named-block-nodes":
+            problems += judge_query(j, model, op.result)
         elif op.actions:
             err = model.apply(op.actions, j)
             if err != op.error:
                 problems.append(f"#{j} {op.cmd} {op.args}: {op.error!r}, the model {err!r}")
     return problems
+
+
+def judge_query(j: int, model: Model, nodes: list[dict[str, Any]]) -> list[str]:
+    """``query-named-block-nodes``: the node's ``dirty-bitmaps`` are the model's, each
+    dirty byte count within its bounds."""
+    (node,) = [n for n in nodes if n["node-name"] == NODE]
+    got = {b["name"]: b for b in node.get("dirty-bitmaps", [])}
+    if set(got) != set(model.bms):
+        return [f"#{j} query-named-block-nodes: bitmaps {sorted(got)}, the model "
+                f"{sorted(model.bms)}"]
+    out = []
+    for name, bm in model.bms.items():
+        b = got[name]
+        want = {"recording": bm.enabled, "persistent": bm.persistent, "busy": bm.busy,
+                "granularity": bm.gran}
+        if {k: b[k] for k in want} != want or not bm.lo.count() <= b["count"] <= bm.hi.count():
+            out.append(f"#{j} query-named-block-nodes: {name} {b}, the model {want}, count "
+                       f"{bm.lo.count()}..{bm.hi.count()}")
+    return out
 
 
 def expected_status(bm: DirtyBitmap, offset: int, length: int,
@@ -623,8 +650,10 @@ async def test_clients_write_while_qmp_edits_bitmaps(tmp_path: Path) -> None:
                             x = rng.random()
                             if x < 0.75:
                                 await qmp.run(gen.next())
-                            elif x < 0.95:
+                            elif x < 0.9:
                                 await qmp.sha(rng.choice(list(gen.shape)))
+                            elif x < 0.95:
+                                await qmp.run(Op("query-named-block-nodes", {"flat": True}, []))
                             else:  # store the bitmaps now, while the clients write
                                 await qmp.run(Op("x-dirtybits-checkpoint", {"node": NODE}, []))
                             await asyncio.sleep(rng.uniform(0, 0.002))
@@ -632,6 +661,7 @@ async def test_clients_write_while_qmp_edits_bitmaps(tmp_path: Path) -> None:
                     await run.all_done[p].wait()
                     for _ in range(OPS_AT_BARRIER):
                         await qmp.run(gen.next())
+                    await qmp.run(Op("query-named-block-nodes", {"flat": True}, []))
                     exact = "concurrent" not in PHASES[:p]
                     for name in gen.shape:
                         await qmp.sha(name, exact=exact)
@@ -840,10 +870,13 @@ async def test_readers_of_a_frozen_bitmap_while_qmp_tries_to_change_it(tmp_path:
 
             async def control() -> None:
                 while not readers_done.is_set():
-                    if rng.random() < 0.7:
+                    x = rng.random()
+                    if x < 0.7:
                         await qmp.run(gen.next())
-                    else:
+                    elif x < 0.9:
                         await qmp.sha(rng.choice(list(gen.shape)), exact=True)
+                    else:
+                        await qmp.run(Op("query-named-block-nodes", {"flat": True}, []))
 
             await gather_all([control(), *(reader(i) for i in range(CLIENTS))])
             t_load = time.monotonic() - t0
