@@ -716,7 +716,7 @@ async def test_clients_write_while_qmp_edits_bitmaps(tmp_path: Path) -> None:
         if not subset(got, bm.hi):
             problems.append(f"{name}: bits set that no write could have set: "
                             f"{difference(got, bm.hi)[:10]}")
-    ops = defaultdict(int)
+    ops: dict[str, int] = defaultdict(int)
     for op in qmp.log:
         ops["failed" if op.error else op.cmd.removeprefix("block-dirty-bitmap-")] += 1
     summary = (f"seed {SEED}: {len(run.writes)} writes, {dict(run.counts)}; "
