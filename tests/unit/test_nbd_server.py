@@ -21,122 +21,21 @@ import peers
 from dirtybits.block.aio import AsyncBlockLayer
 from dirtybits.block.owner import BlockOwner
 from dirtybits.errors import DirtybitsError
-from dirtybits.proto.nbd.client import Chunk, ClientConnection, OptionReply, SimpleReply
+from dirtybits.proto.nbd.client import SimpleReply
 from dirtybits.proto.nbd.constants import (
-    NBD_FLAG_C_FIXED_NEWSTYLE,
-    NBD_FLAG_C_NO_ZEROES,
     NBD_REPLY_FLAG_DONE,
     Cmd,
     CmdFlag,
     Errno,
-    Option,
-    Rep,
     ReplyType,
 )
 from dirtybits.qcow2.image import Qcow2Image
 from dirtybits.services.nbd.export import ExportError, ExportSpec, create_export
 from dirtybits.services.nbd.server import NbdServer
+from peers.nbdclient import Client, extents
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 MiB = 1 << 20
-
-
-class Client:
-    """A small NBD client over the client core (asyncio streams)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.r, self.w = reader, writer
-        self.core = ClientConnection()
-        self.cookie = 0
-
-    @classmethod
-    async def connect(cls, path: str, export: str = "", *, structured: bool = True,
-                      contexts: tuple[str, ...] = ()) -> Client:
-        r, w = await asyncio.open_unix_connection(path)
-        c = cls(r, w)
-        await c.event()  # greeting
-        w.write(c.core.client_flags(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES))
-        if structured:
-            assert (await c.option(Option.NBD_OPT_STRUCTURED_REPLY))[-1].rep == Rep.NBD_REP_ACK
-        if contexts:
-            await c.option(Option.NBD_OPT_SET_META_CONTEXT, _meta(export, contexts))
-        raw = export.encode()
-        replies = await c.option(Option.NBD_OPT_GO,
-                                 struct.pack(">I", len(raw)) + raw + struct.pack(">H", 0))
-        assert replies[-1].rep == Rep.NBD_REP_ACK, replies
-        c.core.transmission(structured)
-        return c
-
-    async def event(self) -> Any:
-        while (ev := self.core.next_event()) is None:
-            data = await asyncio.wait_for(self.r.read(1 << 20), 10)
-            if not data:
-                raise EOFError
-            self.core.receive_data(data)
-        return ev
-
-    async def option(self, opt: int, data: bytes = b"") -> list[OptionReply]:
-        self.w.write(self.core.option(opt, data))
-        out = []
-        while True:
-            ev = await self.event()
-            out.append(ev)
-            if ev.rep == Rep.NBD_REP_ACK or ev.rep & (1 << 31):
-                return out
-
-    def send(self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0,
-             payload: bytes = b"") -> int:
-        self.cookie += 1
-        self.w.write(self.core.request(cmd, self.cookie, offset, length, flags, payload))
-        return self.cookie
-
-    async def reply(self) -> list[Any]:
-        """The events of one whole reply (chunks until DONE, or one simple reply)."""
-        out = []
-        while True:
-            ev = await self.event()
-            out.append(ev)
-            if isinstance(ev, SimpleReply) or ev.flags & NBD_REPLY_FLAG_DONE:
-                return out
-
-    async def call(self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0,
-                   payload: bytes = b"") -> list[Any]:
-        self.send(cmd, offset, length, flags, payload)
-        return await self.reply()
-
-    async def read(self, offset: int, length: int, flags: int = 0) -> bytes:
-        buf = bytearray(length)
-        for ev in await self.call(Cmd.NBD_CMD_READ, offset, length, flags):
-            if isinstance(ev, SimpleReply):
-                assert ev.error == 0
-                buf[:] = ev.data
-            elif ev.type == ReplyType.NBD_REPLY_TYPE_OFFSET_DATA:
-                (off,) = struct.unpack_from(">Q", ev.payload)
-                buf[off - offset:off - offset + len(ev.payload) - 8] = ev.payload[8:]
-            elif ev.type == ReplyType.NBD_REPLY_TYPE_OFFSET_HOLE:
-                pass
-            else:
-                raise AssertionError(ev)
-        return bytes(buf)
-
-    async def close(self) -> None:
-        self.send(Cmd.NBD_CMD_DISC)
-        self.w.close()
-
-
-def _meta(export: str, contexts: tuple[str, ...]) -> bytes:
-    raw = export.encode()
-    out = struct.pack(">I", len(raw)) + raw + struct.pack(">I", len(contexts))
-    for c in contexts:
-        out += struct.pack(">I", len(c)) + c.encode()
-    return out
-
-
-def _extents(ev: Chunk) -> tuple[int, list[tuple[int, int]]]:
-    cid = struct.unpack_from(">I", ev.payload)[0]
-    n = (len(ev.payload) - 4) // 8
-    vals = struct.unpack_from(f">{2 * n}I", ev.payload, 4)
-    return cid, list(zip(vals[::2], vals[1::2], strict=True))
 
 
 @pytest.fixture
@@ -193,14 +92,14 @@ async def test_writes_land_are_tracked_and_read_back(image: Path, inline: bool) 
         evs = await c.call(Cmd.NBD_CMD_READ, 0, 2 * MiB, CmdFlag.NBD_CMD_FLAG_DF)
         assert len(evs) == 1 and len(evs[0].payload) == 8 + 2 * MiB
         bs = await c.call(Cmd.NBD_CMD_BLOCK_STATUS, 0, 8 * MiB)
-        assert [_extents(e)[0] for e in bs] == [0, 2]
-        assert _extents(bs[1])[1] == [(1 * MiB, 0), (65536, 1), (2 * MiB - 65536, 0),
+        assert [extents(e)[0] for e in bs] == [0, 2]
+        assert extents(bs[1])[1] == [(1 * MiB, 0), (65536, 1), (2 * MiB - 65536, 0),
                                       (65536, 1), (8 * MiB - 3 * MiB - 65536, 0)]
-        base = _extents(bs[0])[1]
+        base = extents(bs[0])[1]
         assert base[0] == (65536, 0) and sum(n for n, _ in base) == 8 * MiB
         one = await c.call(Cmd.NBD_CMD_BLOCK_STATUS, 1 * MiB, MiB,
                            CmdFlag.NBD_CMD_FLAG_REQ_ONE)
-        assert _extents(one[1])[1] == [(65536, 1)]
+        assert extents(one[1])[1] == [(65536, 1)]
         (err,) = await c.call(Cmd.NBD_CMD_READ, 8 * MiB, 1)
         assert err.type == ReplyType.NBD_REPLY_TYPE_ERROR
         assert err.payload[6:] == b"operation past EOF; From: 8388608, Len: 1, Size: 8388608"
