@@ -1,0 +1,1 @@
+"""Block jobs (QEMU's job framework: statuses, verbs, events) and the job types built on it."""
