@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -393,21 +393,47 @@ class KillResult:
     # over, granules, changed of the reopened image
 
 
-def run_child_and_kill(path: Path, plan: KillPlan) -> tuple[str, bool, list[str]]:
-    """Fork the workload, kill it as planned; (events seen, killed?, problems)."""
+def fork_child(work: Callable[[int], None],
+               on_error: Callable[[BaseException], bytes]) -> tuple[int, int]:
+    """Run ``work(wfd)`` in a forked child that never returns into the caller's stack: it
+    ends with ``os._exit`` (no close, no flush, no atexit: a crash, as these tests want). An
+    exception is reported through the pipe as ``on_error(exc)`` (called inside the handler,
+    so ``traceback.format_exc()`` works there) and the child exits 3. Returns ``(pid, the
+    pipe's read end)``."""
     rfd, wfd = os.pipe()
     pid = os.fork()
-    if pid == 0:  # child: never return into the caller's stack
+    if pid == 0:
         code = 0
         try:
             os.close(rfd)
-            child_main(str(path), plan, wfd)
-        except BaseException as exc:  # report, then die
+            work(wfd)
+        except BaseException as exc:
             with contextlib.suppress(BaseException):
-                os.write(wfd, b"E" + f"{type(exc).__name__}: {exc}".encode()[:4000])
+                os.write(wfd, on_error(exc))
             code = 3
         os._exit(code)
     os.close(wfd)
+    return pid, rfd
+
+
+def error_event(limit: int) -> Callable[[BaseException], bytes]:
+    """A child's exception as the kill runs' error event: ``E`` and its text."""
+    return lambda exc: b"E" + f"{type(exc).__name__}: {exc}".encode()[:limit]
+
+
+def read_and_reap(pid: int, rfd: int) -> tuple[bytes, int]:
+    """Everything the child wrote until it exited, and its wait status."""
+    chunks = []
+    while chunk := os.read(rfd, 65536):
+        chunks.append(chunk)
+    os.close(rfd)
+    _, status = os.waitpid(pid, 0)
+    return b"".join(chunks), status
+
+
+def run_child_and_kill(path: Path, plan: KillPlan) -> tuple[str, bool, list[str]]:
+    """Fork the workload, kill it as planned; (events seen, killed?, problems)."""
+    pid, rfd = fork_child(lambda wfd: child_main(str(path), plan, wfd), error_event(4000))
     events = bytearray()
     problems: list[str] = []
     start = time.monotonic()

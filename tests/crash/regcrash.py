@@ -569,19 +569,8 @@ def one_kill(seed: int, tpl: harness.Template, workdir: Path,
     start = time.monotonic()
     path = workdir / f"k{os.getpid()}.qcow2"
     shutil.copyfile(tpl.qcow2, path)
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.close(rfd)
-            _child(str(path), plan, todo, wfd)
-        except BaseException as exc:
-            with contextlib.suppress(BaseException):
-                os.write(wfd, b"E" + f"{type(exc).__name__}: {exc}".encode()[:2000])
-            code = 3
-        os._exit(code)
-    os.close(wfd)
+    pid, rfd = harness.fork_child(lambda wfd: _child(str(path), plan, todo, wfd),
+                                  harness.error_event(2000))
     events = bytearray()
     try:
         while True:

@@ -21,7 +21,6 @@ silently cleared) and the others stay consistent.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -141,27 +140,12 @@ def run_case(tpl: harness.Template, work: Path, case: str, at: int) -> Outcome:
     path = work / "f.qcow2"
     shutil.copyfile(tpl.qcow2, path)
     fault = faultfs.Fault(at=at, action=action, errno=err, sticky=sticky)
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.close(rfd)
-            child(str(path), fault, after, wfd)
-        except BaseException as exc:
-            with contextlib.suppress(BaseException):
-                os.write(wfd, json.dumps({"child-error": repr(exc)}).encode())
-            code = 3
-        os._exit(code)  # abandon: no close, no flush, no atexit
-    os.close(wfd)
-    chunks = []
-    while chunk := os.read(rfd, 65536):
-        chunks.append(chunk)
-    os.close(rfd)
-    _, status = os.waitpid(pid, 0)
+    pid, rfd = harness.fork_child(
+        lambda wfd: child(str(path), fault, after, wfd),
+        lambda exc: json.dumps({"child-error": repr(exc)}).encode())
+    raw, status = harness.read_and_reap(pid, rfd)
     out = Outcome(at=at)
     out.killed = os.WIFSIGNALED(status)
-    raw = b"".join(chunks)
     if raw:
         rep = json.loads(raw)
         if "child-error" in rep:

@@ -34,7 +34,6 @@ Planted engine bugs show the judge can fail.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -260,42 +259,29 @@ class Outcome:
 
 def run_child(base: Base, op: str, path: Path, fault: faultfs.Fault) -> Outcome:
     """Run ``op`` on ``path`` in a forked child with ``fault`` armed; never clean up."""
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.close(rfd)
+    def work(wfd: int) -> None:
+        def progress(mark: str) -> None:
+            os.write(wfd, f"M {mark}\n".encode())
 
-            def progress(mark: str) -> None:
-                os.write(wfd, f"M {mark}\n".encode())
+        report: dict[str, Any] = {"raised": [], "bad": []}
+        with faultfs.inject(fault):
+            try:
+                runner(base, op)(str(path), progress)
+            except Exception as exc:  # what reaches the caller must be a DirtybitsError
+                from dirtybits.errors import DirtybitsError
 
-            report: dict[str, Any] = {"raised": [], "bad": []}
-            with faultfs.inject(fault):
-                try:
-                    runner(base, op)(str(path), progress)
-                except Exception as exc:  # what reaches the caller must be a DirtybitsError
-                    from dirtybits.errors import DirtybitsError
+                report["raised"].append(f"{type(exc).__name__}: {exc}")
+                if not isinstance(exc, DirtybitsError):
+                    report["bad"].append("".join(traceback.format_exception(exc)))
+        report.update(fired=fault.fired, calls=fault.calls, log=fault.log)
+        os.write(wfd, ("R " + json.dumps(report) + "\n").encode())
 
-                    report["raised"].append(f"{type(exc).__name__}: {exc}")
-                    if not isinstance(exc, DirtybitsError):
-                        report["bad"].append("".join(traceback.format_exception(exc)))
-            report.update(fired=fault.fired, calls=fault.calls, log=fault.log)
-            os.write(wfd, ("R " + json.dumps(report) + "\n").encode())
-        except BaseException:
-            with contextlib.suppress(BaseException):
-                os.write(wfd, ("R " + json.dumps({"child-error": traceback.format_exc()})
-                               + "\n").encode())
-            code = 3
-        os._exit(code)
-    os.close(wfd)
-    chunks = []
-    while chunk := os.read(rfd, 65536):
-        chunks.append(chunk)
-    os.close(rfd)
-    _, status = os.waitpid(pid, 0)
+    pid, rfd = harness.fork_child(
+        work, lambda exc: ("R " + json.dumps({"child-error": traceback.format_exc()})
+                           + "\n").encode())
+    raw, status = harness.read_and_reap(pid, rfd)
     out = Outcome(case="", at=fault.at, killed=os.WIFSIGNALED(status))
-    for line in b"".join(chunks).decode().splitlines():
+    for line in raw.decode().splitlines():
         if line.startswith("M "):
             out.done.add(line[2:])
         elif line.startswith("R "):
