@@ -22,6 +22,7 @@ import contextlib
 import struct
 from typing import Any
 
+from dirtybits.proto.nbd import wire
 from dirtybits.proto.nbd.client import Chunk, ClientConnection, OptionReply, SimpleReply
 from dirtybits.proto.nbd.constants import (
     NBD_FLAG_C_FIXED_NEWSTYLE,
@@ -48,11 +49,7 @@ class NbdReplyError(Exception):
 
 def meta(export: str, contexts: tuple[str, ...]) -> bytes:
     """The data of ``NBD_OPT_SET_META_CONTEXT`` / ``LIST_META_CONTEXT``."""
-    raw = export.encode()
-    out = struct.pack(">I", len(raw)) + raw + struct.pack(">I", len(contexts))
-    for c in contexts:
-        out += struct.pack(">I", len(c)) + c.encode()
-    return out
+    return wire.meta_request(export, contexts)
 
 
 def extents(ev: Chunk) -> tuple[int, list[tuple[int, int]]]:
@@ -100,9 +97,7 @@ class Client:
             for rep in await c.option(Option.NBD_OPT_SET_META_CONTEXT, meta(export, contexts)):
                 if rep.rep == Rep.NBD_REP_META_CONTEXT:
                     c.contexts[struct.unpack_from(">I", rep.data)[0]] = rep.data[4:].decode()
-        raw = export.encode()
-        replies = await c.option(Option.NBD_OPT_GO,
-                                 struct.pack(">I", len(raw)) + raw + struct.pack(">H", 0))
+        replies = await c.option(Option.NBD_OPT_GO, wire.info_request(export))
         assert replies[-1].rep == Rep.NBD_REP_ACK, replies
         for rep in replies:
             if rep.rep == Rep.NBD_REP_INFO and struct.unpack_from(">H", rep.data)[0] == 0:

@@ -119,17 +119,11 @@ class Pair:
 
 
 def info_req(name: str, *infos: int) -> bytes:
-    raw = name.encode()
-    return struct.pack(">I", len(raw)) + raw + struct.pack(">H", len(infos)) + b"".join(
-        struct.pack(">H", i) for i in infos)
+    return wire.info_request(name, *infos)
 
 
 def meta(name: str, *queries: str) -> bytes:
-    raw = name.encode()
-    out = struct.pack(">I", len(raw)) + raw + struct.pack(">I", len(queries))
-    for q in queries:
-        out += struct.pack(">I", len(q.encode())) + q.encode()
-    return out
+    return wire.meta_request(name, queries)
 
 
 def text(reply: OptionReply) -> str:
@@ -495,14 +489,14 @@ def test_extents_from_run_arrays_equal_the_per_run_rules(seed: int) -> None:
         length = rng.choice((size - off, rng.randrange(1, size - off + 1), 1))
         req_one = rng.random() < 0.2
         want = status.pack(status.from_dirty(dirty, off, length, req_one=req_one))
-        assert status.window(first, edges, 0, off, length, req_one=req_one) == want
+        assert status.window(first, edges, off, length, req_one=req_one) == want
         f2, e2 = bm.run_edges(off, length)  # the window read alone
-        assert status.window(f2, e2, off, off, length, req_one=req_one) == want
+        assert status.window(f2, e2, off, length, req_one=req_one) == want
     many = DirtyBitmap(512 * 300_000, 512)
     for i in range(0, 300_000, 2):
         many.set(i * 512, 512)
     f3, e3 = many.run_edges()
-    packed = status.window(f3, e3, 0, 0, 512 * 300_000)
+    packed = status.window(f3, e3, 0, 512 * 300_000)
     assert len(packed) == 8 * NBD_MAX_BLOCK_STATUS_EXTENTS
 
 
@@ -510,3 +504,11 @@ def test_wire_layouts_have_the_specs_sizes() -> None:
     assert (wire.GREETING.size, wire.OPTION.size, wire.OPTION_REPLY.size, wire.REQUEST.size,
             wire.SIMPLE_REPLY.size, wire.CHUNK.size, wire.CHUNK_DATA.size) == \
         (18, 16, 20, 28, 16, 20, 28)
+
+
+def test_tls_allowed_offers_starttls_and_takes_plaintext_too() -> None:
+    p = Pair(tls=TlsMode.ALLOWED)
+    assert p.option(Option.NBD_OPT_LIST)[-1].rep == Rep.NBD_REP_ACK  # no TLS needed
+    assert p.send(p.client.option(Option.NBD_OPT_STARTTLS)) == [StartTls()]
+    p.server.tls_established()
+    assert p.go("disk").export is DISK

@@ -317,10 +317,6 @@ class ServerConnection:
         self._out.clear()
         return out
 
-    def pending_input(self) -> int:
-        """Bytes received and not yet parsed (a bound on a client's memory)."""
-        return len(self._in) + self._payload_got
-
     def tls_established(self) -> None:
         """The TLS handshake succeeded: negotiation goes on inside it."""
         assert self.phase is Phase.TLS

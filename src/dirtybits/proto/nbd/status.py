@@ -90,11 +90,12 @@ def pack(extents: list[tuple[int, int]]) -> bytes:
     return struct.pack(f">{2 * len(extents)}I", *(v for e in extents for v in e))
 
 
-def window(first_dirty: bool, edges: Any, start: int, offset: int, length: int, *,
+def window(first_dirty: bool, edges: Any, offset: int, length: int, *,
            req_one: bool = False) -> bytes:
     """A dirty bitmap's extents of ``[offset, offset+length)``, packed, from its runs as
-    arrays (``DirtyBitmap.run_edges``): the runs begin at ``start`` (``<= offset``), the
-    first is dirty when ``first_dirty``, ``edges`` (ascending int64) are where each ends.
+    arrays (``DirtyBitmap.run_edges``, over a range that starts at or before ``offset``):
+    the first run is dirty when ``first_dirty``, ``edges`` (ascending int64) are where each
+    ends.
     The same extents as ``from_dirty`` (runs are maximal, so nothing merges), built without
     a Python step per run: a reply of thousands of extents costs microseconds."""
     import numpy as np
@@ -116,7 +117,6 @@ def window(first_dirty: bool, edges: Any, start: int, offset: int, length: int, 
     out[:, 1] = (np.arange(n) + (1 if dirty0 else 0)) & 1
     if NBD_STATE_DIRTY != 1:  # pragma: no cover - the flag is bit 0
         out[:, 1] *= NBD_STATE_DIRTY
-    del start
     return out.tobytes()
 
 

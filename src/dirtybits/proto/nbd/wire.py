@@ -32,6 +32,7 @@ All integers are big-endian. Layouts (byte offsets)::
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dirtybits.proto.nbd.constants import (
@@ -72,6 +73,23 @@ def greeting(handshake_flags: int) -> bytes:
 def option(opt: int, data: bytes = b"") -> bytes:
     """A client's option request."""
     return OPTION.pack(IHAVEOPT, opt, len(data)) + data
+
+
+def info_request(name: str, *infos: int) -> bytes:
+    """NBD_OPT_INFO/GO's data: the export's name and the NBD_INFO_* items asked for."""
+    raw = name.encode()
+    return U32.pack(len(raw)) + raw + U16.pack(len(infos)) + b"".join(U16.pack(i)
+                                                                      for i in infos)
+
+
+def meta_request(name: str, queries: Sequence[str]) -> bytes:
+    """NBD_OPT_LIST/SET_META_CONTEXT's data: the export's name and the queries."""
+    raw = name.encode()
+    out = [U32.pack(len(raw)), raw, U32.pack(len(queries))]
+    for q in queries:
+        qb = q.encode()
+        out += [U32.pack(len(qb)), qb]
+    return b"".join(out)
 
 
 def option_reply(opt: int, rep: int, data: bytes = b"") -> bytes:
@@ -166,6 +184,6 @@ __all__ = [
     "CHUNK", "CHUNK_DATA", "CLIENT_FLAGS", "GREETING", "OPTION", "OPTION_REPLY", "REQUEST",
     "SIMPLE_REPLY", "Request", "block_status_chunk", "chunk", "error_chunk",
     "export_name_reply", "greeting", "hole_chunk", "info_block_size", "info_export",
-    "info_text", "option", "option_reply", "pack_data_chunk_header",
+    "info_request", "info_text", "meta_request", "option", "option_reply", "pack_data_chunk_header",
     "pack_simple_reply_header", "rep_meta_context", "rep_server", "simple_reply",
 ]

@@ -18,6 +18,7 @@ import socket
 import struct
 from types import TracebackType
 
+from dirtybits.proto.nbd import wire
 from dirtybits.proto.nbd.client import (
     Chunk,
     ClientConnection,
@@ -92,11 +93,8 @@ class NbdClient:
                                                  | NBD_FLAG_C_NO_ZEROES))
         if self._option(Option.NBD_OPT_STRUCTURED_REPLY)[-1].rep != Rep.NBD_REP_ACK:
             raise NbdClientError("the server does not do structured replies")
-        name = export.encode()
         if contexts:
-            data = struct.pack(">I", len(name)) + name + struct.pack(">I", len(contexts))
-            for c in contexts:
-                data += struct.pack(">I", len(c.encode())) + c.encode()
+            data = wire.meta_request(export, contexts)
             for rep in self._option(Option.NBD_OPT_SET_META_CONTEXT, data)[:-1]:
                 if rep.rep == Rep.NBD_REP_META_CONTEXT:
                     self.contexts[rep.data[4:].decode()] = struct.unpack_from(">I",
@@ -105,8 +103,7 @@ class NbdClient:
             if missing:
                 raise NbdClientError(f"the server does not support metadata context "
                                      f"\"{missing[0]}\"")
-        replies = self._option(Option.NBD_OPT_GO,
-                               struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+        replies = self._option(Option.NBD_OPT_GO, wire.info_request(export))
         if replies[-1].rep != Rep.NBD_REP_ACK:
             raise NbdClientError(f"export '{export}': "
                                  f"{replies[-1].data.decode(errors='replace')}")

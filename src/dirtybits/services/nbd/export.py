@@ -193,15 +193,13 @@ class NbdExport:
                 cached = self._edges.get(bitmap)
                 if cached is None:
                     cached = self._edges[bitmap] = reg.run_edges(bitmap, 0, self.node.size)
-                first, edges, start = cached[0], cached[1], 0
+                first, edges = cached
             else:
                 first, edges = reg.run_edges(bitmap, offset, length)
-                start = offset
             real = max(0, min(length, self.node.size - offset))
-            payload = status.window(first, edges, start, offset, real, req_one=req_one)
+            payload = status.window(first, edges, offset, real, req_one=req_one)
             if real < length and not (req_one and payload):  # the sector's tail: clean
-                payload = (status.pack(status.from_dirty([], offset, length, req_one=req_one))
-                           if not payload else _extend_clean(payload, length - real))
+                payload = _extend_clean(payload, length - real)
             out.append((cid, payload))
         return out
 
@@ -210,6 +208,8 @@ def _extend_clean(payload: bytes, extra: int) -> bytes:
     """Packed extents with ``extra`` clean bytes after them (merged into a clean last one)."""
     import struct
 
+    if not payload:
+        return struct.pack(">II", extra, 0)
     n, fl = struct.unpack_from(">II", payload, len(payload) - 8)
     if fl == 0:
         return payload[:-8] + struct.pack(">II", n + extra, 0)

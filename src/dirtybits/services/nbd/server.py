@@ -2,10 +2,12 @@
 
 One ``NbdServer`` listens on any number of unix and TCP sockets and serves a changing set of
 exports (``add_export``/``remove_export``: the daemon's ``block-export-add``/``-del``; the
-``dirtybits nbd`` command makes one). Each connection is an ``asyncio.Protocol`` that feeds
-the core (``proto.nbd.server.ServerConnection``) and runs the requests it yields, in order, on
-the block thread through the async facade, or inline under the owner's lock (``inline``:
-cheaper per request, for a process that does nothing else).
+``dirtybits nbd`` command makes one). Each connection is an ``asyncio.BufferedProtocol``
+that feeds the core (``proto.nbd.server.ServerConnection``; a WRITE's payload is received
+straight into its own buffer) and runs the requests it yields, in order, on the block thread
+through the async facade, or inline under the owner's lock (``inline``: what both
+``dirtybits nbd`` and the daemon use, nbd_bench measured it four times faster on 4 KiB
+reads).
 
 Bounds: a connection holds at most ``MAX_INFLIGHT`` parsed requests (reading pauses above
 it, so a client that floods requests is throttled by TCP), and stops running requests while
